@@ -1,0 +1,127 @@
+"""Coefficient rows of the DDIM family (DDIM, DDIMInverse, CogVideoXDDIM, CogVideoXDPM).
+
+Every table here is indexed by the *training* timestep t (one row per t in [0, T)), so a
+step with any timestep selects a row without arithmetic. The schedule's scalars are formed
+in the dtype of ``alphas_cumprod`` (float32, float64 for CogVideoX's scaled_linear) with
+the operations diffusers uses; only their products are composed in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .table import assemble, eps_conversion, x0_conversion
+
+
+def _previous_alphas(alphas_cumprod: torch.Tensor, step_gap: int, final_alpha_cumprod: torch.Tensor):
+    """(a_t, a_p) for every training timestep t, with t_p = t - step_gap (not the next entry)."""
+    t = torch.arange(alphas_cumprod.shape[0])
+    t_prev = t - step_gap
+    a_prev = torch.where(
+        t_prev >= 0,
+        alphas_cumprod[t_prev.clamp(min=0)],
+        final_alpha_cumprod.to(alphas_cumprod.dtype),
+    )
+    return alphas_cumprod, a_prev
+
+
+def ddim_table(
+    alphas_cumprod: torch.Tensor,
+    step_gap: int,
+    final_alpha_cumprod: torch.Tensor,
+    prediction_type: str,
+    eta: float,
+    use_clipped_model_output: bool,
+) -> torch.Tensor:
+    """DDIM: prev = sqrt(a_p)*x0c + sqrt(1 - a_p - std^2)*eps + std*z, std = eta*sqrt(var)."""
+    a_t, a_p = _previous_alphas(alphas_cumprod, step_gap, final_alpha_cumprod)
+    b_t, b_p = 1 - a_t, 1 - a_p
+    sqrt_a, sqrt_b = a_t**0.5, b_t**0.5
+    variance = (b_p / b_t) * (1 - a_t / a_p)
+    std = eta * variance**0.5
+    direction = (1 - a_p - std**2) ** 0.5
+
+    ax, am = x0_conversion(prediction_type, sqrt_a, sqrt_b)
+    f64 = lambda v: v.to(torch.float64)  # noqa: E731
+    if use_clipped_model_output:
+        # eps recomputed from the clipped x0: eps = (x - sqrt(a_t)*x0c) / sqrt(b_t)
+        ox = f64(direction) / f64(sqrt_b)
+        o0 = f64(a_p**0.5) - f64(direction) * f64(sqrt_a) / f64(sqrt_b)
+        om = torch.zeros_like(ox)
+    else:
+        ex, em = eps_conversion(prediction_type, sqrt_a, sqrt_b)
+        ox, om = f64(direction) * f64(ex), f64(direction) * f64(em)
+        o0 = f64(a_p**0.5)
+    return assemble(a_t.shape[0], ax=ax, am=am, p0=1.0, ox=ox, o0=o0, om=om, on=std)
+
+
+def ddim_inverse_table(
+    alphas_cumprod: torch.Tensor,
+    step_gap: int,
+    initial_alpha_cumprod: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """DDIMInverse, indexed by the target (noisier) t: x0 and eps use a_c, c = min(t - gap, T-1)."""
+    T = alphas_cumprod.shape[0]
+    c = (torch.arange(T) - step_gap).clamp(max=T - 1)
+    a_c = torch.where(c >= 0, alphas_cumprod[c.clamp(min=0)], initial_alpha_cumprod.to(alphas_cumprod.dtype))
+    a_target = alphas_cumprod
+    sqrt_a, sqrt_b = a_c**0.5, (1 - a_c) ** 0.5
+    ax, am = x0_conversion(prediction_type, sqrt_a, sqrt_b)
+    ex, em = eps_conversion(prediction_type, sqrt_a, sqrt_b)
+    direction = ((1 - a_target) ** 0.5).to(torch.float64)
+    return assemble(
+        T, ax=ax, am=am, p0=1.0,
+        ox=direction * ex.to(torch.float64), om=direction * em.to(torch.float64), o0=a_target**0.5,
+    )
+
+
+def cogvideox_ddim_table(
+    alphas_cumprod: torch.Tensor, step_gap: int, final_alpha_cumprod: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """CogVideoXDDIM: prev = A*x + B*x0 with A = sqrt((1-a_p)/(1-a_t)), B = sqrt(a_p) - sqrt(a_t)*A."""
+    a_t, a_p = _previous_alphas(alphas_cumprod, step_gap, final_alpha_cumprod)
+    ax, am = x0_conversion(prediction_type, a_t**0.5, (1 - a_t) ** 0.5)
+    A = ((1 - a_p) / (1 - a_t)) ** 0.5
+    B = a_p**0.5 - a_t**0.5 * A
+    return assemble(a_t.shape[0], ax=ax, am=am, p0=1.0, ox=A, o0=B)
+
+
+def _half_lambda(a: torch.Tensor) -> torch.Tensor:
+    return ((a / (1 - a)) ** 0.5).log()
+
+
+def cogvideox_dpm_rows(
+    a_t: torch.Tensor,
+    a_p: torch.Tensor,
+    prediction_type: str,
+    a_back: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CogVideoXDPM (SDE-DPM++ 2M midpoint in alpha-bar space) rows for matching a_t, a_p, a_back.
+
+    First order (a_back None): prev = M1*x - M2*x0 + Mn*z.
+    Second order: prev = M1*x - M2*(M3*x0 - M4*old) + Mn*z, with old in history slot h1.
+    """
+    ax, am = x0_conversion(prediction_type, a_t**0.5, (1 - a_t) ** 0.5)
+    lam, lam_next = _half_lambda(a_t), _half_lambda(a_p)
+    h = lam_next - lam
+    m1 = ((1 - a_p) / (1 - a_t)) ** 0.5 * (-h).exp()
+    m2 = (-2 * h).expm1() * a_p**0.5
+    mn = (1 - a_p) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
+    if a_back is None:
+        return assemble(a_t.shape[0], ax=ax, am=am, p0=1.0, ox=m1, o0=-m2, on=mn)
+    r = (lam - _half_lambda(a_back)) / h
+    m3 = 1 + 1 / (2 * r)
+    m4 = 1 / (2 * r)
+    m2_64 = m2.to(torch.float64)
+    return assemble(
+        a_t.shape[0], ax=ax, am=am, p0=1.0, ox=m1,
+        o0=-m2_64 * m3.to(torch.float64), o1=m2_64 * m4.to(torch.float64), on=mn,
+    )
+
+
+def cogvideox_dpm_first_order_table(
+    alphas_cumprod: torch.Tensor, step_gap: int, final_alpha_cumprod: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    a_t, a_p = _previous_alphas(alphas_cumprod, step_gap, final_alpha_cumprod)
+    return cogvideox_dpm_rows(a_t, a_p, prediction_type)

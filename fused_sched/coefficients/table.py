@@ -1,0 +1,72 @@
+"""Assembling coefficient tables and placing them on devices."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import layout as L
+
+
+def assemble(rows: int, **columns) -> torch.Tensor:
+    """A float64 (rows, K) table from named columns (see ``layout.COLUMN_NAMES``).
+
+    Each column is a scalar or a tensor of ``rows`` values; missing columns are 0.
+    """
+    table = torch.zeros(rows, L.NUM_COEFFICIENTS, dtype=torch.float64)
+    for name, value in columns.items():
+        table[:, L.COLUMN_NAMES.index(name)] = torch.as_tensor(value, dtype=torch.float64)
+    return table
+
+
+def x0_conversion(prediction_type: str, alpha, sigma):
+    """(ax, am) with x0 = ax*x + am*m, for x = alpha*x0 + sigma*eps (VP or flow form)."""
+    if prediction_type == "epsilon":
+        return 1.0 / alpha, -sigma / alpha
+    if prediction_type == "sample":
+        return torch.zeros_like(alpha), torch.ones_like(alpha)
+    if prediction_type == "v_prediction":
+        return alpha, -sigma
+    raise ValueError(f"prediction_type={prediction_type!r} is not supported here")
+
+
+def eps_conversion(prediction_type: str, alpha, sigma):
+    """(ex, em) with eps = ex*x + em*m, from the unclipped model output."""
+    if prediction_type == "epsilon":
+        return torch.zeros_like(alpha), torch.ones_like(alpha)
+    if prediction_type == "sample":
+        return 1.0 / sigma, -alpha / sigma
+    if prediction_type == "v_prediction":
+        return sigma, alpha
+    raise ValueError(f"prediction_type={prediction_type!r} is not supported here")
+
+
+def normalized_device(device: torch.device) -> torch.device:
+    """'cuda' and 'cuda:0' name the same memory; tensors report the indexed form."""
+    if device.type != "cpu" and device.index is None:
+        return torch.empty(0, device=device).device
+    return device
+
+
+class PlacedTable:
+    """A float64 host table with lazily made copies per (device, dtype).
+
+    The float32 copy for the schedule's device is made in ``set_timesteps``; any other
+    placement is made once, on first use, and reused for the rest of the schedule.
+    """
+
+    def __init__(self, table: torch.Tensor, device=None):
+        self.host = table
+        self._placed: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        if device is not None:
+            self.on(torch.device(device), torch.float32)
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (normalized_device(device), dtype)
+        placed = self._placed.get(key)
+        if placed is None:
+            placed = self.host.to(dtype=dtype).to(device).contiguous()
+            self._placed[key] = placed
+        return placed
+
+    def __len__(self) -> int:
+        return self.host.shape[0]

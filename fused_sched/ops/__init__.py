@@ -1,0 +1,150 @@
+"""The fused scheduler-step op: argument checks and backend dispatch.
+
+Schedulers call :func:`fused_step`; kernels never see unchecked arguments. See
+``layout.py`` for the math and the coefficient-row columns.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from . import layout
+from .backends import (
+    BackendUnavailableError,
+    availability,
+    known_backends,
+    requested_backend,
+    select_backend,
+    set_backend,
+    use_backend,
+)
+from .layout import CLIP_MODES, NUM_COEFFICIENTS
+
+__all__ = [
+    "BackendUnavailableError",
+    "StepOutputs",
+    "availability",
+    "fused_step",
+    "known_backends",
+    "layout",
+    "requested_backend",
+    "select_backend",
+    "set_backend",
+    "use_backend",
+]
+
+STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class StepOutputs(NamedTuple):
+    prev_sample: torch.Tensor
+    history_value: torch.Tensor | None
+    x0: torch.Tensor | None
+
+
+def _check_like(name: str, tensor, sample: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.shape != sample.shape:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected the sample's shape {tuple(sample.shape)}")
+    if tensor.device != sample.device:
+        raise ValueError(f"{name} is on {tensor.device}; expected the sample's device {sample.device}")
+    if tensor.dtype not in STORAGE_DTYPES:
+        raise TypeError(f"{name} has dtype {tensor.dtype}; expected one of {[str(d) for d in STORAGE_DTYPES]}")
+
+
+def _check_output_dtype(name: str, dtype) -> None:
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise TypeError(f"{name}={dtype} is not a supported storage dtype {[str(d) for d in STORAGE_DTYPES]}")
+
+
+def fused_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    coefficients: torch.Tensor,
+    *,
+    history: Sequence[torch.Tensor] = (),
+    noise: torch.Tensor | None = None,
+    clip: str = "none",
+    clip_range: float = 1.0,
+    threshold_ratio: float = 0.995,
+    threshold_max: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+    history_dtype: torch.dtype | None = None,
+    x0_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> StepOutputs:
+    """One scheduler step for a whole batch (see ``layout.py`` for the formula).
+
+    Args:
+        sample, model_output: x and m, same shape (B, ...), same device, any float dtype.
+        coefficients: (1, K) or (B, K) rows, float32 (float64 when x or m is float64),
+            on the sample's device. Row b is applied to batch element b.
+        history: up to two earlier history values h1 (most recent), h2.
+        noise: z, or None for a deterministic step (the ON column is then ignored).
+        clip: "none", "clamp" (to +-clip_range) or "threshold" (dynamic thresholding: per
+            batch row, s = clamp(quantile(|x0|, threshold_ratio), 1, threshold_max)).
+        out_dtype: dtype of prev (default: promotion of sample and model_output dtypes).
+        history_dtype / x0_dtype: write d / the clipped x0 in this dtype; None skips it.
+        backend: a backend name overriding the process-wide selection.
+
+    Inputs are never modified. Returns ``StepOutputs(prev_sample, history_value, x0)``.
+    """
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+    if sample.dim() < 1 or sample.shape[0] < 1:
+        raise ValueError(f"sample must have a leading batch dimension of size >= 1, got shape {tuple(sample.shape)}")
+    if sample.dtype not in STORAGE_DTYPES:
+        raise TypeError(f"sample has dtype {sample.dtype}; expected one of {[str(d) for d in STORAGE_DTYPES]}")
+    _check_like("model_output", model_output, sample)
+    history = tuple(history)
+    if len(history) > 2:
+        raise ValueError(f"history holds at most 2 tensors, got {len(history)}")
+    for i, h in enumerate(history):
+        _check_like(f"history[{i}]", h, sample)
+    if noise is not None:
+        _check_like("noise", noise, sample)
+
+    wide = torch.float64 in (sample.dtype, model_output.dtype) or any(h.dtype == torch.float64 for h in history)
+    expected = torch.float64 if wide else torch.float32
+    if not isinstance(coefficients, torch.Tensor) or coefficients.dtype != expected:
+        got = coefficients.dtype if isinstance(coefficients, torch.Tensor) else type(coefficients).__name__
+        raise TypeError(f"coefficients must be a {expected} tensor for these inputs, got {got}")
+    if coefficients.dim() != 2 or coefficients.shape[1] != NUM_COEFFICIENTS or coefficients.shape[0] not in (1, sample.shape[0]):
+        raise ValueError(
+            f"coefficients has shape {tuple(coefficients.shape)}; expected (1, {NUM_COEFFICIENTS}) "
+            f"or ({sample.shape[0]}, {NUM_COEFFICIENTS})"
+        )
+    if coefficients.device != sample.device:
+        raise ValueError(f"coefficients are on {coefficients.device}; expected the sample's device {sample.device}")
+
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip={clip!r}; expected one of {CLIP_MODES}")
+    if clip == "clamp" and not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    if clip == "threshold":
+        if not 0.0 < threshold_ratio <= 1.0:
+            raise ValueError(f"threshold_ratio must be in (0, 1], got {threshold_ratio}")
+        if not threshold_max > 0:
+            raise ValueError(f"threshold_max must be > 0, got {threshold_max}")
+
+    if out_dtype is None:
+        out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+    _check_output_dtype("out_dtype", out_dtype)
+    _check_output_dtype("history_dtype", history_dtype)
+    _check_output_dtype("x0_dtype", x0_dtype)
+
+    dtypes = (sample.dtype, model_output.dtype) + tuple(h.dtype for h in history)
+    if noise is not None:
+        dtypes += (noise.dtype,)
+    impl = select_backend(sample.device, dtypes, backend)
+    scale = None
+    if clip == "threshold":
+        scale = impl.threshold_scale(sample, model_output, coefficients, float(threshold_ratio), float(threshold_max))
+    prev, d, x0 = impl.fused_step(
+        sample, model_output, coefficients, history, noise,
+        clip, float(clip_range), scale, out_dtype, history_dtype, x0_dtype,
+    )
+    return StepOutputs(prev, d, x0)

@@ -1,0 +1,131 @@
+"""Backend registry and selection.
+
+A backend is a module-level object with ``name``, ``unavailable_reason(device, dtypes)``
+(None when it can run that case), ``fused_step(...)`` and ``threshold_scale(...)`` with
+the signatures of ``reference.py``. Backends register lazily so that importing
+fused_sched never imports Triton or builds the C++ extension.
+
+Selection: an explicit ``backend=`` argument, else :func:`set_backend` / :func:`use_backend`,
+else the ``FUSED_SCHED_BACKEND`` environment variable, else ``auto``. ``auto`` takes the
+first backend of the device's preference list that can run the case. A backend named
+explicitly that cannot run the case is an error, never a silent substitute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from typing import Iterable
+
+import torch
+
+ENV_VAR = "FUSED_SCHED_BACKEND"
+
+# name -> "module:attribute" of the backend object, imported on first use.
+_REGISTRY: dict[str, str] = {
+    "torch": "fused_sched.ops.torch_backend:BACKEND",
+    "triton": "fused_sched.ops.triton:BACKEND",
+    "cuda": "fused_sched.ops.extension:CUDA_BACKEND",
+    "cpu": "fused_sched.ops.extension:CPU_BACKEND",
+}
+
+# Fastest first. ``torch`` runs everywhere and closes every list.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+
+_loaded: dict[str, object] = {}
+_load_errors: dict[str, str] = {}
+_selected: str | None = None
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend that was asked for by name cannot run the requested case."""
+
+
+def known_backends() -> tuple[str, ...]:
+    return ("auto",) + tuple(_REGISTRY)
+
+
+def _check_name(name: str, argument: str) -> str:
+    if not isinstance(name, str) or name not in known_backends():
+        raise ValueError(f"{argument}={name!r} is not a backend; expected one of {known_backends()}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Select the backend for every fused op in this process (None or 'auto' restores auto)."""
+    global _selected
+    _selected = None if name is None else _check_name(name, "backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager form of :func:`set_backend`."""
+    global _selected
+    previous = _selected
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _selected = previous
+
+
+def requested_backend(explicit: str | None = None) -> str:
+    if explicit is not None:
+        return _check_name(explicit, "backend")
+    if _selected is not None:
+        return _selected
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check_name(env.strip().lower(), ENV_VAR)
+    return "auto"
+
+
+def load_backend(name: str):
+    """The backend object, or None with the import failure recorded for ``why_unavailable``."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    module_name, attribute = _REGISTRY[name].split(":")
+    try:
+        backend = getattr(importlib.import_module(module_name), attribute)
+    except Exception as error:  # an optional backend failing to import is a reported state
+        _load_errors[name] = f"{type(error).__name__}: {error}"
+        return None
+    _loaded[name] = backend
+    return backend
+
+
+def why_unavailable(name: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> str | None:
+    """None if backend ``name`` can run this case, else the reason it cannot."""
+    backend = load_backend(name)
+    if backend is None:
+        return f"backend {name!r} failed to load ({_load_errors[name]})"
+    return backend.unavailable_reason(device, tuple(dtypes))
+
+
+def select_backend(device: torch.device, dtypes: Iterable[torch.dtype], explicit: str | None = None):
+    """The backend object that will run a case on ``device`` with these storage dtypes."""
+    dtypes = tuple(dtypes)
+    name = requested_backend(explicit)
+    if name != "auto":
+        reason = why_unavailable(name, device, dtypes)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"backend {name!r} cannot run on {device} with dtypes "
+                f"{[str(d) for d in dtypes]}: {reason}"
+            )
+        return _loaded[name]
+    for candidate in AUTO_PREFERENCE.get(device.type, ("torch",)):
+        if why_unavailable(candidate, device, dtypes) is None:
+            return _loaded[candidate]
+    raise BackendUnavailableError(f"no backend can run on {device}")  # torch runs everywhere
+
+
+def availability(device: torch.device) -> dict[str, str | None]:
+    """For `fused-sched info`: every backend and why it is unavailable on ``device`` (None: ok)."""
+    return {name: why_unavailable(name, device, (torch.float32,)) for name in _REGISTRY}

@@ -1,0 +1,99 @@
+"""What every fused scheduler shares: timestep resolution without syncs, checks, noise."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+
+def validated_init(parent_init, validate):
+    """Wrap a diffusers ``__init__`` with a config check, keeping its signature.
+
+    ``functools.wraps`` keeps ``__wrapped__``, so ConfigMixin still reads the parent's
+    parameters and ``from_config`` / ``save_pretrained`` round trips are unchanged.
+    """
+
+    @functools.wraps(parent_init)
+    def __init__(self, *args, **kwargs):
+        parent_init(self, *args, **kwargs)
+        validate(self)
+
+    return __init__
+
+
+class FusedSchedulerMixin:
+    """Host-side bookkeeping shared by the fused classes; holds no tensor math."""
+
+    _schedule_timesteps: torch.Tensor | None = None  # the tensor set_timesteps produced
+    _host_timesteps: list[int] = []
+
+    def _remember_schedule(self) -> None:
+        self._schedule_timesteps = self.timesteps
+        self._host_timesteps = [int(v) for v in self.timesteps.cpu().tolist()]
+
+    def _require_schedule(self) -> None:
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+
+    def _host_timestep(self, timestep) -> int | None:
+        """The timestep's value known on the host without reading device memory, else None.
+
+        Python ints are their own value. A tensor element of ``scheduler.timesteps`` (what
+        pipelines pass: ``for t in scheduler.timesteps``, ``timesteps[i]``, slices of it) is a
+        view into the schedule's storage, so its position, and hence its value, follows
+        from its storage offset: no sync.
+        """
+        if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
+            return int(timestep)
+        if not isinstance(timestep, torch.Tensor):
+            raise TypeError(f"timestep must be an int or a torch.Tensor, got {type(timestep).__name__}")
+        schedule = self._schedule_timesteps
+        if (
+            schedule is None
+            or timestep.dim() != 0
+            or timestep.dtype != schedule.dtype
+            or timestep.device != schedule.device
+            or timestep.untyped_storage().data_ptr() != schedule.untyped_storage().data_ptr()
+        ):
+            return None
+        offset = timestep.storage_offset() - schedule.storage_offset()
+        stride = schedule.stride(0) if schedule.dim() == 1 and schedule.numel() > 1 else 1
+        if offset % stride or not 0 <= offset // stride < len(self._host_timesteps):
+            return None
+        return self._host_timesteps[offset // stride]
+
+    def _check_training_timestep(self, t: int, argument: str = "timestep") -> int:
+        T = self.config.num_train_timesteps
+        if not 0 <= t < T:
+            raise ValueError(f"{argument}={t} is outside the training range [0, {T})")
+        return t
+
+    @staticmethod
+    def _coefficient_dtype(*tensors: torch.Tensor) -> torch.dtype:
+        return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+    @staticmethod
+    def _check_model_io(model_output, sample, extra: dict | None = None) -> None:
+        for name, value in (("model_output", model_output), ("sample", sample), *(extra or {}).items()):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+    @staticmethod
+    def _draw_noise(shape, generator, device, dtype, variance_noise=None):
+        if variance_noise is not None:
+            return variance_noise
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+def check_finite_rows(table: torch.Tensor, timesteps, describe) -> None:
+    """Raise where a scheduled row is inf/NaN: diffusers would silently return inf/NaN there."""
+    bad = [t for t in timesteps if not bool(torch.isfinite(table[t]).all())]
+    if bad:
+        raise ValueError(describe(bad))

@@ -1,0 +1,97 @@
+"""FusedDDIMScheduler: DDIMScheduler whose step is one fused op (two with thresholding)."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+from .. import ops
+from ..coefficients.ddim import ddim_table
+from .base import validated_init
+from .ddim_family import AddNoiseMixin, DDIMFamilyMixin
+
+
+def _check_config(scheduler) -> None:
+    if scheduler.config.prediction_type not in ("epsilon", "sample", "v_prediction"):
+        raise ValueError(
+            f"prediction_type={scheduler.config.prediction_type!r}; expected 'epsilon', 'sample' or 'v_prediction'"
+        )
+
+
+def clip_options(config) -> dict:
+    """fused_step's clip arguments for a config with clip_sample / thresholding (thresholding wins)."""
+    if config.thresholding:
+        return dict(clip="threshold", threshold_ratio=config.dynamic_thresholding_ratio,
+                    threshold_max=config.sample_max_value)
+    if config.clip_sample:
+        return dict(clip="clamp", clip_range=config.clip_sample_range)
+    return dict(clip="none")
+
+
+class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
+    __init__ = validated_init(DDIMScheduler.__init__, _check_config)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        super().set_timesteps(num_inference_steps, device=device)
+        self._remember_schedule()
+        self._tables = {}
+        self._schedule_device = device
+        table = self._build_table(eta=0.0, use_clipped_model_output=False)
+        self._check_schedule_rows(table, self._host_timesteps)
+
+    def _build_table(self, eta: float, use_clipped_model_output: bool) -> torch.Tensor:
+        table = ddim_table(
+            self.alphas_cumprod.cpu(), self._step_gap(), self.final_alpha_cumprod.cpu(),
+            self.config.prediction_type, eta, use_clipped_model_output,
+        )
+        self._install_table((eta, use_clipped_model_output), table, self._schedule_device)
+        return table
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DDIMSchedulerOutput | tuple:
+        self._require_schedule()
+        self._check_model_io(model_output, sample)
+        if isinstance(eta, torch.Tensor) or not isinstance(eta, numbers.Real):
+            raise TypeError(f"eta must be a Python number, got {type(eta).__name__}")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(
+                f"eta={eta} is outside [0, 1]: the DDIM direction term sqrt(1 - a_prev - std^2) has no real "
+                "value for eta > 1 (diffusers returns NaN there)"
+            )
+        if generator is not None and variance_noise is not None:
+            raise ValueError(
+                "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
+                " `variance_noise` stays `None`."
+            )
+        key = (float(eta), bool(use_clipped_model_output))
+        placed = self._tables.get(key)
+        if placed is None:
+            self._build_table(*key)
+            placed = self._tables[key]
+        rows = self._row(placed, timestep, sample.device, self._coefficient_dtype(sample, model_output))
+
+        noise = None
+        if eta > 0:  # diffusers draws noise whenever eta > 0, even where std is 0
+            noise = self._draw_noise(model_output.shape, generator, model_output.device, model_output.dtype,
+                                     variance_noise)
+        promoted = torch.promote_types(sample.dtype, model_output.dtype)
+        x0_dtype = model_output.dtype if self.config.prediction_type == "sample" else promoted
+        prev, _, x0 = ops.fused_step(
+            sample, model_output, rows, noise=noise, out_dtype=promoted, x0_dtype=x0_dtype,
+            **clip_options(self.config),
+        )
+        if not return_dict:
+            return (prev, x0)
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

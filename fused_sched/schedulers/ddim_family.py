@@ -1,0 +1,77 @@
+"""Shared machinery of the DDIM family: tables indexed by training timestep, row lookup,
+and add_noise / get_velocity that do not move the scheduler's tables to another device."""
+
+from __future__ import annotations
+
+import torch
+
+from ..coefficients.table import PlacedTable
+from .base import FusedSchedulerMixin, check_finite_rows
+
+
+class DDIMFamilyMixin(FusedSchedulerMixin):
+    _tables: dict
+
+    def _step_gap(self) -> int:
+        return self.config.num_train_timesteps // self.num_inference_steps
+
+    def _install_table(self, key, table: torch.Tensor, device) -> PlacedTable:
+        placed = PlacedTable(table, device)
+        self._tables[key] = placed
+        return placed
+
+    def _check_schedule_rows(self, table: torch.Tensor, scheduled: list[int]) -> None:
+        def describe(bad):
+            return (
+                f"{type(self).__name__}: the coefficients at timestep(s) {bad[:4]} are not finite with "
+                f"prediction_type={self.config.prediction_type!r}, "
+                f"rescale_betas_zero_snr={self.config.rescale_betas_zero_snr}, "
+                f"set_alpha_to_one={self.config.set_alpha_to_one} (diffusers returns inf/NaN here: "
+                "epsilon prediction cannot recover x0 where alphas_cumprod is 0, and sample prediction "
+                "cannot recover eps where it is 1). Use prediction_type='v_prediction' or change these options."
+            )
+
+        check_finite_rows(table, scheduled, describe)
+
+    def _row(self, placed: PlacedTable, timestep, device, dtype) -> torch.Tensor:
+        """(1, K) coefficients for ``timestep``: a view when its value is host-known, else a
+        device-side gather (no sync; an out-of-range tensor timestep fails in the gather)."""
+        table = placed.on(device, dtype)
+        t = self._host_timestep(timestep)
+        if t is not None:
+            self._check_training_timestep(t)
+            return table[t : t + 1]
+        index = timestep.reshape(-1).to(device=table.device, dtype=torch.int64)
+        if index.numel() != 1:
+            raise ValueError(f"timestep must hold one value, got shape {tuple(timestep.shape)}")
+        return table.index_select(0, index)
+
+
+
+class AddNoiseMixin:
+    """add_noise / get_velocity of the DDIM family, without diffusers' side effect of moving
+    ``self.alphas_cumprod`` to the data's device for good (which would turn every later
+    step's scalar math into tiny device kernels)."""
+
+    def _alphas_cumprod_on(self, device, dtype) -> torch.Tensor:
+        # diffusers moves self.alphas_cumprod to the data's device for good; a cached copy
+        # keeps the step's host tables where set_timesteps put them.
+        cache = self.__dict__.setdefault("_alphas_cumprod_copies", {})
+        key = (torch.device(device), dtype)
+        if key not in cache:
+            cache[key] = self.alphas_cumprod.to(device=device, dtype=dtype)
+        return cache[key]
+
+    def _broadcast_alphas(self, like: torch.Tensor, timesteps: torch.Tensor):
+        alphas = self._alphas_cumprod_on(like.device, like.dtype)
+        a = alphas[timesteps.to(like.device)].flatten()
+        shape = a.shape + (1,) * (like.dim() - 1)
+        return (a**0.5).reshape(shape), ((1 - a) ** 0.5).reshape(shape)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor):
+        sqrt_a, sqrt_b = self._broadcast_alphas(original_samples, timesteps)
+        return sqrt_a * original_samples + sqrt_b * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor):
+        sqrt_a, sqrt_b = self._broadcast_alphas(sample, timesteps)
+        return sqrt_a * noise - sqrt_b * sample
