@@ -128,13 +128,14 @@ def _history_weights(order: int, r0, r1):
     return D0, D1, D2
 
 
-def dpm_table(config, sigmas: torch.Tensor, identity_when_h_is_zero: bool = False) -> torch.Tensor:
+def dpm_table(config, sigmas: torch.Tensor) -> torch.Tensor:
     """(3*steps, K) float64 rows for a schedule with ``len(sigmas) - 1`` steps.
 
     Rows for an order the step cannot have (not enough history) are NaN and never selected.
-    ``identity_when_h_is_zero``: a step between equal sigmas (the inverse scheduler's
-    duplicated last sigma) is the identity, prev = x, instead of the 0/0 of the heun and
-    third-order formulas.
+    A step between equal sigmas (h = 0: the inverse scheduler's duplicated last sigma, or
+    karras/exponential sigmas ending at sigma_min with final_sigmas_type="sigma_min") is the
+    identity, prev = x: that is the h -> 0 limit of every update, where diffusers' heun and
+    third-order formulas evaluate 0/0 and return NaN.
     """
     steps = sigmas.shape[0] - 1
     alpha, sigma = alpha_sigma(sigmas, config.use_flow_sigmas)
@@ -156,9 +157,8 @@ def dpm_table(config, sigmas: torch.Tensor, identity_when_h_is_zero: bool = Fals
         table = assemble(steps, ox=ox, o0=history[0], o1=history[1], o2=history[2], on=on, **conversion)
         if order > 1:
             table[: order - 1, L.OX:] = float("nan")  # needs history that cannot exist yet
-        if identity_when_h_is_zero:
-            flat = h == 0
-            table[flat, L.OX:] = 0.0
-            table[flat, L.OX] = 1.0
+        flat = h == 0
+        table[flat, L.OX:] = 0.0
+        table[flat, L.OX] = 1.0
         tables.append(table)
     return torch.stack(tables, dim=1).reshape(MAX_ORDER * steps, L.NUM_COEFFICIENTS)

@@ -40,21 +40,17 @@ class FusedSchedulerMixin:
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
 
-    def _host_timestep(self, timestep) -> int | None:
-        """The timestep's value known on the host without reading device memory, else None.
+    def _schedule_position(self, timestep) -> int | None:
+        """Index into the schedule of a tensor that is an element of ``scheduler.timesteps``.
 
-        Python ints are their own value. A tensor element of ``scheduler.timesteps`` (what
-        pipelines pass: ``for t in scheduler.timesteps``, ``timesteps[i]``, slices of it) is a
-        view into the schedule's storage, so its position, and hence its value, follows
-        from its storage offset: no sync.
+        Such a tensor (``for t in scheduler.timesteps``, ``timesteps[i]``, slices of it) is a
+        view into the schedule's storage, so its position follows from its storage offset
+        without reading device memory. None for anything else.
         """
-        if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
-            return int(timestep)
-        if not isinstance(timestep, torch.Tensor):
-            raise TypeError(f"timestep must be an int or a torch.Tensor, got {type(timestep).__name__}")
         schedule = self._schedule_timesteps
         if (
             schedule is None
+            or not isinstance(timestep, torch.Tensor)
             or timestep.dim() != 0
             or timestep.dtype != schedule.dtype
             or timestep.device != schedule.device
@@ -65,7 +61,20 @@ class FusedSchedulerMixin:
         stride = schedule.stride(0) if schedule.dim() == 1 and schedule.numel() > 1 else 1
         if offset % stride or not 0 <= offset // stride < len(self._host_timesteps):
             return None
-        return self._host_timesteps[offset // stride]
+        return offset // stride
+
+    def _host_timestep(self, timestep) -> int | None:
+        """The timestep's value known on the host without reading device memory, else None.
+
+        Python ints are their own value; elements of ``scheduler.timesteps`` are looked up
+        by position (see ``_schedule_position``). Other tensors return None.
+        """
+        if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
+            return int(timestep)
+        if not isinstance(timestep, torch.Tensor):
+            raise TypeError(f"timestep must be an int or a torch.Tensor, got {type(timestep).__name__}")
+        position = self._schedule_position(timestep)
+        return None if position is None else self._host_timesteps[position]
 
     def _check_training_timestep(self, t: int, argument: str = "timestep") -> int:
         T = self.config.num_train_timesteps

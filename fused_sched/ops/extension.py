@@ -1,0 +1,309 @@
+"""The compiled backends ``cpu`` and ``cuda``: the C++/CUDA kernels of ``csrc/``.
+
+Nothing here builds at import. The registry asks for ``CPU_BACKEND`` / ``CUDA_BACKEND``
+(module attributes resolved lazily, PEP 562) the first time a compiled backend is
+considered; that first access loads the extension:
+
+1. a prebuilt module ``fused_sched._ext``, when the package was installed with
+   ``FUSED_SCHED_BUILD_EXT=1`` (see :func:`aot_extension`), else
+2. a JIT build with ``torch.utils.cpp_extension.load`` (ninja), announced on stderr with
+   compiler progress and cached under :func:`build_directory` for the next process.
+
+The CUDA sources are compiled only where torch is a CUDA build and a CUDA toolkit is
+found; elsewhere the CPU part builds alone and ``CUDA_BACKEND.unavailable_reason`` says
+why. A failed build raises, and the registry reports the error for both backends.
+
+This file imports only torch and the standard library at module level so that setup.py
+can load it by path (without importing fused_sched) to get the ahead-of-time build.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "CPU_BACKEND",
+    "CUDA_BACKEND",
+    "aot_extension",
+    "build_directory",
+    "cuda_unavailable_reason",
+    "extension_sources",
+    "load_extension",
+]
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = PACKAGE_ROOT.parent
+CSRC = REPO_ROOT / "csrc"
+
+PREBUILT_MODULE = "fused_sched._ext"
+
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Clip modes as the C++ side numbers them (csrc/include/fused_sched/step_math.h, Clip).
+CLIP_CODES = {"none": 0, "clamp": 1, "threshold": 2}
+
+# Host code: -ffp-contract=off keeps every product and sum separately rounded, as the
+# eager reference rounds them (see step_math.h); -O3 lets the chunk loops vectorise.
+CXX_FLAGS = ["-O3", "-ffp-contract=off"]
+# Device code: the step math uses explicitly rounded intrinsics; no --use_fast_math, whose
+# approximate division would change the thresholded x0.
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+CUDA_DEFINE = "-DFUSED_SCHED_WITH_CUDA"
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA kernels cannot be built in this environment (None: they can)."""
+    if torch.version.cuda is None:
+        return f"torch is a CPU build (torch {torch.__version__}, torch.version.cuda is None)"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit found to compile the kernels (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def extension_sources(with_cuda: bool, relative: bool = False) -> list[str]:
+    """Source files of the extension: absolute, or relative to the repository root (setup.py)."""
+    files = [CSRC / "bindings.cpp", CSRC / "cpu" / "ops_cpu.cpp"]
+    if with_cuda:
+        files += [CSRC / "cuda" / "ops_cuda.cpp", *sorted((CSRC / "cuda").glob("*.cu"))]
+    return [str(p.relative_to(REPO_ROOT)) if relative else str(p) for p in files]
+
+
+def _openmp_flags() -> list[str]:
+    # at::parallel_for is inline: with an OpenMP build of ATen it is a `#pragma omp
+    # parallel` compiled into *our* object, so without -fopenmp it would silently run on
+    # one thread. Linking -fopenmp adds a libgomp.so.1 dependency that resolves to the
+    # copy torch has already loaded (same soname), so there is one thread pool.
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
+def _compile_args(with_cuda: bool) -> dict[str, list[str]]:
+    defines = [CUDA_DEFINE] if with_cuda else []
+    return {"cxx": CXX_FLAGS + _openmp_flags() + defines, "nvcc": NVCC_FLAGS + defines}
+
+
+def aot_extension():
+    """The setuptools Extension for an ahead-of-time build (``FUSED_SCHED_BUILD_EXT=1``).
+
+    Sources are relative to the repository root, where setup.py runs. CUDA is included
+    under the same conditions as the JIT build.
+    """
+    from torch.utils import cpp_extension
+
+    with_cuda = cuda_unavailable_reason() is None
+    kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    args = _compile_args(with_cuda)
+    return kind(
+        name=PREBUILT_MODULE,
+        sources=extension_sources(with_cuda, relative=True),
+        include_dirs=[str(Path("csrc") / "include")],
+        extra_compile_args=args if with_cuda else args["cxx"],
+        extra_link_args=_openmp_flags(),
+    )
+
+
+def build_directory(with_cuda: bool) -> Path:
+    """Where the JIT build is cached: one folder per Python / torch / CUDA combination.
+
+    ``FUSED_SCHED_BUILD_DIR`` if set, else ``$TORCH_EXTENSIONS_DIR/fused_sched``, else
+    ``~/.cache/fused_sched`` (``$XDG_CACHE_HOME`` honoured).
+    """
+    base = os.environ.get("FUSED_SCHED_BUILD_DIR")
+    if not base:
+        torch_dir = os.environ.get("TORCH_EXTENSIONS_DIR")
+        if torch_dir:
+            base = os.path.join(torch_dir, "fused_sched")
+        else:
+            cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            base = os.path.join(cache, "fused_sched")
+    device = f"cu{torch.version.cuda}" if with_cuda else "cpu"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}_{device}"
+    return Path(base) / tag.replace("+", "_").replace("/", "_")
+
+
+def _module_name(with_cuda: bool) -> str:
+    return "fused_sched_ext_cuda" if with_cuda else "fused_sched_ext_cpu"
+
+
+def _needs_build(directory: Path, name: str) -> bool:
+    """Whether ninja will compile: no library yet, or a source newer than it."""
+    libraries = list(directory.glob(f"{name}*.so")) + list(directory.glob(f"{name}*.pyd"))
+    if not libraries:
+        return True
+    built = min(p.stat().st_mtime for p in libraries)
+    return any(p.stat().st_mtime > built for p in CSRC.rglob("*") if p.is_file())
+
+
+def _jit_build(with_cuda: bool):
+    from torch.utils import cpp_extension
+
+    if not (CSRC / "bindings.cpp").is_file():
+        raise RuntimeError(
+            f"the fused_sched C++ sources are not at {CSRC}; install from a source checkout, or build "
+            "ahead of time with FUSED_SCHED_BUILD_EXT=1 pip install ."
+        )
+    name = _module_name(with_cuda)
+    directory = build_directory(with_cuda)
+    directory.mkdir(parents=True, exist_ok=True)
+    verbose = _needs_build(directory, name)
+    if verbose:
+        print(f"fused_sched: building the C++ extension (first use, cached in {directory})", file=sys.stderr, flush=True)
+    args = _compile_args(with_cuda)
+    try:
+        return cpp_extension.load(
+            name=name,
+            sources=extension_sources(with_cuda),
+            extra_cflags=args["cxx"],
+            extra_cuda_cflags=args["nvcc"],
+            extra_include_paths=[str(CSRC / "include")],
+            extra_ldflags=_openmp_flags(),
+            build_directory=str(directory),
+            with_cuda=with_cuda,
+            verbose=verbose,
+        )
+    except Exception as error:
+        raise RuntimeError(
+            f"building the fused_sched C++ extension in {directory} failed ({error}); the compiler output is "
+            "above. Use backend='torch' meanwhile, or set FUSED_SCHED_BUILD_DIR to a fresh folder to retry."
+        ) from error
+
+
+_lock = threading.Lock()
+_extension = None
+
+
+def load_extension():
+    """The compiled module (prebuilt if installed, else JIT-built once and cached)."""
+    global _extension
+    with _lock:
+        if _extension is None:
+            try:
+                _extension = importlib.import_module(PREBUILT_MODULE)
+            except ImportError:
+                _extension = _jit_build(cuda_unavailable_reason() is None)
+        return _extension
+
+
+def _dtype_reason(dtypes) -> str | None:
+    unsupported = [d for d in dtypes if d not in INPUT_DTYPES]
+    if unsupported:
+        return (
+            f"storage dtype {unsupported[0]} is not supported by the compiled kernels "
+            "(float32, float16 and bfloat16; the torch backend handles float64)"
+        )
+    return None
+
+
+def _contiguous(t):
+    # Kernels take flat contiguous buffers. A strided input costs one explicit copy here,
+    # which is no worse than the eager ops it replaces would pay on such an input.
+    return None if t is None else t.contiguous()
+
+
+class CompiledBackend:
+    """A backend object (see backends.py) over the entry points of the compiled module."""
+
+    def __init__(self, name: str, device_type: str, fused_step_fn, threshold_scale_fn):
+        self.name = name
+        self.device_type = device_type
+        self._fused_step = fused_step_fn
+        self._threshold_scale = threshold_scale_fn
+
+    def __repr__(self) -> str:
+        return f"<fused_sched compiled backend {self.name!r}>"
+
+    def unavailable_reason(self, device, dtypes):
+        device = torch.device(device)
+        if device.type != self.device_type:
+            return f"the {self.name} backend runs on {self.device_type} tensors, not {device.type}"
+        return _dtype_reason(dtypes)
+
+    def threshold_scale(self, sample, model_output, coefficients, ratio: float, max_value: float):
+        return self._threshold_scale(
+            _contiguous(sample), _contiguous(model_output), _contiguous(coefficients), float(ratio), float(max_value)
+        )
+
+    def fused_step(
+        self, sample, model_output, coefficients, history, noise, clip, clip_range, scale,
+        out_dtype, history_dtype, x0_dtype,
+    ):
+        if clip not in CLIP_CODES:
+            raise ValueError(f"clip={clip!r}; expected one of {tuple(CLIP_CODES)}")
+        history = tuple(history)
+        if len(history) > 2:
+            raise ValueError(f"history holds at most 2 tensors, got {len(history)}")
+
+        def empty(dtype):
+            return None if dtype is None else torch.empty(sample.shape, dtype=dtype, device=sample.device)
+
+        out, d, x0 = empty(out_dtype), empty(history_dtype), empty(x0_dtype)
+        self._fused_step(
+            _contiguous(sample),
+            _contiguous(model_output),
+            _contiguous(coefficients),
+            _contiguous(history[0]) if len(history) > 0 else None,
+            _contiguous(history[1]) if len(history) > 1 else None,
+            _contiguous(noise),
+            _contiguous(scale) if clip == "threshold" else None,
+            CLIP_CODES[clip],
+            float(clip_range),
+            out,
+            d,
+            x0,
+        )
+        return out, d, x0
+
+
+class UnavailableBackend:
+    """A compiled backend this environment cannot provide, with the reason why."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"<fused_sched backend {self.name!r}, unavailable: {self.reason}>"
+
+    def unavailable_reason(self, device, dtypes):
+        return self.reason
+
+    def _raise(self, *args, **kwargs):
+        from .backends import BackendUnavailableError
+
+        raise BackendUnavailableError(f"backend {self.name!r} is unavailable: {self.reason}")
+
+    fused_step = _raise
+    threshold_scale = _raise
+
+
+def _make_backend(name: str):
+    if name == "CUDA_BACKEND":
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            return UnavailableBackend("cuda", reason)
+        ext = load_extension()
+        if not ext.with_cuda:
+            return UnavailableBackend("cuda", f"the prebuilt extension {ext.__file__} was built without CUDA")
+        return CompiledBackend("cuda", "cuda", ext.cuda_fused_step, ext.cuda_threshold_scale)
+    ext = load_extension()
+    return CompiledBackend("cpu", "cpu", ext.cpu_fused_step, ext.cpu_threshold_scale)
+
+
+_backends: dict[str, object] = {}
+
+
+def __getattr__(name: str):
+    if name in ("CPU_BACKEND", "CUDA_BACKEND"):
+        if name not in _backends:
+            _backends[name] = _make_backend(name)
+        return _backends[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,45 @@
+"""FusedDDIMInverseScheduler: DDIMInverseScheduler whose step is one fused op."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMInverseScheduler
+from diffusers.schedulers.scheduling_ddim_inverse import DDIMSchedulerOutput
+
+from .. import ops
+from ..coefficients.ddim import ddim_inverse_table
+from .base import validated_init
+from .ddim import _check_config
+from .ddim_family import DDIMFamilyMixin
+
+
+class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
+    __init__ = validated_init(DDIMInverseScheduler.__init__, _check_config)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        super().set_timesteps(num_inference_steps, device=device)
+        self._remember_schedule()
+        table = ddim_inverse_table(
+            self.alphas_cumprod.cpu(), self._step_gap(), self.initial_alpha_cumprod.cpu(), self.config.prediction_type
+        )
+        self._check_schedule_rows(table, self._host_timesteps)
+        self._tables = {}
+        self._install_table("step", table, device)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> DDIMSchedulerOutput | tuple:
+        self._require_schedule()
+        self._check_model_io(model_output, sample)
+        rows = self._row(self._tables["step"], timestep, sample.device, self._coefficient_dtype(sample, model_output))
+        promoted = torch.promote_types(sample.dtype, model_output.dtype)
+        x0_dtype = model_output.dtype if self.config.prediction_type == "sample" else promoted
+        clip = dict(clip="clamp", clip_range=self.config.clip_sample_range) if self.config.clip_sample else {}
+        prev, _, x0 = ops.fused_step(sample, model_output, rows, out_dtype=promoted, x0_dtype=x0_dtype, **clip)
+        if not return_dict:
+            return (prev, x0)
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -1,0 +1,175 @@
+"""FusedDPMSolverMultistepScheduler and its inverse: one fused op per step (two with
+thresholding), rows selected by (step index, effective order) from a table built once."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from .. import ops
+from ..coefficients.dpm import DATA_PREDICTION_ALGORITHMS, SDE_ALGORITHMS, dpm_table, row_index
+from ..coefficients.table import PlacedTable
+from .base import FusedSchedulerMixin, validated_init
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+
+
+def _check_config(scheduler) -> None:
+    config = scheduler.config
+    if config.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={config.prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    if config.prediction_type == "flow_prediction" and config.algorithm_type not in DATA_PREDICTION_ALGORITHMS:
+        raise ValueError(
+            f"prediction_type='flow_prediction' needs algorithm_type 'dpmsolver++' or 'sde-dpmsolver++', "
+            f"got {config.algorithm_type!r}"
+        )
+    if config.algorithm_type == "sde-dpmsolver" and config.solver_order >= 3:
+        raise ValueError(
+            "algorithm_type='sde-dpmsolver' with solver_order=3: there is no third-order SDE-DPM-Solver update "
+            "(diffusers fails with UnboundLocalError at the third step); use solver_order<=2 or 'sde-dpmsolver++'"
+        )
+
+
+def _check_inverse_config(scheduler) -> None:
+    _check_config(scheduler)
+    config = scheduler.config
+    if config.algorithm_type in SDE_ALGORITHMS:
+        raise ValueError(
+            f"algorithm_type={config.algorithm_type!r} cannot run in the inverse direction: the noise scale "
+            "sqrt(1 - exp(-2h)) has no real value for h < 0 (diffusers returns all-NaN); "
+            "use 'dpmsolver++' or 'dpmsolver'"
+        )
+    if config.use_flow_sigmas:
+        raise ValueError(
+            "use_flow_sigmas=True is not supported by the inverse scheduler: diffusers builds a descending "
+            "sigma schedule there, so its 'inversion' denoises instead"
+        )
+
+
+class DPMFamilyMixin(FusedSchedulerMixin):
+    """Step logic shared by the forward and inverse multistep DPM-Solver classes."""
+
+    _inverse = False
+
+    def _build_schedule(self, device) -> None:
+        self._remember_schedule()
+        table = dpm_table(self.config, self.sigmas.cpu())
+        self._table = PlacedTable(table, device)
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        """diffusers' rule (second match when repeated, last index when absent), on host values."""
+        t = self._host_timestep(timestep) if schedule_timesteps is None else None
+        if t is None:
+            return super().index_for_timestep(timestep, schedule_timesteps)
+        matches = [i for i, v in enumerate(self._host_timesteps) if v == t]
+        if not matches:
+            return len(self._host_timesteps) - 1
+        return matches[1] if len(matches) > 1 else matches[0]
+
+    def _init_step_index(self, timestep) -> None:
+        begin = getattr(self, "_begin_index", None)
+        if begin is not None:
+            self._step_index = begin
+            return
+        position = self._schedule_position(timestep)
+        # An element of scheduler.timesteps says exactly where the trajectory starts. diffusers
+        # only knows the value and takes its second occurrence, which skips a step (and later
+        # fails with IndexError) when the starting timestep is repeated right after itself.
+        self._step_index = position if position is not None else self.index_for_timestep(timestep)
+
+    def _lower_order_final(self, i: int, n: int) -> bool:
+        c = self.config
+        small = c.lower_order_final and n < 15
+        if self._inverse:
+            return i == n - 1 and (c.euler_at_final or small)
+        return i == n - 1 and (c.euler_at_final or small or c.final_sigmas_type == "zero")
+
+    def _effective_order(self, i: int, n: int) -> int:
+        c = self.config
+        if c.solver_order == 1 or self.lower_order_nums < 1 or self._lower_order_final(i, n):
+            return 1
+        if c.solver_order == 2 or self.lower_order_nums < 2 or (i == n - 2 and c.lower_order_final and n < 15):
+            return 2
+        return 3
+
+    def _history_dtype(self, sample, model_output) -> torch.dtype:
+        c = self.config
+        keeps_model_dtype = c.prediction_type == "sample" or (
+            c.algorithm_type not in DATA_PREDICTION_ALGORITHMS and c.prediction_type == "epsilon" and not c.thresholding
+        )
+        return model_output.dtype if keeps_model_dtype else torch.promote_types(sample.dtype, model_output.dtype)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        self._require_schedule()
+        self._check_model_io(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, n = self._step_index, len(self._host_timesteps)
+        if i >= n:
+            raise ValueError(
+                f"step() was called {i + 1} times after set_timesteps({n}): the schedule has only {n} steps; "
+                "call set_timesteps again to start a new trajectory"
+            )
+        c = self.config
+        if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
+            model_output = model_output[:, :3]  # diffusers keeps the first 3 channels (the mean)
+
+        order = self._effective_order(i, n)
+        coefficient_dtype = self._coefficient_dtype(sample, model_output)
+        rows = self._table.on(sample.device, coefficient_dtype)
+        row = row_index(i, order)
+        rows = rows[row : row + 1]
+
+        noise = None
+        if c.algorithm_type in SDE_ALGORITHMS:
+            if variance_noise is None:
+                noise = self._draw_noise(model_output.shape, generator, model_output.device, torch.float32)
+            else:
+                noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
+
+        history = tuple(self.model_outputs[-1 : -order : -1]) if order > 1 else ()
+        history_dtype = self._history_dtype(sample, model_output)
+        out_dtype = torch.promote_types(sample.dtype, history_dtype) if self._inverse else history_dtype
+        clip = {}
+        if c.thresholding:
+            clip = dict(clip="threshold", threshold_ratio=c.dynamic_thresholding_ratio, threshold_max=c.sample_max_value)
+        prev, d, _ = ops.fused_step(
+            sample, model_output, rows, history=history, noise=noise,
+            out_dtype=out_dtype, history_dtype=history_dtype, **clip,
+        )
+
+        for j in range(c.solver_order - 1):
+            self.model_outputs[j] = self.model_outputs[j + 1]
+        self.model_outputs[-1] = d
+        if self.lower_order_nums < c.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+
+class FusedDPMSolverMultistepScheduler(DPMFamilyMixin, DPMSolverMultistepScheduler):
+    __init__ = validated_init(DPMSolverMultistepScheduler.__init__, _check_config)
+
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None):
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=device, mu=mu, timesteps=timesteps)
+        self._build_schedule(device)
+
+
+class FusedDPMSolverMultistepInverseScheduler(DPMFamilyMixin, DPMSolverMultistepInverseScheduler):
+    _inverse = True
+    __init__ = validated_init(DPMSolverMultistepInverseScheduler.__init__, _check_inverse_config)
+
+    def set_timesteps(self, num_inference_steps=None, device=None):
+        super().set_timesteps(num_inference_steps, device=device)
+        self._build_schedule(device)

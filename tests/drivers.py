@@ -1,0 +1,142 @@
+"""Run a diffusers scheduler and its fused counterpart side by side over whole trajectories.
+
+The stand-in model is smooth and contractive (Lipschitz 0.6 in x), so trajectories do not
+amplify float32 rounding the way a chaotic model would: a difference that grows along a
+trajectory here is a difference in the step, not in the dynamics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import diffusers
+import torch
+
+import fused_sched
+
+PAIRS = {
+    "ddim": (diffusers.DDIMScheduler, fused_sched.FusedDDIMScheduler),
+    "ddim_inverse": (diffusers.DDIMInverseScheduler, fused_sched.FusedDDIMInverseScheduler),
+    "dpm": (diffusers.DPMSolverMultistepScheduler, fused_sched.FusedDPMSolverMultistepScheduler),
+    "dpm_inverse": (diffusers.DPMSolverMultistepInverseScheduler, fused_sched.FusedDPMSolverMultistepInverseScheduler),
+    "cogvideox_ddim": (diffusers.CogVideoXDDIMScheduler, fused_sched.FusedCogVideoXDDIMScheduler),
+    "cogvideox_dpm": (diffusers.CogVideoXDPMScheduler, fused_sched.FusedCogVideoXDPMScheduler),
+}
+
+
+def stand_in_model(x: torch.Tensor, t, pattern: torch.Tensor, out_channels_factor: int = 1) -> torch.Tensor:
+    t = float(t)
+    m = 0.6 * torch.tanh(x.float()) + 0.3 * pattern * torch.cos(torch.tensor(t / 150.0))
+    m = m.to(x.dtype)
+    if out_channels_factor > 1:  # learned variance: the model also predicts a variance channel block
+        m = torch.cat([m, 0.5 * m], dim=1)
+    return m
+
+
+@dataclasses.dataclass
+class StepArgs:
+    """Per-call step options (DDIM's eta family, SDE noise source)."""
+
+    eta: float = 0.0
+    use_clipped_model_output: bool = False
+    noise: str = "generator"  # "generator" | "variance_noise"
+    seed: int = 0
+
+
+def make_pair(kind: str, config: dict):
+    reference_cls, fused_cls = PAIRS[kind]
+    return reference_cls(**config), fused_cls(**config)
+
+
+def _step(kind, scheduler, m, t, x, i, timesteps, state, args: StepArgs, generator, dtype_noise):
+    if kind == "ddim":
+        kwargs = dict(eta=args.eta, use_clipped_model_output=args.use_clipped_model_output)
+        if args.eta > 0:
+            if args.noise == "variance_noise":
+                kwargs["variance_noise"] = torch.randn(m.shape, generator=generator, dtype=m.dtype)
+            else:
+                kwargs["generator"] = generator
+        out = scheduler.step(m, t, x, **kwargs)
+        return out.prev_sample, out.pred_original_sample
+    if kind in ("ddim_inverse", "cogvideox_ddim"):
+        out = scheduler.step(m, t, x)
+        return out.prev_sample, out.pred_original_sample
+    if kind in ("dpm", "dpm_inverse"):
+        kwargs = {}
+        if scheduler.config.algorithm_type.startswith("sde"):
+            if args.noise == "variance_noise":
+                kwargs["variance_noise"] = torch.randn(x.shape, generator=generator, dtype=dtype_noise)
+            else:
+                kwargs["generator"] = generator
+        return scheduler.step(m, t, x, **kwargs)[0], None
+    if kind == "cogvideox_dpm":
+        back = timesteps[i - 1] if i > 0 else None
+        prev, x0 = scheduler.step(m, state.get("old"), t, back, x, generator=generator, return_dict=False)
+        state["old"] = x0
+        return prev, x0
+    raise ValueError(kind)
+
+
+def _initial_state(kind, config, shape, dtype):
+    init = torch.Generator().manual_seed(1234)
+    x = torch.randn(shape, generator=init).to(dtype)
+    pattern = torch.randn(shape, generator=init)
+    learned = kind.startswith("dpm") and config.get("variance_type") in ("learned", "learned_range")
+    factor = 2 if learned and config.get("prediction_type", "epsilon") == "epsilon" else 1
+    return x, pattern, factor
+
+
+def _set_timesteps(scheduler, n, set_kwargs):
+    if "timesteps" in set_kwargs:
+        scheduler.set_timesteps(**set_kwargs)
+    else:
+        scheduler.set_timesteps(n, **set_kwargs)
+
+
+def run_trajectory(kind, scheduler, config, n, shape=(2, 4, 8, 8), dtype=torch.float32, args=None,
+                   set_kwargs=None, start_at_first_step=False):
+    """[(prev, x0)] per step from a fixed x_T, stand-in model and noise seed; stops at the
+    first exception and returns it as the second element (None if the trajectory completed)."""
+    args = args or StepArgs()
+    outputs = []
+    try:
+        _set_timesteps(scheduler, n, set_kwargs or {})
+        if start_at_first_step:
+            scheduler._step_index = 0  # what set_begin_index(0) does, for classes without it
+        x, pattern, factor = _initial_state(kind, config, shape, dtype)
+        generator, state = torch.Generator().manual_seed(args.seed), {}
+        for i, t in enumerate(scheduler.timesteps):
+            m = stand_in_model(x, t, pattern, factor).to(dtype)
+            prev, x0 = _step(kind, scheduler, m, t, x, i, scheduler.timesteps, state, args, generator, torch.float32)
+            outputs.append((prev, x0))
+            x = prev
+    except Exception as error:  # the caller judges whose failure it is and whether it is allowed
+        return outputs, error
+    return outputs, None
+
+
+def trajectories(kind, config, num_inference_steps, shape=(2, 4, 8, 8), dtype=torch.float32, args=None,
+                 set_kwargs=None):
+    """Teacher-forced (prev, x0) pairs per step: both classes get diffusers' sample and the
+    same model output at every step, which isolates each step's own error."""
+    args = args or StepArgs()
+    reference, fused = make_pair(kind, config)
+    for scheduler in (reference, fused):
+        _set_timesteps(scheduler, num_inference_steps, set_kwargs or {})
+    x, pattern, factor = _initial_state(kind, config, shape, dtype)
+    gens = [torch.Generator().manual_seed(args.seed) for _ in range(2)]
+    states = [{}, {}]
+    results = []
+    for i, t in enumerate(reference.timesteps):
+        m = stand_in_model(x, t, pattern, factor).to(dtype)
+        ref = _step(kind, reference, m, t, x, i, reference.timesteps, states[0], args, gens[0], torch.float32)
+        out = _step(kind, fused, m, fused.timesteps[i], x, i, fused.timesteps, states[1], args, gens[1],
+                    torch.float32)
+        results.append((ref, out, (x, m)))
+        x = ref[0]
+    return reference, fused, results
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().double()
+    return float((a.double() - b.double()).abs().max() / max(scale, 1e-30))

@@ -1,0 +1,239 @@
+"""Fused classes against diffusers over the option space, whole trajectories.
+
+Tolerance (fp32): max|fused - diffusers| <= 1e-4 * max|diffusers| per output per step. Both
+evaluate the same formulas in float32; they differ in the order of operations (diffusers
+rounds every intermediate, the fused step combines precomputed coefficients), which costs
+a few float32 ulps per step (about 1e-7 relative, measured step by step with teacher forcing
+below); 1e-4 leaves room for that to accumulate over 10-25 steps of a contractive model but
+is far below any real error (a wrong coefficient or a missed clip shows as >1e-3).
+
+Where the fused class refuses a configuration with ValueError, diffusers must be broken
+there: it raises an unhelpful error or returns inf/NaN. A refusal is never accepted
+silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from drivers import PAIRS, StepArgs, relative_error, run_trajectory, trajectories
+
+FP32_TOLERANCE = 1e-4
+TEACHER_FORCED_TOLERANCE = 1e-5  # one step's rounding, with margin; see module docstring
+
+SHAPES = st.sampled_from([(2, 4, 8, 8), (2, 3, 4, 6, 6), (1, 4, 5, 7), (3, 2, 3, 4, 4)])
+BETAS = st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"])
+PREDICTIONS = st.sampled_from(["epsilon", "sample", "v_prediction"])
+PROPERTY_SETTINGS = settings(
+    max_examples=40, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def _first_non_finite(outputs) -> int | None:
+    for i, (prev, x0) in enumerate(outputs):
+        if not torch.isfinite(prev).all() or (x0 is not None and not torch.isfinite(x0).all()):
+            return i
+    return None
+
+
+def _within_contract(fused, ref, truth) -> bool:
+    """fp32 conformance: 1e-4 of diffusers' scale, or, where the step is ill-conditioned, the
+    float64 contract of DESIGN.md: no farther from a float64 evaluation than diffusers is,
+    plus one float32 ulp of the scale.
+
+    The second clause matters only where x0 = (x - sigma*m)/alpha is computed with
+    alpha -> 0 (cosine or zero-SNR schedules at t ~ T) and then clipped: every float32
+    evaluation then carries an absolute error ~ eps32*|m|/alpha, which clipping does not
+    shrink, so two correct float32 evaluations differ by more than 1e-4 of the clipped scale.
+    """
+    scale = ref.abs().max().double()
+    if relative_error(fused, ref) <= FP32_TOLERANCE:
+        return True
+    ulp = torch.finfo(torch.float32).eps * float(truth.abs().max())
+    fused_error = float((fused.double() - truth).abs().max())
+    ref_error = float((ref.double() - truth).abs().max())
+    return fused_error <= ref_error + ulp and fused_error <= 1e-2 * float(scale)
+
+
+def check_conformance(kind, config, n, shape, args=None, set_kwargs=None):
+    args = args or StepArgs()
+    set_kwargs = set_kwargs or {}
+    reference_cls, fused_cls = PAIRS[kind]
+    try:
+        reference_cls(**config)
+    except (ValueError, ImportError, AssertionError) as error:
+        # diffusers rejects the configuration itself: so must we, with the same kind of error.
+        with pytest.raises(type(error)):
+            fused_cls(**config)
+        return
+    run = functools.partial(run_trajectory, kind, config=config, n=n, shape=shape, args=args, set_kwargs=set_kwargs)
+    try:
+        fused = fused_cls(**config)
+    except ValueError as refusal:
+        ref_outputs, ref_error = run(reference_cls(**config))
+        assert ref_error is not None or _first_non_finite(ref_outputs) is not None, (
+            f"fused refused a configuration diffusers runs: {refusal}")
+        return
+    fused_outputs, fused_error = run(fused)
+    ref_outputs, ref_error = run(reference_cls(**config))
+    if fused_error is not None:
+        assert isinstance(fused_error, ValueError), f"fused failed with an unhelpful error: {fused_error!r}"
+        assert ref_error is not None or _first_non_finite(ref_outputs) is not None, (
+            f"fused refused a trajectory diffusers runs: {fused_error}")
+        return
+    if ref_error is not None and kind.startswith("dpm"):
+        # diffusers' value lookup of the first timestep took a repeated value's second
+        # occurrence; started at step 0 explicitly it shows what the trajectory should be.
+        ref_outputs, ref_error = run(reference_cls(**config), start_at_first_step=True)
+    assert ref_error is None, f"diffusers fails ({ref_error!r}) where fused runs; compare by hand"
+    assert len(fused_outputs) == len(ref_outputs)
+    broken_at = _first_non_finite(ref_outputs)
+    truth = None
+    for i, ((ref_prev, ref_x0), (fused_prev, fused_x0)) in enumerate(zip(ref_outputs, fused_outputs)):
+        assert torch.isfinite(fused_prev).all(), f"step {i}: fused output is not finite"
+        if broken_at is not None and i >= broken_at:
+            break  # diffusers returns NaN/inf from here on; fused stays finite (documented paths)
+        assert fused_prev.dtype == ref_prev.dtype and fused_prev.shape == ref_prev.shape
+        pairs = [(fused_prev, ref_prev, 0)] + ([(fused_x0, ref_x0, 1)] if ref_x0 is not None else [])
+        for fused_value, ref_value, which in pairs:
+            assert fused_value.dtype == ref_value.dtype
+            if relative_error(fused_value, ref_value) <= FP32_TOLERANCE:
+                continue
+            if truth is None:
+                truth, _ = run(fused_cls(**config), dtype=torch.float64)
+            assert _within_contract(fused_value, ref_value, truth[i][which].double()), (
+                f"step {i} {'x0' if which else 'prev'}: error {relative_error(fused_value, ref_value):.2e}")
+
+
+@given(
+    beta_schedule=BETAS, prediction_type=PREDICTIONS, clip_sample=st.booleans(),
+    clip_sample_range=st.sampled_from([0.5, 1.0, 2.0]), thresholding=st.booleans(),
+    ratio=st.sampled_from([0.87, 0.995]), max_value=st.sampled_from([0.5, 1.0, 2.5]),
+    set_alpha_to_one=st.booleans(), steps_offset=st.sampled_from([0, 1]),
+    spacing=st.sampled_from(["leading", "trailing", "linspace"]), zero_snr=st.booleans(),
+    n=st.integers(10, 25), eta=st.sampled_from([0.0, 0.3, 1.0]), clipped=st.booleans(),
+    noise=st.sampled_from(["generator", "variance_noise"]), shape=SHAPES,
+)
+@PROPERTY_SETTINGS
+def test_ddim_matches_diffusers(beta_schedule, prediction_type, clip_sample, clip_sample_range, thresholding, ratio,
+                                max_value, set_alpha_to_one, steps_offset, spacing, zero_snr, n, eta, clipped,
+                                noise, shape):
+    config = dict(beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=clip_sample,
+                  clip_sample_range=clip_sample_range, thresholding=thresholding, dynamic_thresholding_ratio=ratio,
+                  sample_max_value=max_value, set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset,
+                  timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr)
+    check_conformance("ddim", config, n, shape, StepArgs(eta=eta, use_clipped_model_output=clipped, noise=noise))
+
+
+@given(
+    beta_schedule=BETAS, prediction_type=PREDICTIONS, clip_sample=st.booleans(), set_alpha_to_one=st.booleans(),
+    steps_offset=st.sampled_from([0, 1]), spacing=st.sampled_from(["leading", "trailing"]), zero_snr=st.booleans(),
+    n=st.integers(10, 25), shape=SHAPES,
+)
+@PROPERTY_SETTINGS
+def test_ddim_inverse_matches_diffusers(beta_schedule, prediction_type, clip_sample, set_alpha_to_one, steps_offset,
+                                        spacing, zero_snr, n, shape):
+    config = dict(beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=clip_sample,
+                  set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset, timestep_spacing=spacing,
+                  rescale_betas_zero_snr=zero_snr)
+    check_conformance("ddim_inverse", config, n, shape)
+
+
+@given(
+    kind=st.sampled_from(["cogvideox_ddim", "cogvideox_dpm"]), beta_schedule=BETAS, prediction_type=PREDICTIONS,
+    set_alpha_to_one=st.booleans(), spacing=st.sampled_from(["leading", "trailing", "linspace"]),
+    zero_snr=st.booleans(), snr_shift_scale=st.sampled_from([1.0, 3.0]), n=st.integers(10, 25), shape=SHAPES,
+)
+@PROPERTY_SETTINGS
+def test_cogvideox_matches_diffusers(kind, beta_schedule, prediction_type, set_alpha_to_one, spacing, zero_snr,
+                                     snr_shift_scale, n, shape):
+    config = dict(beta_schedule=beta_schedule, prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one,
+                  timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr, snr_shift_scale=snr_shift_scale)
+    check_conformance(kind, config, n, shape)
+
+
+SIGMA_OPTIONS = st.sampled_from([{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
+                                 {"use_beta_sigmas": True}, {"use_lu_lambdas": True},
+                                 {"use_flow_sigmas": True, "flow_shift": 3.0}])
+
+
+@given(
+    beta_schedule=BETAS, order=st.integers(1, 3),
+    prediction_type=st.sampled_from(["epsilon", "sample", "v_prediction", "flow_prediction"]),
+    algorithm=st.sampled_from(["dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"]),
+    solver_type=st.sampled_from(["midpoint", "heun"]), thresholding=st.booleans(),
+    ratio=st.sampled_from([0.87, 0.995]), max_value=st.sampled_from([0.5, 1.0, 2.5]),
+    lower_order_final=st.booleans(), euler_at_final=st.booleans(), sigmas=SIGMA_OPTIONS,
+    final_sigmas_type=st.sampled_from(["zero", "sigma_min"]), lambda_min_clipped=st.sampled_from([-math.inf, -5.1]),
+    learned=st.booleans(), spacing=st.sampled_from(["linspace", "leading", "trailing"]), zero_snr=st.booleans(),
+    n=st.integers(10, 25), noise=st.sampled_from(["generator", "variance_noise"]),
+    four_d=st.booleans(),
+)
+@PROPERTY_SETTINGS
+def test_dpm_matches_diffusers(beta_schedule, order, prediction_type, algorithm, solver_type, thresholding, ratio,
+                               max_value, lower_order_final, euler_at_final, sigmas, final_sigmas_type,
+                               lambda_min_clipped, learned, spacing, zero_snr, n, noise, four_d):
+    config = dict(beta_schedule=beta_schedule, solver_order=order, prediction_type=prediction_type,
+                  algorithm_type=algorithm, solver_type=solver_type, thresholding=thresholding,
+                  dynamic_thresholding_ratio=ratio, sample_max_value=max_value, lower_order_final=lower_order_final,
+                  euler_at_final=euler_at_final, final_sigmas_type=final_sigmas_type,
+                  lambda_min_clipped=lambda_min_clipped, variance_type="learned_range" if learned else None,
+                  timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr, **sigmas)
+    shape = (2, 3, 8, 8) if four_d else (2, 3, 3, 6, 6)  # learned variance keeps 3 channels of dim 1
+    check_conformance("dpm", config, n, shape, StepArgs(noise=noise))
+
+
+@given(
+    beta_schedule=BETAS, order=st.integers(1, 3), prediction_type=PREDICTIONS,
+    algorithm=st.sampled_from(["dpmsolver++", "dpmsolver", "sde-dpmsolver++"]),
+    solver_type=st.sampled_from(["midpoint", "heun"]), thresholding=st.booleans(),
+    lower_order_final=st.booleans(), euler_at_final=st.booleans(),
+    sigmas=st.sampled_from([{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
+                            {"use_beta_sigmas": True}, {"use_flow_sigmas": True}]),
+    spacing=st.sampled_from(["linspace", "leading", "trailing"]), n=st.integers(10, 25), shape=SHAPES,
+)
+@PROPERTY_SETTINGS
+def test_dpm_inverse_matches_diffusers(beta_schedule, order, prediction_type, algorithm, solver_type, thresholding,
+                                       lower_order_final, euler_at_final, sigmas, spacing, n, shape):
+    config = dict(beta_schedule=beta_schedule, solver_order=order, prediction_type=prediction_type,
+                  algorithm_type=algorithm, solver_type=solver_type, thresholding=thresholding,
+                  lower_order_final=lower_order_final, euler_at_final=euler_at_final, timestep_spacing=spacing,
+                  **sigmas)
+    check_conformance("dpm_inverse", config, n, shape)
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "sde-dpmsolver++"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
+def test_dpm_custom_timesteps(algorithm, prediction_type, final_sigmas_type):
+    config = dict(algorithm_type=algorithm, prediction_type=prediction_type, final_sigmas_type=final_sigmas_type)
+    timesteps = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+    check_conformance("dpm", config, None, (2, 4, 8, 8), StepArgs(noise="variance_noise"),
+                      set_kwargs=dict(timesteps=timesteps))
+
+
+def test_dpm_dynamic_shifting_mu():
+    config = dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True)
+    check_conformance("dpm", config, 12, (2, 4, 8, 8), set_kwargs=dict(mu=0.8))
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_each_step_matches_to_float32_rounding(kind):
+    """Teacher forcing: fed the same inputs, each step differs only by float32 rounding."""
+    config = {"dpm": dict(solver_order=3, final_sigmas_type="sigma_min"), "dpm_inverse": dict(solver_order=3)}
+    _, _, results = trajectories(kind, config.get(kind, {}), 12)
+    for i, ((ref_prev, _), (fused_prev, _), _) in enumerate(results):
+        assert relative_error(fused_prev, ref_prev) <= TEACHER_FORCED_TOLERANCE, f"step {i}"
+
+
+def test_trained_betas_round_trip():
+    betas = torch.linspace(1e-4, 0.02, 1000).tolist()
+    check_conformance("ddim", dict(trained_betas=betas), 10, (2, 4, 8, 8))
+    check_conformance("dpm", dict(trained_betas=betas), 10, (2, 4, 8, 8))
