@@ -53,7 +53,7 @@ CLIP_CODES = {"none": 0, "clamp": 1, "threshold": 2}
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]
 # Device code: the step math uses explicitly rounded intrinsics; no --use_fast_math, whose
 # approximate division would change the thresholded x0.
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-O3"]
 CUDA_DEFINE = "-DFUSED_SCHED_WITH_CUDA"
 
 
@@ -134,13 +134,14 @@ def _module_name(with_cuda: bool) -> str:
     return "fused_sched_ext_cuda" if with_cuda else "fused_sched_ext_cpu"
 
 
-def _needs_build(directory: Path, name: str) -> bool:
-    """Whether ninja will compile: no library yet, or a source newer than it."""
+def _needs_build(directory: Path, name: str, with_cuda: bool) -> bool:
+    """Whether ninja will compile: no library yet, or a file it is built from newer than it."""
     libraries = list(directory.glob(f"{name}*.so")) + list(directory.glob(f"{name}*.pyd"))
     if not libraries:
         return True
     built = min(p.stat().st_mtime for p in libraries)
-    return any(p.stat().st_mtime > built for p in CSRC.rglob("*") if p.is_file())
+    inputs = [p for p in CSRC.rglob("*") if p.is_file() and (with_cuda or "cuda" not in p.relative_to(CSRC).parts)]
+    return any(p.stat().st_mtime > built for p in inputs)
 
 
 def _jit_build(with_cuda: bool):
@@ -154,7 +155,7 @@ def _jit_build(with_cuda: bool):
     name = _module_name(with_cuda)
     directory = build_directory(with_cuda)
     directory.mkdir(parents=True, exist_ok=True)
-    verbose = _needs_build(directory, name)
+    verbose = _needs_build(directory, name, with_cuda)
     if verbose:
         print(f"fused_sched: building the C++ extension (first use, cached in {directory})", file=sys.stderr, flush=True)
     args = _compile_args(with_cuda)

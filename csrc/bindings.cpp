@@ -1,0 +1,45 @@
+// Python bindings of the compiled fused-step kernels (pybind11; one module for both the
+// CPU and, when built with CUDA, the CUDA entry points). Python allocates the outputs so
+// that dtype choices stay in Python and the C++ side only checks and fills them.
+#include <torch/extension.h>
+
+#include "cpu/ops_cpu.h"
+#if defined(FUSED_SCHED_WITH_CUDA)
+#include "cuda/ops_cuda.h"
+#endif
+
+namespace {
+
+template <typename FusedStep>
+void def_fused_step(pybind11::module_& m, const char* name, FusedStep fn, const char* doc) {
+  namespace py = pybind11;
+  m.def(name, fn, doc, py::arg("sample"), py::arg("model_output"), py::arg("coefficients"), py::arg("history1"),
+        py::arg("history2"), py::arg("noise"), py::arg("scale"), py::arg("clip"), py::arg("clip_range"),
+        py::arg("out"), py::arg("history_out"), py::arg("x0_out"));
+}
+
+template <typename ThresholdScale>
+void def_threshold_scale(pybind11::module_& m, const char* name, ThresholdScale fn, const char* doc) {
+  namespace py = pybind11;
+  m.def(name, fn, doc, py::arg("sample"), py::arg("model_output"), py::arg("coefficients"), py::arg("ratio"),
+        py::arg("max_value"));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fused_sched compiled kernels (see fused_sched/ops/layout.py for the math)";
+  def_fused_step(m, "cpu_fused_step", &fused_sched::cpu::fused_step,
+                 "One fused scheduler step on CPU tensors; fills out / history_out / x0_out.");
+  def_threshold_scale(m, "cpu_threshold_scale", &fused_sched::cpu::threshold_scale,
+                      "Per-row dynamic-thresholding scale (B,) float32 of CPU tensors.");
+#if defined(FUSED_SCHED_WITH_CUDA)
+  def_fused_step(m, "cuda_fused_step", &fused_sched::cuda::fused_step,
+                 "One fused scheduler step on CUDA tensors, on the current stream.");
+  def_threshold_scale(m, "cuda_threshold_scale", &fused_sched::cuda::threshold_scale,
+                      "Per-row dynamic-thresholding scale (B,) float32 by radix select, on the current stream.");
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

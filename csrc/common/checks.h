@@ -1,0 +1,104 @@
+// Argument checks shared by the CPU and CUDA launchers (torch headers; never seen by nvcc).
+//
+// The public op in fused_sched/ops validates shapes and options first; these checks guard
+// the raw-pointer kernels against anything that reaches them another way (a backend
+// object called directly, a future caller) with messages that say what to change.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+
+#include "fused_sched/step_math.h"
+
+namespace fused_sched {
+
+inline bool is_input_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline bool is_output_dtype(at::ScalarType t) { return is_input_dtype(t) || t == at::kDouble; }
+
+inline void check_tensor_like(const char* backend, const char* name, const at::Tensor& t, const at::Tensor& sample,
+                              bool is_output) {
+  TORCH_CHECK(t.defined(), "fused_sched ", backend, " backend: ", name, " is an undefined tensor");
+  TORCH_CHECK(t.sizes() == sample.sizes(), "fused_sched ", backend, " backend: ", name, " has shape ", t.sizes(),
+              "; expected the sample's shape ", sample.sizes());
+  TORCH_CHECK(t.device() == sample.device(), "fused_sched ", backend, " backend: ", name, " is on ", t.device(),
+              "; expected the sample's device ", sample.device());
+  if (is_output) {
+    TORCH_CHECK(is_output_dtype(t.scalar_type()), "fused_sched ", backend, " backend: output ", name, " has dtype ",
+                t.scalar_type(), "; supported output dtypes are float32, float16, bfloat16 and float64");
+  } else {
+    TORCH_CHECK(is_input_dtype(t.scalar_type()), "fused_sched ", backend, " backend: ", name, " has dtype ",
+                t.scalar_type(),
+                "; the compiled kernels read float32, float16 and bfloat16 (use backend='torch' for float64)");
+  }
+  TORCH_CHECK(t.is_contiguous(), "fused_sched ", backend, " backend: ", name,
+              " must be contiguous (pass ", name, ".contiguous()); got strides ", t.strides());
+}
+
+// Checks what both ops read; returns the batch size B and the row size (elements per row).
+inline std::pair<int64_t, int64_t> check_step_inputs(const char* backend, c10::DeviceType device_type,
+                                                     const at::Tensor& sample, const at::Tensor& model_output,
+                                                     const at::Tensor& coefficients) {
+  TORCH_CHECK(sample.defined() && sample.device().type() == device_type, "fused_sched ", backend,
+              " backend: sample must be a ", c10::DeviceTypeName(device_type, /*lower_case=*/true), " tensor, got ",
+              sample.defined() ? sample.device().str() : std::string("an undefined tensor"));
+  TORCH_CHECK(sample.dim() >= 1 && sample.size(0) >= 1, "fused_sched ", backend,
+              " backend: sample needs a leading batch dimension of size >= 1, got shape ", sample.sizes());
+  check_tensor_like(backend, "sample", sample, sample, false);
+  check_tensor_like(backend, "model_output", model_output, sample, false);
+  const int64_t batch = sample.size(0);
+  TORCH_CHECK(coefficients.defined() && coefficients.scalar_type() == at::kFloat, "fused_sched ", backend,
+              " backend: coefficients must be a float32 tensor, got ",
+              coefficients.defined() ? c10::toString(coefficients.scalar_type()) : "an undefined tensor");
+  TORCH_CHECK(coefficients.dim() == 2 && coefficients.size(1) == kNumCoefficients &&
+                  (coefficients.size(0) == 1 || coefficients.size(0) == batch),
+              "fused_sched ", backend, " backend: coefficients has shape ", coefficients.sizes(), "; expected (1, ",
+              int(kNumCoefficients), ") or (", batch, ", ", int(kNumCoefficients), ")");
+  TORCH_CHECK(coefficients.device() == sample.device(), "fused_sched ", backend, " backend: coefficients are on ",
+              coefficients.device(), "; expected the sample's device ", sample.device());
+  TORCH_CHECK(coefficients.is_contiguous(), "fused_sched ", backend,
+              " backend: coefficients must be contiguous (pass coefficients.contiguous())");
+  return {batch, sample.numel() / batch};
+}
+
+inline void check_scale(const char* backend, const at::Tensor& scale, const at::Tensor& sample) {
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == sample.size(0) && scale.is_contiguous(),
+              "fused_sched ", backend, " backend: the threshold scale must be a contiguous float32 tensor of ",
+              sample.size(0), " elements (one per batch row, as threshold_scale returns), got dtype ",
+              scale.scalar_type(), " and shape ", scale.sizes());
+  TORCH_CHECK(scale.device() == sample.device(), "fused_sched ", backend, " backend: the threshold scale is on ",
+              scale.device(), "; expected the sample's device ", sample.device());
+}
+
+// Checks the options and every tensor of a fused_step call.
+inline void check_fused_step(const char* backend, const at::Tensor& sample,
+                             const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
+                             const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& scale,
+                             int64_t clip, double clip_range, const at::Tensor& out,
+                             const std::optional<at::Tensor>& history_out, const std::optional<at::Tensor>& x0_out) {
+  TORCH_CHECK(clip >= 0 && clip <= 2, "fused_sched ", backend, " backend: clip mode ", clip,
+              " is not 0 (none), 1 (clamp) or 2 (threshold)");
+  TORCH_CHECK(!history2.has_value() || history1.has_value(), "fused_sched ", backend,
+              " backend: history2 was given without history1");
+  if (history1) check_tensor_like(backend, "history[0]", *history1, sample, false);
+  if (history2) check_tensor_like(backend, "history[1]", *history2, sample, false);
+  if (noise) check_tensor_like(backend, "noise", *noise, sample, false);
+  if (clip == 1) {
+    TORCH_CHECK(clip_range > 0, "fused_sched ", backend, " backend: clip_range must be > 0, got ", clip_range);
+  }
+  if (clip == 2) {
+    TORCH_CHECK(scale.has_value(), "fused_sched ", backend,
+                " backend: clip='threshold' needs the per-row scale from threshold_scale()");
+    check_scale(backend, *scale, sample);
+  }
+  check_tensor_like(backend, "out", out, sample, true);
+  if (history_out) check_tensor_like(backend, "history_out", *history_out, sample, true);
+  if (x0_out) check_tensor_like(backend, "x0_out", *x0_out, sample, true);
+}
+
+}  // namespace fused_sched

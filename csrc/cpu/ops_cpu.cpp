@@ -1,0 +1,271 @@
+// CPU kernels of the fused scheduler step.
+//
+// Storage dtypes vary per tensor (fp32/fp16/bf16 in, and fp64 out too), so instead of
+// instantiating the math for every combination of storage types, each thread walks its
+// range in chunks of kChunk elements: inputs stored in another type are converted into
+// small fp32 buffers that stay in L1, one float-only loop (templated on clip mode,
+// history count and noise, so it has no branches and auto-vectorises) computes the chunk,
+// and results are converted on the way out. fp32 tensors are read and written in place.
+#include "ops_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/checks.h"
+#include "fused_sched/step_math.h"
+
+namespace fused_sched::cpu {
+namespace {
+
+constexpr int64_t kChunk = 512;
+// Below this many elements per task the thread-pool hand-off costs more than the work.
+constexpr int64_t kMinElementsPerTask = 32768;
+
+template <typename T>
+void to_float(const T* __restrict src, float* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+void from_float(const float* __restrict src, T* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// An input tensor seen as fp32 chunks.
+struct Reader {
+  const void* data = nullptr;
+  at::ScalarType type = at::kFloat;
+
+  // Elements [begin, begin + n) as fp32: in place for fp32 storage, else converted into buf.
+  const float* chunk(int64_t begin, int64_t n, float* buf) const {
+    switch (type) {
+      case at::kFloat:
+        return static_cast<const float*>(data) + begin;
+      case at::kHalf:
+        to_float(static_cast<const c10::Half*>(data) + begin, buf, n);
+        return buf;
+      case at::kBFloat16:
+        to_float(static_cast<const c10::BFloat16*>(data) + begin, buf, n);
+        return buf;
+      default:
+        TORCH_CHECK(false, "fused_sched cpu backend: unsupported input dtype ", type);
+    }
+  }
+};
+
+// An output tensor (or none) written from fp32 chunks.
+struct Writer {
+  void* data = nullptr;
+  at::ScalarType type = at::kFloat;
+
+  // Where the math should write elements [begin, begin + n): the tensor itself for fp32
+  // storage, else buf (also when there is no tensor: the value is computed regardless).
+  float* target(int64_t begin, float* buf) const {
+    return (data != nullptr && type == at::kFloat) ? static_cast<float*>(data) + begin : buf;
+  }
+
+  void commit(int64_t begin, int64_t n, const float* buf) const {
+    if (data == nullptr) return;
+    switch (type) {
+      case at::kFloat:
+        return;  // written in place by target()
+      case at::kHalf:
+        return from_float(buf, static_cast<c10::Half*>(data) + begin, n);
+      case at::kBFloat16:
+        return from_float(buf, static_cast<c10::BFloat16*>(data) + begin, n);
+      case at::kDouble:
+        return from_float(buf, static_cast<double*>(data) + begin, n);
+      default:
+        TORCH_CHECK(false, "fused_sched cpu backend: unsupported output dtype ", type);
+    }
+  }
+};
+
+Reader reader_of(const at::Tensor& t) { return Reader{t.const_data_ptr(), t.scalar_type()}; }
+Reader reader_of(const std::optional<at::Tensor>& t) { return t ? reader_of(*t) : Reader{}; }
+Writer writer_of(const at::Tensor& t) { return Writer{t.data_ptr(), t.scalar_type()}; }
+Writer writer_of(const std::optional<at::Tensor>& t) { return t ? writer_of(*t) : Writer{}; }
+
+struct StepArgs {
+  Reader x, m, h1, h2, z;
+  Writer out, d, x0;
+  const float* coefficients;
+  int64_t coefficient_rows;
+  const float* scale;
+  int64_t batch, row_size;
+  float clip_range;
+};
+
+template <Clip kClip, int kHistory, bool kNoise>
+void step_chunk(const Coefficients& c, const float* __restrict x, const float* __restrict m,
+                const float* __restrict h1, const float* __restrict h2, const float* __restrict z,
+                float* __restrict out, float* __restrict d, float* __restrict x0, int64_t n, float clip_range,
+                float scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    const StepValues v = step<kClip, kHistory, kNoise>(c, x[i], m[i], kHistory >= 1 ? h1[i] : 0.0f,
+                                                       kHistory >= 2 ? h2[i] : 0.0f, kNoise ? z[i] : 0.0f,
+                                                       clip_range, scale);
+    out[i] = v.out;
+    d[i] = v.d;
+    x0[i] = v.x0;
+  }
+}
+
+template <Clip kClip, int kHistory, bool kNoise>
+void run_step(const StepArgs& a) {
+  const int64_t chunks_per_row = (a.row_size + kChunk - 1) / kChunk;
+  const int64_t tasks = a.batch * chunks_per_row;
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / kChunk);
+  at::parallel_for(0, tasks, grain, [&](int64_t task_begin, int64_t task_end) {
+    alignas(64) float bx[kChunk], bm[kChunk], bh1[kChunk], bh2[kChunk], bz[kChunk];
+    alignas(64) float bout[kChunk], bd[kChunk], bx0[kChunk];
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t row = task / chunks_per_row;
+      const int64_t offset = (task % chunks_per_row) * kChunk;
+      const int64_t n = std::min(kChunk, a.row_size - offset);
+      const int64_t begin = row * a.row_size + offset;
+      const Coefficients c = load_coefficients(a.coefficients + (a.coefficient_rows == 1 ? 0 : row) * kNumCoefficients);
+      const float scale = kClip == Clip::kThreshold ? a.scale[row] : 1.0f;
+
+      const float* x = a.x.chunk(begin, n, bx);
+      const float* m = a.m.chunk(begin, n, bm);
+      const float* h1 = kHistory >= 1 ? a.h1.chunk(begin, n, bh1) : nullptr;
+      const float* h2 = kHistory >= 2 ? a.h2.chunk(begin, n, bh2) : nullptr;
+      const float* z = kNoise ? a.z.chunk(begin, n, bz) : nullptr;
+      float* out = a.out.target(begin, bout);
+      float* d = a.d.target(begin, bd);
+      float* x0 = a.x0.target(begin, bx0);
+      step_chunk<kClip, kHistory, kNoise>(c, x, m, h1, h2, z, out, d, x0, n, a.clip_range, scale);
+      a.out.commit(begin, n, out);
+      a.d.commit(begin, n, d);
+      a.x0.commit(begin, n, x0);
+    }
+  });
+}
+
+template <Clip kClip, int kHistory>
+void dispatch_noise(const StepArgs& a, bool noise) {
+  if (noise) return run_step<kClip, kHistory, true>(a);
+  return run_step<kClip, kHistory, false>(a);
+}
+
+template <Clip kClip>
+void dispatch_history(const StepArgs& a, int history, bool noise) {
+  switch (history) {
+    case 0:
+      return dispatch_noise<kClip, 0>(a, noise);
+    case 1:
+      return dispatch_noise<kClip, 1>(a, noise);
+    default:
+      return dispatch_noise<kClip, 2>(a, noise);
+  }
+}
+
+}  // namespace
+
+void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
+                const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
+                const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& scale, int64_t clip,
+                double clip_range, const at::Tensor& out, const std::optional<at::Tensor>& history_out,
+                const std::optional<at::Tensor>& x0_out) {
+  const auto [batch, row_size] = check_step_inputs("cpu", c10::DeviceType::CPU, sample, model_output, coefficients);
+  check_fused_step("cpu", sample, history1, history2, noise, scale, clip, clip_range, out, history_out, x0_out);
+
+  StepArgs a;
+  a.x = reader_of(sample);
+  a.m = reader_of(model_output);
+  a.h1 = reader_of(history1);
+  a.h2 = reader_of(history2);
+  a.z = reader_of(noise);
+  a.out = writer_of(out);
+  a.d = writer_of(history_out);
+  a.x0 = writer_of(x0_out);
+  a.coefficients = coefficients.const_data_ptr<float>();
+  a.coefficient_rows = coefficients.size(0);
+  a.scale = clip == 2 ? scale->const_data_ptr<float>() : nullptr;
+  a.batch = batch;
+  a.row_size = row_size;
+  // torch.clamp(x0, -r, r) on a float32 tensor rounds the Python float r to float32.
+  a.clip_range = static_cast<float>(clip_range);
+  if (row_size == 0) return;
+
+  const int history = history2 ? 2 : (history1 ? 1 : 0);
+  switch (static_cast<Clip>(clip)) {
+    case Clip::kNone:
+      return dispatch_history<Clip::kNone>(a, history, noise.has_value());
+    case Clip::kClamp:
+      return dispatch_history<Clip::kClamp>(a, history, noise.has_value());
+    case Clip::kThreshold:
+      return dispatch_history<Clip::kThreshold>(a, history, noise.has_value());
+  }
+}
+
+at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
+                           double ratio, double max_value) {
+  const auto [batch, row_size] = check_step_inputs("cpu", c10::DeviceType::CPU, sample, model_output, coefficients);
+  TORCH_CHECK(row_size > 0, "fused_sched cpu backend: dynamic thresholding needs at least one element per batch row, "
+              "got shape ", sample.sizes());
+  TORCH_CHECK(ratio > 0.0 && ratio <= 1.0, "fused_sched cpu backend: threshold ratio must be in (0, 1], got ", ratio);
+
+  const QuantileRank rank = quantile_rank(static_cast<float>(ratio), row_size);
+  const Reader x = reader_of(sample);
+  const Reader m = reader_of(model_output);
+  const float* coef = coefficients.const_data_ptr<float>();
+  const int64_t coefficient_rows = coefficients.size(0);
+
+  // |x0| of every row, materialised once: selection reorders it in place.
+  std::vector<float> keys(static_cast<size_t>(batch * row_size));
+  const int64_t chunks_per_row = (row_size + kChunk - 1) / kChunk;
+  const int64_t tasks = batch * chunks_per_row;
+  std::vector<uint8_t> chunk_has_nan(static_cast<size_t>(tasks), 0);
+  at::parallel_for(0, tasks, std::max<int64_t>(1, kMinElementsPerTask / kChunk), [&](int64_t tb, int64_t te) {
+    alignas(64) float bx[kChunk], bm[kChunk];
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t row = task / chunks_per_row;
+      const int64_t offset = (task % chunks_per_row) * kChunk;
+      const int64_t n = std::min(kChunk, row_size - offset);
+      const int64_t begin = row * row_size + offset;
+      const Coefficients c = load_coefficients(coef + (coefficient_rows == 1 ? 0 : row) * kNumCoefficients);
+      const float* xs = x.chunk(begin, n, bx);
+      const float* ms = m.chunk(begin, n, bm);
+      float* dst = keys.data() + begin;
+      int nan_count = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = std::fabs(data_estimate(c, xs[i], ms[i]));
+        nan_count += is_nan(v);
+        dst[i] = v;
+      }
+      chunk_has_nan[task] = nan_count != 0;
+    }
+  });
+
+  at::Tensor result = at::empty({batch}, sample.options().dtype(at::kFloat));
+  float* s = result.data_ptr<float>();
+  const float max_scale = static_cast<float>(max_value);
+  at::parallel_for(0, batch, 1, [&](int64_t rb, int64_t re) {
+    for (int64_t row = rb; row < re; ++row) {
+      const bool has_nan = std::any_of(chunk_has_nan.begin() + row * chunks_per_row,
+                                       chunk_has_nan.begin() + (row + 1) * chunks_per_row,
+                                       [](uint8_t f) { return f != 0; });
+      float v_lo = NAN, v_hi = NAN;
+      if (!has_nan) {
+        // Selection, O(n): the lo-th order statistic, then (hi is lo or lo + 1) the
+        // smallest element of the part nth_element left above it.
+        float* first = keys.data() + row * row_size;
+        float* last = first + row_size;
+        std::nth_element(first, first + rank.lo, last);
+        v_lo = first[rank.lo];
+        v_hi = rank.hi == rank.lo ? v_lo : *std::min_element(first + rank.lo + 1, last);
+      }
+      s[row] = threshold_from_order_statistics(v_lo, v_hi, rank.weight, has_nan, max_scale);
+    }
+  });
+  return result;
+}
+
+}  // namespace fused_sched::cpu

@@ -1,0 +1,149 @@
+// The fused scheduler step on CUDA: one elementwise pass, specialised at compile time on
+// clip mode, history count and noise (what changes the arithmetic and the loads), with
+// the optional outputs as uniform runtime branches.
+#include <algorithm>
+#include <atomic>
+#include <iterator>
+
+#include "device_io.cuh"
+#include "fused_sched/step_math.h"
+#include "kernels.h"
+
+namespace fused_sched::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+// Enough resident blocks to cover every SM at full occupancy; more only adds scheduling.
+constexpr int kBlocksPerSM = 8;
+constexpr int kMaxDevices = 64;
+
+struct RowCache {
+  int64_t row = -1;
+  Coefficients c;
+  float scale = 1.0f;
+};
+
+// Coefficients are read from device memory (not kernel arguments) so that a captured
+// CUDA graph replays any step; a thread re-reads them only when its row changes.
+template <Clip kClip>
+__device__ __forceinline__ void select_row(const StepLaunch& a, int64_t row, RowCache& cache) {
+  if (row == cache.row) return;
+  cache.row = row;
+  cache.c = load_coefficients(a.coefficients + (a.coefficient_rows == 1 ? 0 : row) * kNumCoefficients);
+  if constexpr (kClip == Clip::kThreshold) cache.scale = a.scale[row];
+}
+
+template <Clip kClip, int kHistory, bool kNoise, bool kPacked>
+__global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepLaunch a, bool per_row) {
+  const int64_t total = a.batch * a.row_size;
+  const int64_t units = kPacked ? total / kPack : total;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  RowCache cache;
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += stride) {
+    const int64_t i = kPacked ? u * kPack : u;
+    // A pack never straddles rows: packing needs row_size % kPack == 0 when rows differ.
+    select_row<kClip>(a, per_row ? i / a.row_size : 0, cache);
+    if constexpr (kPacked) {
+      float x[kPack], m[kPack], h1[kPack], h2[kPack], z[kPack];
+      load_pack(a.x, a.x_type, i, x);
+      load_pack(a.m, a.m_type, i, m);
+      if constexpr (kHistory >= 1) load_pack(a.h1, a.h1_type, i, h1);
+      if constexpr (kHistory >= 2) load_pack(a.h2, a.h2_type, i, h2);
+      if constexpr (kNoise) load_pack(a.noise, a.noise_type, i, z);
+      float out[kPack], d[kPack], x0[kPack];
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) {
+        const StepValues v = step<kClip, kHistory, kNoise>(cache.c, x[k], m[k], kHistory >= 1 ? h1[k] : 0.0f,
+                                                           kHistory >= 2 ? h2[k] : 0.0f, kNoise ? z[k] : 0.0f,
+                                                           a.clip_range, cache.scale);
+        out[k] = v.out;
+        d[k] = v.d;
+        x0[k] = v.x0;
+      }
+      store_pack(a.out, a.out_type, i, out);
+      if (a.history_out != nullptr) store_pack(a.history_out, a.history_type, i, d);
+      if (a.x0_out != nullptr) store_pack(a.x0_out, a.x0_type, i, x0);
+    } else {
+      const float h1 = kHistory >= 1 ? load_one(a.h1, a.h1_type, i) : 0.0f;
+      const float h2 = kHistory >= 2 ? load_one(a.h2, a.h2_type, i) : 0.0f;
+      const float z = kNoise ? load_one(a.noise, a.noise_type, i) : 0.0f;
+      const StepValues v = step<kClip, kHistory, kNoise>(cache.c, load_one(a.x, a.x_type, i),
+                                                         load_one(a.m, a.m_type, i), h1, h2, z, a.clip_range,
+                                                         cache.scale);
+      store_one(a.out, a.out_type, i, v.out);
+      if (a.history_out != nullptr) store_one(a.history_out, a.history_type, i, v.d);
+      if (a.x0_out != nullptr) store_one(a.x0_out, a.x0_type, i, v.x0);
+    }
+  }
+}
+
+template <Clip kClip, int kHistory, bool kNoise>
+void launch(const StepLaunch& a, bool per_row, bool packed, cudaStream_t stream) {
+  const int64_t units = a.batch * a.row_size / (packed ? kPack : 1);
+  const int64_t wanted = (units + kThreads - 1) / kThreads;
+  const int blocks = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(wanted, static_cast<int64_t>(multiprocessor_count()) * kBlocksPerSM)));
+  if (packed) {
+    fused_step_kernel<kClip, kHistory, kNoise, true><<<blocks, kThreads, 0, stream>>>(a, per_row);
+  } else {
+    fused_step_kernel<kClip, kHistory, kNoise, false><<<blocks, kThreads, 0, stream>>>(a, per_row);
+  }
+}
+
+template <Clip kClip, int kHistory>
+void dispatch_noise(const StepLaunch& a, bool per_row, bool packed, cudaStream_t stream) {
+  if (a.noise != nullptr) return launch<kClip, kHistory, true>(a, per_row, packed, stream);
+  return launch<kClip, kHistory, false>(a, per_row, packed, stream);
+}
+
+template <Clip kClip>
+void dispatch_history(const StepLaunch& a, bool per_row, bool packed, cudaStream_t stream) {
+  if (a.h2 != nullptr) return dispatch_noise<kClip, 2>(a, per_row, packed, stream);
+  if (a.h1 != nullptr) return dispatch_noise<kClip, 1>(a, per_row, packed, stream);
+  return dispatch_noise<kClip, 0>(a, per_row, packed, stream);
+}
+
+bool all_aligned(const StepLaunch& a) {
+  const void* pointers[] = {a.x, a.m, a.h1, a.h2, a.noise, a.out, a.history_out, a.x0_out};
+  return std::all_of(std::begin(pointers), std::end(pointers),
+                     [](const void* p) { return p == nullptr || aligned16(p); });
+}
+
+}  // namespace
+
+int multiprocessor_count() {
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return 1;
+  if (device < kMaxDevices) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) count = 1;
+  if (device < kMaxDevices) cached[device].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+cudaError_t launch_fused_step(const StepLaunch& a, cudaStream_t stream) {
+  if (a.batch <= 0 || a.row_size <= 0) return cudaSuccess;
+  const bool per_row = a.coefficient_rows > 1 || a.clip == static_cast<int>(Clip::kThreshold);
+  const int64_t total = a.batch * a.row_size;
+  const bool packed = all_aligned(a) && (per_row ? a.row_size % kPack == 0 : total % kPack == 0);
+  switch (static_cast<Clip>(a.clip)) {
+    case Clip::kNone:
+      dispatch_history<Clip::kNone>(a, per_row, packed, stream);
+      break;
+    case Clip::kClamp:
+      dispatch_history<Clip::kClamp>(a, per_row, packed, stream);
+      break;
+    case Clip::kThreshold:
+      dispatch_history<Clip::kThreshold>(a, per_row, packed, stream);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace fused_sched::cuda

@@ -1,0 +1,20 @@
+// CUDA entry points of the fused scheduler step (called from csrc/bindings.cpp). Same
+// contract as csrc/cpu/ops_cpu.h, for CUDA tensors, run on the current stream.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace fused_sched::cuda {
+
+void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
+                const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
+                const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& scale, int64_t clip,
+                double clip_range, const at::Tensor& out, const std::optional<at::Tensor>& history_out,
+                const std::optional<at::Tensor>& x0_out);
+
+at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
+                           double ratio, double max_value);
+
+}  // namespace fused_sched::cuda

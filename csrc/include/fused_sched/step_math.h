@@ -1,0 +1,228 @@
+// The per-element step math shared by the CPU and CUDA kernels.
+//
+// Written once so that both backends round identically: every product and sum is a
+// separately rounded fp32 operation in the order of fused_sched/ops/reference.py, so the
+// kernels reproduce the eager torch evaluation bit for bit. FMA contraction would be
+// (slightly) more accurate, but it would make the backends disagree with the reference
+// and with each other, and the step is memory-bound, so the extra instructions are free.
+// The host build disables contraction with -ffp-contract=off; device code uses the
+// explicitly rounded __fmul_rn/__fadd_rn intrinsics, which nvcc never fuses.
+//
+// This header includes no torch and no CUDA header, so g++ compiles it on its own.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define FS_HD __host__ __device__ __forceinline__
+#else
+#define FS_HD inline
+#endif
+
+namespace fused_sched {
+
+// Columns of a coefficient row; must match fused_sched/ops/layout.py (a test compares them).
+enum Column : int {
+  kAX = 0,
+  kAM = 1,
+  kPX = 2,
+  kP0 = 3,
+  kPM = 4,
+  kOX = 5,
+  kO0 = 6,
+  kOM = 7,
+  kO1 = 8,
+  kO2 = 9,
+  kON = 10,
+  kNumCoefficients = 11,
+};
+
+// Values match layout.CLIP_MODES' positions; the bindings pass them as ints.
+enum class Clip : int { kNone = 0, kClamp = 1, kThreshold = 2 };
+
+struct Coefficients {
+  float ax, am, px, p0, pm, ox, o0, om, o1, o2, on;
+};
+
+FS_HD Coefficients load_coefficients(const float* row) {
+  Coefficients c;
+  c.ax = row[kAX];
+  c.am = row[kAM];
+  c.px = row[kPX];
+  c.p0 = row[kP0];
+  c.pm = row[kPM];
+  c.ox = row[kOX];
+  c.o0 = row[kO0];
+  c.om = row[kOM];
+  c.o1 = row[kO1];
+  c.o2 = row[kO2];
+  c.on = row[kON];
+  return c;
+}
+
+FS_HD float mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+FS_HD float add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+FS_HD bool is_nan(float v) { return v != v; }
+
+// torch.maximum / torch.minimum: a NaN in either argument wins. Written as one compare
+// and a select so the CPU loops stay vectorisable.
+FS_HD float nan_max(float a, float b) { return (a > b || is_nan(a)) ? a : b; }
+FS_HD float nan_min(float a, float b) { return (a < b || is_nan(a)) ? a : b; }
+
+// torch.clamp(v, lo, hi) for lo <= hi: NaN passes through.
+FS_HD float clamp_keep_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// x0 = AX*x + AM*m, before clipping.
+FS_HD float data_estimate(const Coefficients& c, float x, float m) { return add(mul(c.ax, x), mul(c.am, m)); }
+
+// clamp: x0 to [-r, r]. threshold: clamp(x0, -s, s) / s with the row's scale s; a true
+// division (not a reciprocal product) because that is what the reference rounds.
+template <Clip kClip>
+FS_HD float apply_clip(float x0, float clip_range, float scale) {
+  if constexpr (kClip == Clip::kClamp) {
+    return clamp_keep_nan(x0, -clip_range, clip_range);
+  } else if constexpr (kClip == Clip::kThreshold) {
+    return nan_min(nan_max(x0, -scale), scale) / scale;
+  } else {
+    (void)clip_range;
+    (void)scale;
+    return x0;
+  }
+}
+
+// d = PX*x + P0*x0 + PM*m: what the multistep history stores.
+FS_HD float history_value(const Coefficients& c, float x, float x0, float m) {
+  return add(add(mul(c.px, x), mul(c.p0, x0)), mul(c.pm, m));
+}
+
+// out = OX*x + O0*d + OM*m (+ O1*h1) (+ O2*h2) (+ ON*z), terms added left to right.
+template <int kHistory, bool kNoise>
+FS_HD float combine(const Coefficients& c, float x, float d, float m, float h1, float h2, float z) {
+  static_assert(kHistory >= 0 && kHistory <= 2, "at most two history terms");
+  float out = add(add(mul(c.ox, x), mul(c.o0, d)), mul(c.om, m));
+  if constexpr (kHistory >= 1) out = add(out, mul(c.o1, h1));
+  if constexpr (kHistory >= 2) out = add(out, mul(c.o2, h2));
+  if constexpr (kNoise) out = add(out, mul(c.on, z));
+  (void)h1;
+  (void)h2;
+  (void)z;
+  return out;
+}
+
+struct StepValues {
+  float out;
+  float d;
+  float x0;
+};
+
+template <Clip kClip, int kHistory, bool kNoise>
+FS_HD StepValues step(const Coefficients& c, float x, float m, float h1, float h2, float z, float clip_range,
+                      float scale) {
+  StepValues v;
+  v.x0 = apply_clip<kClip>(data_estimate(c, x, m), clip_range, scale);
+  v.d = history_value(c, x, v.x0, m);
+  v.out = combine<kHistory, kNoise>(c, x, v.d, m, h1, h2, z);
+  return v;
+}
+
+// ---- dynamic thresholding: s_b = clamp(quantile(|x0_b|, q), 1, max) ----
+
+// The two order statistics torch.quantile interpolates and its weight, with torch's
+// float32 rank arithmetic (rank = fl32(q) * fl32(n - 1)); a double rank would choose a
+// different weight for some n. For n - 1 above 2**24 the float rank can round up past
+// n - 1 when q is within an ulp of 1; the indices are clamped to the last element there,
+// where torch.quantile (limited to 2**24 elements) has no answer to copy.
+struct QuantileRank {
+  int64_t lo;
+  int64_t hi;
+  float weight;
+};
+
+FS_HD QuantileRank quantile_rank(float q, int64_t n) {
+  const float rank = q * static_cast<float>(n - 1);
+  const float below = floorf(rank);
+  QuantileRank r;
+  r.lo = static_cast<int64_t>(below);
+  r.hi = static_cast<int64_t>(ceilf(rank));
+  r.weight = rank - below;
+  if (r.lo > n - 1) r.lo = n - 1;
+  if (r.hi > n - 1) r.hi = n - 1;
+  return r;
+}
+
+// torch.lerp as ATen's vectorised CPU kernel (AVX2/AVX-512) and its CUDA kernel compute
+// it: fma(w, b - a, a) for |w| < 0.5, else fma(w - 1, b - a, b). (ATen's scalar fallback
+// for CPUs without FMA rounds the product separately and can differ by one ulp.)
+FS_HD float lerp_like_torch(float a, float b, float w) {
+  const float diff = b - a;
+  return fabsf(w) < 0.5f ? fmaf(w, diff, a) : fmaf(w - 1.0f, diff, b);
+}
+
+// The final scale from the two order statistics: NaN when the row held a NaN (as
+// torch.quantile gives), then torch.clamp(s, min=1, max=max_value).
+FS_HD float threshold_from_order_statistics(float v_lo, float v_hi, float weight, bool row_has_nan,
+                                            float max_value) {
+  float s = lerp_like_torch(v_lo, v_hi, weight);
+  if (row_has_nan) s = NAN;
+  if (is_nan(s)) return s;
+  s = s < 1.0f ? 1.0f : s;
+  return s > max_value ? max_value : s;
+}
+
+// |x0| as an unsigned key whose integer order is the float order: the sign bit is clear,
+// so the IEEE bit pattern of a non-negative float (+inf included) is monotonic. NaN
+// patterns sort above +inf, which is harmless because a NaN row's answer is NaN anyway.
+FS_HD uint32_t abs_key(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(v) & 0x7fffffffu;
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits & 0x7fffffffu;
+#endif
+}
+
+FS_HD float key_value(uint32_t key) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(key);
+#else
+  float v;
+  std::memcpy(&v, &key, sizeof(v));
+  return v;
+#endif
+}
+
+// Radix-select digit layout over the 31 significant bits of a key: 11 + 10 + 10.
+constexpr int kRadixPasses = 3;
+constexpr int kRadixMaxBins = 2048;
+
+FS_HD constexpr int radix_shift(int pass) { return pass == 0 ? 20 : (pass == 1 ? 10 : 0); }
+FS_HD constexpr int radix_bits(int pass) { return pass == 0 ? 11 : 10; }
+
+// Whether a key's bits above this pass's digit equal the prefix chosen by earlier passes.
+FS_HD bool radix_prefix_matches(uint32_t key, uint32_t prefix, int pass) {
+  const int above = radix_shift(pass) + radix_bits(pass);
+  return (key >> above) == (prefix >> above);
+}
+
+FS_HD uint32_t radix_digit(uint32_t key, int pass) {
+  return (key >> radix_shift(pass)) & ((1u << radix_bits(pass)) - 1u);
+}
+
+}  // namespace fused_sched

@@ -1,0 +1,357 @@
+"""The compiled ``cpu`` backend (csrc/) against the executable spec, fused_sched.ops.reference.
+
+Tolerances. The kernels evaluate the reference's formula with the same fp32 operations in
+the same order, each separately rounded (host code is built with -ffp-contract=off, see
+csrc/include/fused_sched/step_math.h), and cast to the storage dtype once with the same
+round-to-nearest-even as ``Tensor.to``. So every comparison with the reference is
+bit-exact (rtol = atol = 0, NaN == NaN), for fp32 and low-precision storage alike; a
+difference of even one ulp would mean the kernel computes something else than the spec.
+
+The one exception is documented where it occurs: torch.quantile's own ``lerp`` fuses its
+multiply-add on CPUs with FMA (ATen's AVX2/AVX-512 kernels) but not under ATen's DEFAULT
+capability, while the kernels always fuse (as torch does on CUDA). Against torch.quantile
+on a DEFAULT-capability CPU the tolerance is therefore one fp32 ulp.
+
+The extension is built (or loaded from its cache) once per test session by the module
+fixture ``cpu``; a cold build takes about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_sched import ops
+from fused_sched.ops import layout, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+EXACT = dict(rtol=0.0, atol=0.0, equal_nan=True)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+STORAGE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    """The compiled cpu backend; builds the extension on first use in this environment."""
+    from fused_sched.ops import extension
+
+    start = time.perf_counter()
+    backend = extension.CPU_BACKEND
+    print(f"\nfused_sched cpu extension ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return backend
+
+
+def make_case(shape, dtypes, coefficient_rows, seed, history=0, noise=False, scale_values=2.0):
+    """Inputs of one step. dtypes: storage of (x, m, h1, h2, z)."""
+    g = torch.Generator().manual_seed(seed)
+    b = shape[0]
+
+    def randn(dtype):
+        return (torch.randn(shape, generator=g) * scale_values).to(dtype)
+
+    x, m = randn(dtypes[0]), randn(dtypes[1])
+    h = tuple(randn(dtypes[2 + i]) for i in range(history))
+    z = randn(dtypes[4]) if noise else None
+    c = torch.randn((b if coefficient_rows == "per_row" else 1, layout.NUM_COEFFICIENTS), generator=g)
+    return x, m, c, h, z
+
+
+def assert_same(got, expected):
+    assert (got is None) == (expected is None)
+    if got is None:
+        return
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, **EXACT)
+
+
+def run_both(backend, x, m, c, h, z, clip, out_dtype, history_dtype, x0_dtype, clip_range=1.5, ratio=0.9, max_value=3.0):
+    scale = reference.threshold_scale(x, m, c, ratio, max_value) if clip == "threshold" else None
+    got = backend.fused_step(x, m, c, h, z, clip, clip_range, scale, out_dtype, history_dtype, x0_dtype)
+    expected = reference.fused_step(x, m, c, h, z, clip, clip_range, scale, out_dtype, history_dtype, x0_dtype)
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+
+
+def test_header_columns_match_layout():
+    """The C++ column enum and clip codes are the same contract as layout.py."""
+    header = (ROOT / "csrc" / "include" / "fused_sched" / "step_math.h").read_text()
+    columns = dict(re.findall(r"\bk(AX|AM|PX|P0|PM|OX|O0|OM|O1|O2|ON|NumCoefficients) = (\d+)", header))
+    for name in layout.COLUMN_NAMES:
+        assert int(columns[name.upper()]) == getattr(layout, name.upper()), name
+    assert int(columns["NumCoefficients"]) == layout.NUM_COEFFICIENTS
+    clips = dict(re.findall(r"\bk(None|Clamp|Threshold) = (\d+)", header))
+    assert [int(clips[k]) for k in ("None", "Clamp", "Threshold")] == [layout.CLIP_MODES.index(m) for m in layout.CLIP_MODES]
+    from fused_sched.ops import extension
+
+    assert extension.CLIP_CODES == {mode: i for i, mode in enumerate(layout.CLIP_MODES)}
+
+
+SHAPES = [(1,), (1, 17), (3, 4099), (2, 3, 5, 7), (2, 3, 4, 5, 6)]
+SPECIALISATIONS = list(itertools.product(layout.CLIP_MODES, (0, 1, 2), (False, True)))
+
+
+@pytest.mark.parametrize("clip,history,noise", SPECIALISATIONS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", STORAGE, ids=str)
+def test_every_specialisation(cpu, clip, history, noise, dtype):
+    for k, shape in enumerate(SHAPES):
+        for rows in ("broadcast", "per_row"):
+            x, m, c, h, z = make_case(shape, (dtype,) * 5, rows, seed=k, history=history, noise=noise)
+            # Optional outputs on and off, in the storage dtype and in fp32.
+            run_both(cpu, x, m, c, h, z, clip, dtype, dtype, dtype)
+            run_both(cpu, x, m, c, h, z, clip, dtype, None, None)
+            run_both(cpu, x, m, c, h, z, clip, torch.float32, torch.float32, None)
+            run_both(cpu, x, m, c, h, z, clip, dtype, None, torch.float32)
+
+
+@pytest.mark.parametrize("clip", layout.CLIP_MODES)
+def test_mixed_storage_dtypes(cpu, clip):
+    """Each tensor in its own dtype, float64 outputs included (computed in fp32, widened)."""
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.bfloat16, torch.float16)
+    for k, shape in enumerate([(2, 33), (3, 4, 5, 7)]):
+        x, m, c, h, z = make_case(shape, dtypes, "per_row", seed=10 + k, history=2, noise=True)
+        run_both(cpu, x, m, c, h, z, clip, torch.bfloat16, torch.float32, torch.float64)
+        run_both(cpu, x, m, c, h, z, clip, torch.float64, torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_large_rows_split_across_threads(cpu, dtype):
+    """Rows longer than one task, so at::parallel_for splits rows into chunks across threads."""
+    for clip in layout.CLIP_MODES:
+        x, m, c, h, z = make_case((3, 70001), (dtype,) * 5, "per_row", seed=20, history=2, noise=True)
+        run_both(cpu, x, m, c, h, z, clip, dtype, torch.float32, dtype)
+
+
+def test_non_contiguous_inputs(cpu):
+    """Strided inputs are accepted: the backend makes one explicit contiguous copy of each."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 6, 9, 8, generator=g)
+    x = base.transpose(1, 3)  # permuted
+    m = torch.randn(2, 8, 9, 12, generator=g)[..., ::2]  # sliced
+    h1 = torch.randn(2, 8, 9, 6, generator=g).to(torch.float16).contiguous(memory_format=torch.channels_last)
+    z = torch.randn(1, 8, 9, 6, generator=g).expand(2, 8, 9, 6)  # broadcast (stride 0)
+    c = torch.randn(11, 2, generator=g).t()  # (2, 11) with column-major strides
+    assert not any(t.is_contiguous() for t in (x, m, h1, z, c))
+    for clip in layout.CLIP_MODES:
+        run_both(cpu, x, m, c, (h1,), z, clip, torch.float32, torch.float32, torch.float16)
+    assert_same(cpu.threshold_scale(x, m, c, 0.8, 5.0), reference.threshold_scale(x, m, c, 0.8, 5.0))
+
+
+def test_empty_rows(cpu):
+    x = torch.empty(2, 0, 3)
+    c = torch.ones(1, 11)
+    out, d, x0 = cpu.fused_step(x, x, c, (), None, "clamp", 1.0, None, torch.float16, torch.float32, None)
+    assert out.shape == x.shape and out.dtype == torch.float16 and d.shape == x.shape and x0 is None
+
+
+def test_special_values_propagate(cpu):
+    """inf and NaN in the inputs reach the outputs exactly as in the reference."""
+    x = torch.tensor([[0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e38, -1e-45, 3.0]])
+    m = torch.tensor([[1.0, -1.0, 1.0, 2.0, 0.0, 1e38, 5.0, float("nan")]])
+    c = torch.linspace(-2, 2, 11).reshape(1, 11)
+    for clip in layout.CLIP_MODES:
+        run_both(cpu, x, m, c, (x, m), m, clip, torch.float32, torch.float32, torch.float32)
+        run_both(cpu, x, m, c, (), None, clip, torch.float16, torch.bfloat16, torch.float16)
+
+
+# ---- dynamic thresholding ----
+
+
+@pytest.mark.parametrize("dtype", STORAGE, ids=str)
+def test_threshold_scale_equals_reference(cpu, dtype):
+    for k, shape in enumerate(SHAPES + [(4, 3, 33, 31)]):
+        for rows in ("broadcast", "per_row"):
+            x, m, c, _, _ = make_case(shape, (dtype,) * 5, rows, seed=30 + k, scale_values=3.0)
+            for ratio, max_value in ((0.995, 1e30), (0.5, 2.0), (0.37, 1e30), (1.0, 1e30), (1e-6, 0.5)):
+                assert_same(cpu.threshold_scale(x, m, c, ratio, max_value),
+                            reference.threshold_scale(x, m, c, ratio, max_value))
+
+
+def _identity_rows(b):
+    """Coefficients with x0 = x exactly (AX = 1, AM = 0)."""
+    c = torch.zeros(b, layout.NUM_COEFFICIENTS)
+    c[:, layout.AX] = 1.0
+    return c
+
+
+def _quantile_tolerance():
+    # See the module docstring: torch.quantile's lerp is unfused only on DEFAULT-capability CPUs.
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        return dict(rtol=2.0**-23, atol=0.0, equal_nan=True)
+    return EXACT
+
+
+def _rows(name, n, g):
+    if name == "random":
+        return torch.randn(3, n, generator=g) * 4
+    if name == "ties":
+        return torch.randint(-4, 5, (3, n), generator=g).float() * 1.5
+    if name == "constant":
+        return torch.full((3, n), -2.75)
+    if name == "nan":
+        x = torch.randn(3, n, generator=g) * 4
+        x[1, n // 2] = float("nan")
+        return x
+    if name == "signed_zeros":
+        x = torch.zeros(3, n)
+        x[:, ::2] = -0.0
+        x[2, -1] = 7.0
+        return x
+    if name == "inf":
+        x = torch.randn(3, n, generator=g) * 4
+        x[0, 0] = float("inf")
+        x[2, :] = float("-inf")
+        return x
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("data", ["random", "ties", "constant", "nan", "signed_zeros", "inf"])
+@pytest.mark.parametrize("n", [1, 2, 17, 1000, 4099])
+def test_threshold_scale_equals_torch_quantile(cpu, data, n):
+    g = torch.Generator().manual_seed(n)
+    x = _rows(data, n, g)
+    m = torch.randn(x.shape, generator=g)
+    c = _identity_rows(3)
+    # 0.37 and 0.995 give non-integer ranks for most n; 1.0 the maximum.
+    for ratio, max_value in ((0.995, 1e30), (0.37, 1e30), (1.0, 1e30), (0.9, 2.5)):
+        expected = torch.quantile(x.abs(), ratio, dim=1).clamp(min=1.0, max=max_value)
+        torch.testing.assert_close(cpu.threshold_scale(x, m, c, ratio, max_value), expected, **_quantile_tolerance())
+
+
+def test_threshold_scale_row_above_2_pow_24(cpu):
+    """No 2**24 limit (torch.quantile's): one row of 2**24 + 3 elements, against kthvalue."""
+    n = 2**24 + 3
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, n, generator=g) * 3
+    m = torch.randn(1, n, generator=g)
+    c = torch.zeros(1, layout.NUM_COEFFICIENTS)
+    c[0, layout.AX], c[0, layout.AM] = 1.25, -0.5
+    for ratio in (0.995, 0.6):
+        assert_same(cpu.threshold_scale(x, m, c, ratio, 100.0), reference.threshold_scale(x, m, c, ratio, 100.0))
+
+
+# ---- routing, availability, errors ----
+
+
+def _call(backend, dtype=torch.float32, **kwargs):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g).to(dtype)
+    m = torch.randn(2, 4, 8, 8, generator=g).to(dtype)
+    c = torch.randn(2, 11, generator=g).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return ops.fused_step(x, m, c, history=(x,), clip="threshold", threshold_ratio=0.9, threshold_max=2.0,
+                          history_dtype=dtype, x0_dtype=dtype, backend=backend, **kwargs)
+
+
+def test_backend_cpu_runs_the_compiled_kernels(cpu, monkeypatch):
+    from fused_sched.ops import extension
+
+    assert ops.select_backend(torch.device("cpu"), (torch.float32,), "cpu") is extension.CPU_BACKEND
+    calls = []
+    for attr in ("_fused_step", "_threshold_scale"):
+        original = getattr(cpu, attr)
+
+        def spy(*args, _original=original, _attr=attr):
+            calls.append(_attr)
+            return _original(*args)
+
+        monkeypatch.setattr(cpu, attr, spy)
+    got = _call("cpu")
+    assert calls == ["_threshold_scale", "_fused_step"]
+    expected = _call("torch")
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+
+
+def test_auto_prefers_the_cpu_backend(cpu):
+    with ops.use_backend("auto"):
+        assert ops.select_backend(torch.device("cpu"), (torch.float16, torch.float32)) is cpu
+        assert ops.select_backend(torch.device("cpu"), (torch.float64,)).name == "torch"
+
+
+def test_float64_is_unavailable_on_cpu_backend(cpu):
+    assert "float64" in cpu.unavailable_reason(torch.device("cpu"), (torch.float32, torch.float64))
+    with pytest.raises(ops.BackendUnavailableError, match="float64"):
+        _call("cpu", torch.float64)
+    _call("auto", torch.float64)  # auto hands float64 to the torch backend
+
+
+def test_cpu_backend_refuses_cuda_tensors(cpu):
+    assert "cpu" in cpu.unavailable_reason(torch.device("cuda", 0), (torch.float32,))
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the reason given by a CPU build of torch")
+def test_cuda_backend_says_why_it_is_unavailable():
+    from fused_sched.ops import extension
+
+    reason = extension.CUDA_BACKEND.unavailable_reason(torch.device("cuda"), (torch.float32,))
+    assert "CPU build" in reason
+    with pytest.raises(ops.BackendUnavailableError, match="CPU build"):
+        extension.CUDA_BACKEND.fused_step()
+
+
+def test_kernel_entry_points_reject_bad_arguments(cpu):
+    """The C++ checks name the argument and the fix, for callers that bypass the public op."""
+    from fused_sched.ops import extension
+
+    ext = extension.load_extension()
+    x = torch.randn(2, 8)
+    c = torch.randn(1, 11)
+    out = torch.empty(2, 8)
+
+    def step(**overrides):
+        args = dict(sample=x, model_output=x, coefficients=c, history1=None, history2=None, noise=None,
+                    scale=None, clip=0, clip_range=1.0, out=out, history_out=None, x0_out=None)
+        args.update(overrides)
+        return ext.cpu_fused_step(**args)
+
+    with pytest.raises(RuntimeError, match=r"model_output must be contiguous \(pass model_output.contiguous\(\)\)"):
+        step(model_output=torch.randn(8, 2).t())
+    with pytest.raises(RuntimeError, match="coefficients must be a float32 tensor"):
+        step(coefficients=c.double())
+    with pytest.raises(RuntimeError, match=r"coefficients has shape \[3, 11\]; expected \(1, 11\) or \(2, 11\)"):
+        step(coefficients=torch.randn(3, 11))
+    with pytest.raises(RuntimeError, match="history\\[0\\] has dtype Double"):
+        step(history1=x.double())
+    with pytest.raises(RuntimeError, match="noise has shape"):
+        step(noise=torch.randn(2, 9))
+    with pytest.raises(RuntimeError, match="needs the per-row scale"):
+        step(clip=2)
+    with pytest.raises(RuntimeError, match="one per batch row"):
+        step(clip=2, scale=torch.ones(3))
+    with pytest.raises(RuntimeError, match="history2 was given without history1"):
+        step(history2=x)
+    with pytest.raises(RuntimeError, match="clip mode 7"):
+        step(clip=7)
+    with pytest.raises(RuntimeError, match="output out has dtype Int"):
+        step(out=torch.empty(2, 8, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="at least one element per batch row"):
+        ext.cpu_threshold_scale(torch.empty(2, 0), torch.empty(2, 0), c, 0.5, 1.0)
+
+
+def test_importing_fused_sched_builds_nothing():
+    code = (
+        "import sys, fused_sched, fused_sched.ops, fused_sched.ops.extension as e\n"
+        "assert e._extension is None, 'extension loaded at import'\n"
+        "print(e.build_directory(False))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert "building the C++ extension" not in result.stderr
+
+
+def test_build_directory_honours_environment(monkeypatch, tmp_path):
+    from fused_sched.ops import extension
+
+    monkeypatch.delenv("FUSED_SCHED_BUILD_DIR", raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "te"))
+    assert extension.build_directory(False).parent == tmp_path / "te" / "fused_sched"
+    monkeypatch.setenv("FUSED_SCHED_BUILD_DIR", str(tmp_path / "fs"))
+    assert extension.build_directory(False).parent == tmp_path / "fs"
