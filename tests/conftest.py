@@ -1,5 +1,35 @@
 import os
 import sys
 
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter; it must be chosen before triton loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # The tests import their shared drivers as plain modules.
 sys.path.insert(0, os.path.dirname(__file__))
+
+from fused_sched import ops  # noqa: E402
+from fused_sched.ops import backends  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module", params=["torch", "cpu", "cuda", "triton"])
+def backend(request):
+    """Run a module's tests once per backend that can run on this machine.
+
+    A backend listed in FUSED_SCHED_REQUIRE_BACKENDS (CI lists every backend its machine
+    can run) that turns out unavailable fails the run instead of being skipped.
+    """
+    name = request.param
+    reason = backends.why_unavailable(name, DEVICE, (torch.float32,))
+    if reason is not None:
+        required = os.environ.get("FUSED_SCHED_REQUIRE_BACKENDS", "").split(",")
+        if name in required:
+            pytest.fail(f"backend {name!r} is required here but unavailable: {reason}")
+        pytest.skip(f"backend {name!r} unavailable: {reason}")
+    with ops.use_backend(name):
+        yield name

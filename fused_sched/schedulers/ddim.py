@@ -39,14 +39,16 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         self._remember_schedule()
         self._tables = {}
         self._schedule_device = device
+        self._host_alphas = (self.alphas_cumprod.cpu(), self.final_alpha_cumprod.cpu())
         table = self._build_table(eta=0.0, use_clipped_model_output=False)
         self._check_schedule_rows(table, self._host_timesteps)
 
     def _build_table(self, eta: float, use_clipped_model_output: bool) -> torch.Tensor:
-        table = ddim_table(
-            self.alphas_cumprod.cpu(), self._step_gap(), self.final_alpha_cumprod.cpu(),
-            self.config.prediction_type, eta, use_clipped_model_output,
-        )
+        """Rows for one (eta, use_clipped_model_output): these are step arguments, so a table
+        is built (host math, one small upload) the first time a step uses a new pair, and
+        reused for the rest of the schedule."""
+        alphas, final = self._host_alphas
+        table = ddim_table(alphas, self._step_gap(), final, self.config.prediction_type, eta, use_clipped_model_output)
         self._install_table((eta, use_clipped_model_output), table, self._schedule_device)
         return table
 

@@ -34,16 +34,16 @@ def _check_config(scheduler) -> None:
 def _check_inverse_config(scheduler) -> None:
     _check_config(scheduler)
     config = scheduler.config
+    if config.use_flow_sigmas:
+        raise ValueError(
+            "use_flow_sigmas=True is not supported by the inverse scheduler: diffusers builds a descending "
+            "sigma schedule there, so its 'inversion' denoises instead"
+        )
     if config.algorithm_type in SDE_ALGORITHMS:
         raise ValueError(
             f"algorithm_type={config.algorithm_type!r} cannot run in the inverse direction: the noise scale "
             "sqrt(1 - exp(-2h)) has no real value for h < 0 (diffusers returns all-NaN); "
             "use 'dpmsolver++' or 'dpmsolver'"
-        )
-    if config.use_flow_sigmas:
-        raise ValueError(
-            "use_flow_sigmas=True is not supported by the inverse scheduler: diffusers builds a descending "
-            "sigma schedule there, so its 'inversion' denoises instead"
         )
 
 

@@ -1,0 +1,173 @@
+"""Bad input gets a clear error naming what is wrong; inputs are never modified; the
+configurations where diffusers breaks are refused or computed correctly, never NaN."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fused_sched
+from fused_sched import ops
+from drivers import PAIRS
+
+X = torch.randn(2, 4, 8, 8)
+
+
+def _ready(kind="ddim", n=10, **config):
+    scheduler = PAIRS[kind][1](**config)
+    scheduler.set_timesteps(n)
+    return scheduler
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_step_before_set_timesteps(kind):
+    scheduler = PAIRS[kind][1]()
+    args = (X, None, 999, None, X) if kind == "cogvideox_dpm" else (X, 999, X)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        scheduler.step(*args)
+
+
+@pytest.mark.parametrize("kind", ["dpm", "dpm_inverse"])
+def test_stepping_past_the_end(kind):
+    scheduler = _ready(kind)
+    x = X
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.tanh(x), t, x).prev_sample
+    with pytest.raises(ValueError, match="only 10 steps"):
+        scheduler.step(torch.tanh(x), scheduler.timesteps[-1], x)
+
+
+def test_timestep_outside_training_range():
+    with pytest.raises(ValueError, match=r"timestep=1000 is outside the training range \[0, 1000\)"):
+        _ready().step(X, 1000, X)
+
+
+def test_shape_mismatch_names_the_argument():
+    with pytest.raises(ValueError, match="model_output has shape"):
+        _ready().step(torch.randn(2, 4, 8, 9), 901, X)
+
+
+def test_dtype_errors_name_the_argument():
+    with pytest.raises(TypeError, match="model_output must be a floating-point tensor"):
+        _ready().step(torch.ones(2, 4, 8, 8, dtype=torch.int32), 901, X)
+    with pytest.raises(TypeError, match="sample must be a torch.Tensor"):
+        _ready().step(X, 901, X.numpy())
+
+
+def test_device_mismatch_names_the_argument():
+    meta = torch.empty(2, 4, 8, 8, device="meta")
+    with pytest.raises(ValueError, match="model_output is on meta"):
+        ops.fused_step(X, meta, torch.zeros(1, 11))
+
+
+def test_eta_out_of_range():
+    scheduler = _ready()
+    with pytest.raises(ValueError, match=r"eta=1.5 is outside \[0, 1\]"):
+        scheduler.step(X, 901, X, eta=1.5)
+    with pytest.raises(ValueError, match=r"eta=-0.1"):
+        scheduler.step(X, 901, X, eta=-0.1)
+    with pytest.raises(TypeError, match="eta must be a Python number"):
+        scheduler.step(X, 901, X, eta=torch.tensor(0.5))
+
+
+def test_generator_and_variance_noise_together():
+    with pytest.raises(ValueError, match="both generator and variance_noise"):
+        _ready().step(X, 901, X, eta=0.5, generator=torch.Generator(), variance_noise=torch.randn_like(X))
+
+
+def test_cogvideox_dpm_history_without_timestep_back():
+    scheduler = _ready("cogvideox_dpm")
+    with pytest.raises(ValueError, match="without timestep_back"):
+        scheduler.step(X, X, scheduler.timesteps[1], None, X)
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_inputs_are_not_modified(kind):
+    scheduler = _ready(kind, thresholding=True) if kind in ("ddim", "dpm") else _ready(kind)
+    x, m = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x_copy, m_copy = x.clone(), m.clone()
+    old = torch.randn(2, 4, 8, 8)
+    old_copy = old.clone()
+    for i in range(3):
+        t = scheduler.timesteps[i]
+        if kind == "cogvideox_dpm":
+            scheduler.step(m, old if i else None, t, scheduler.timesteps[i - 1] if i else None, x)
+        else:
+            scheduler.step(m, t, x)
+    assert torch.equal(x, x_copy) and torch.equal(m, m_copy) and torch.equal(old, old_copy)
+
+
+# --- configurations where diffusers breaks (spec: "Broken paths") ---------------------------
+
+@pytest.mark.parametrize("algorithm", ["sde-dpmsolver", "sde-dpmsolver++"])
+def test_inverse_sde_is_refused(algorithm):
+    with pytest.raises(ValueError, match="cannot run in the inverse direction"):
+        fused_sched.FusedDPMSolverMultistepInverseScheduler(algorithm_type=algorithm)
+
+
+def test_sde_dpmsolver_third_order_is_refused():
+    with pytest.raises(ValueError, match="no third-order SDE-DPM-Solver"):
+        fused_sched.FusedDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3,
+                                                     final_sigmas_type="sigma_min")
+
+
+def test_inverse_flow_sigmas_are_refused():
+    with pytest.raises(ValueError, match="use_flow_sigmas=True is not supported by the inverse"):
+        fused_sched.FusedDPMSolverMultistepInverseScheduler(use_flow_sigmas=True)
+
+
+def test_flow_prediction_needs_data_prediction_solver():
+    with pytest.raises(ValueError, match="flow_prediction"):
+        fused_sched.FusedDPMSolverMultistepScheduler(prediction_type="flow_prediction", algorithm_type="dpmsolver",
+                                                     final_sigmas_type="sigma_min")
+
+
+@pytest.mark.parametrize("kind", ["ddim", "cogvideox_ddim", "cogvideox_dpm"])
+def test_epsilon_with_zero_snr_is_refused_where_diffusers_gives_nan(kind):
+    reference_cls, fused_cls = PAIRS[kind]
+    config = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="epsilon")
+    reference = reference_cls(**config)
+    reference.set_timesteps(10)
+    t = reference.timesteps[0]
+    out = (reference.step(X, None, t, None, X) if kind == "cogvideox_dpm" else reference.step(X, t, X))[0]
+    assert not torch.isfinite(out).all()  # the refusal below is justified
+    with pytest.raises(ValueError, match="not finite with prediction_type='epsilon'"):
+        fused_cls(**config).set_timesteps(10)
+
+
+@pytest.mark.parametrize("order,solver_type", [(2, "heun"), (3, "midpoint")])
+def test_inverse_duplicated_final_sigma_is_the_identity(order, solver_type):
+    """diffusers evaluates 0/0 on the last step (h = 0) and returns NaN; the h -> 0 limit of the
+    update is prev = x, which is what the fused class returns."""
+    config = dict(solver_order=order, solver_type=solver_type, use_karras_sigmas=True)
+    reference = PAIRS["dpm_inverse"][0](**config)
+    fused = PAIRS["dpm_inverse"][1](**config)
+    n = 16  # >= 15, so lower_order_final does not make the last step first order
+    reference.set_timesteps(n)
+    fused.set_timesteps(n)
+    x_ref = x_fused = torch.randn(2, 4, 8, 8) * 0.1
+    for i, t in enumerate(reference.timesteps):
+        last_input = x_fused
+        x_ref = reference.step(torch.tanh(x_ref), t, x_ref).prev_sample
+        x_fused = fused.step(torch.tanh(x_fused), fused.timesteps[i], x_fused).prev_sample
+    assert torch.isnan(x_ref).any()
+    assert torch.equal(x_fused, last_input)
+
+
+def test_fused_op_argument_checks():
+    c = torch.zeros(1, 11)
+    with pytest.raises(ValueError, match=r"coefficients has shape \(1, 10\)"):
+        ops.fused_step(X, X, torch.zeros(1, 10))
+    with pytest.raises(TypeError, match="coefficients must be a torch.float32"):
+        ops.fused_step(X, X, c.double())
+    with pytest.raises(ValueError, match="clip='bogus'"):
+        ops.fused_step(X, X, c, clip="bogus")
+    with pytest.raises(ValueError, match="history holds at most 2"):
+        ops.fused_step(X, X, c, history=(X, X, X))
+    with pytest.raises(ValueError, match="threshold_ratio must be in"):
+        ops.fused_step(X, X, c, clip="threshold", threshold_ratio=1.5)
+    with pytest.raises(ValueError, match=r"coefficients has shape \(3, 11\)"):
+        ops.fused_step(X, X, torch.zeros(3, 11))
+    assert math.isfinite(float(ops.fused_step(X, X, c).prev_sample.sum()))

@@ -1,0 +1,141 @@
+"""The reference op: per-row coefficients, exact quantile thresholding, backend selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fused_sched import ops
+from fused_sched.ops import backends, layout as L, reference
+
+
+def _random_rows(batch, seed=0):
+    return torch.randn(batch, L.NUM_COEFFICIENTS, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("clip", ["none", "clamp", "threshold"])
+def test_each_batch_row_uses_its_own_coefficients(clip):
+    """Row b applied to batch element b equals stepping element b alone with row b."""
+    x, m, h1, h2, z = (torch.randn(3, 2, 5, 7, generator=torch.Generator().manual_seed(i)) for i in range(5))
+    rows = _random_rows(3)
+    kwargs = dict(clip=clip, clip_range=0.7, threshold_ratio=0.9, threshold_max=1.5, history_dtype=torch.float32,
+                  x0_dtype=torch.float32, backend="torch")
+    batched = ops.fused_step(x, m, rows, history=(h1, h2), noise=z, **kwargs)
+    for b in range(3):
+        alone = ops.fused_step(x[b:b + 1], m[b:b + 1], rows[b:b + 1], history=(h1[b:b + 1], h2[b:b + 1]),
+                               noise=z[b:b + 1], **kwargs)
+        for got, want in zip(batched, alone):
+            assert torch.equal(got[b:b + 1], want)
+
+
+def test_reference_formula_in_float64():
+    """The op evaluates layout.py's formula; checked element by element in float64."""
+    x, m, h1, h2, z = (torch.randn(2, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+                       for i in range(5))
+    c = _random_rows(2).double()
+    prev, d, x0 = ops.fused_step(x, m, c, history=(h1, h2), noise=z, clip="clamp", clip_range=0.5,
+                                 history_dtype=torch.float64, x0_dtype=torch.float64, backend="torch")
+    for b in range(2):
+        k = c[b].tolist()
+        for j in range(33):
+            e0 = min(max(k[L.AX] * x[b, j].item() + k[L.AM] * m[b, j].item(), -0.5), 0.5)
+            ed = k[L.PX] * x[b, j].item() + k[L.P0] * e0 + k[L.PM] * m[b, j].item()
+            eo = (k[L.OX] * x[b, j].item() + k[L.O0] * ed + k[L.OM] * m[b, j].item() + k[L.O1] * h1[b, j].item()
+                  + k[L.O2] * h2[b, j].item() + k[L.ON] * z[b, j].item())
+            assert x0[b, j].item() == pytest.approx(e0, rel=1e-12, abs=1e-12)
+            assert d[b, j].item() == pytest.approx(ed, rel=1e-12, abs=1e-12)
+            assert prev[b, j].item() == pytest.approx(eo, rel=1e-12, abs=1e-12)
+
+
+def _quantile_rows(kind: str, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    if kind == "random":
+        return torch.randn(3, n, generator=g)
+    if kind == "ties":
+        return torch.randint(-3, 4, (3, n), generator=g).float()
+    if kind == "constant":
+        return torch.full((3, n), -2.5)
+    if kind == "nan":
+        rows = torch.randn(3, n, generator=g)
+        rows[1, n // 2] = float("nan")
+        return rows
+    if kind == "signed_zero":
+        rows = torch.zeros(3, n)
+        rows[0, ::2] = -0.0
+        rows[2, :3] = torch.tensor([-1.5, 2.0, -0.0])[:n]
+        return rows
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "constant", "nan", "signed_zero"])
+@pytest.mark.parametrize("n", [1, 2, 17, 1000, 4099])
+@pytest.mark.parametrize("ratio", [0.995, 0.87, 0.5, 1.0])
+def test_threshold_scale_equals_torch_quantile(kind, n, ratio):
+    values = _quantile_rows(kind, n)
+    identity = torch.zeros(1, L.NUM_COEFFICIENTS)
+    identity[0, L.AM] = 1.0  # x0 = m
+    for max_value in (1.0, 2.5, 0.5):
+        got = reference.threshold_scale(torch.zeros_like(values), values, identity, ratio, max_value)
+        want = torch.clamp(torch.quantile(values.abs(), ratio, dim=1), min=1, max=max_value)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_quantile_rank_is_float32_arithmetic():
+    """For N = 1,123,200 (CogVideoX's latent) the float32 rank is integral; float64's is not."""
+    lo, hi, weight = reference.quantile_rank(0.995, 1_123_200)
+    assert (lo, hi, weight) == (1_117_583, 1_117_583, 0.0)
+    assert 0.995 * (1_123_200 - 1) != float(np.float32(0.995) * np.float32(1_123_200 - 1))
+
+
+def test_threshold_scale_beyond_torch_quantile_limit():
+    """torch.quantile refuses rows above 2**24 elements; selection has no such limit. Checked
+    against a sort of the same row with the same float32 rank rule."""
+    n = 2**24 + 3
+    values = torch.randn(1, n, generator=torch.Generator().manual_seed(0))
+    identity = torch.zeros(1, L.NUM_COEFFICIENTS)
+    identity[0, L.AM] = 1.0
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.quantile(values.abs(), 0.995, dim=1)
+    got = reference.threshold_scale(torch.zeros_like(values), values, identity, 0.995, 10.0)
+    ordered = values.abs().sort(dim=1).values
+    lo, hi, weight = reference.quantile_rank(0.995, n)
+    want = torch.lerp(ordered[:, lo], ordered[:, hi], torch.tensor([weight]))
+    assert torch.equal(got, torch.clamp(want, 1.0, 10.0))
+
+
+# --- backend selection -------------------------------------------------------------------
+
+def test_unknown_backend_is_an_error(monkeypatch):
+    with pytest.raises(ValueError, match="'bogus' is not a backend"):
+        ops.set_backend("bogus")
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="FUSED_SCHED_BACKEND='bogus'"):
+        backends.requested_backend()
+
+
+def test_selection_order(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.requested_backend() == "torch"
+    with ops.use_backend("cpu"):
+        assert backends.requested_backend() == "cpu"
+        assert backends.requested_backend("torch") == "torch"  # an explicit argument wins
+    assert backends.requested_backend() == "torch"
+
+
+def test_explicit_backend_that_cannot_run_is_an_error_not_a_substitute():
+    x = torch.randn(1, 8)
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cuda' cannot run on cpu"):
+        ops.fused_step(x, x, torch.zeros(1, L.NUM_COEFFICIENTS), backend="cuda")
+
+
+def test_auto_hands_float64_to_torch():
+    """Kernel backends store fp16/bf16/fp32 only; auto gives float64 to the reference, visibly."""
+    chosen = backends.select_backend(torch.device("cpu"), (torch.float64,), "auto")
+    assert chosen.name == "torch"
+
+
+def test_auto_on_cpu_prefers_the_extension_when_it_loads():
+    chosen = backends.select_backend(torch.device("cpu"), (torch.float32,), "auto")
+    cpu_reason = backends.why_unavailable("cpu", torch.device("cpu"), (torch.float32,))
+    assert chosen.name == ("cpu" if cpu_reason is None else "torch")
