@@ -39,7 +39,7 @@ def test_reference_formula_in_float64():
     for b in range(2):
         k = c[b].tolist()
         for j in range(33):
-            e0 = min(max(k[L.AX] * x[b, j].item() + k[L.AM] * m[b, j].item(), -0.5), 0.5)
+            e0 = min(max(k[L.AS] * (k[L.AX] * x[b, j].item() + k[L.AM] * m[b, j].item()), -0.5), 0.5)
             ed = k[L.PX] * x[b, j].item() + k[L.P0] * e0 + k[L.PM] * m[b, j].item()
             eo = (k[L.OX] * x[b, j].item() + k[L.O0] * ed + k[L.OM] * m[b, j].item() + k[L.O1] * h1[b, j].item()
                   + k[L.O2] * h2[b, j].item() + k[L.ON] * z[b, j].item())
@@ -74,7 +74,7 @@ def _quantile_rows(kind: str, n: int) -> torch.Tensor:
 def test_threshold_scale_equals_torch_quantile(kind, n, ratio):
     values = _quantile_rows(kind, n)
     identity = torch.zeros(1, L.NUM_COEFFICIENTS)
-    identity[0, L.AM] = 1.0  # x0 = m
+    identity[0, L.AM] = identity[0, L.AS] = 1.0  # x0 = m
     for max_value in (1.0, 2.5, 0.5):
         got = reference.threshold_scale(torch.zeros_like(values), values, identity, ratio, max_value)
         want = torch.clamp(torch.quantile(values.abs(), ratio, dim=1), min=1, max=max_value)
@@ -94,7 +94,7 @@ def test_threshold_scale_beyond_torch_quantile_limit():
     n = 2**24 + 3
     values = torch.randn(1, n, generator=torch.Generator().manual_seed(0))
     identity = torch.zeros(1, L.NUM_COEFFICIENTS)
-    identity[0, L.AM] = 1.0
+    identity[0, L.AM] = identity[0, L.AS] = 1.0
     with pytest.raises(RuntimeError, match="too large"):
         torch.quantile(values.abs(), 0.995, dim=1)
     got = reference.threshold_scale(torch.zeros_like(values), values, identity, 0.995, 10.0)

@@ -39,9 +39,12 @@ def ddim_table(
     sqrt_a, sqrt_b = a_t**0.5, b_t**0.5
     variance = (b_p / b_t) * (1 - a_t / a_p)
     std = eta * variance**0.5
-    direction = (1 - a_p - std**2) ** 0.5
+    # 1 - a_p - std^2 = (1-a_p)^2 a_t / (a_p (1-a_t)) >= 0 for eta <= 1; with zero-SNR
+    # (a_t = 0) and eta = 1 it is 0 and float32 rounding can make it -1e-8, where diffusers
+    # takes the square root of a negative number and returns NaN.
+    direction = (1 - a_p - std**2).clamp(min=0) ** 0.5
 
-    ax, am = x0_conversion(prediction_type, sqrt_a, sqrt_b)
+    x0 = x0_conversion(prediction_type, sqrt_a, sqrt_b)
     f64 = lambda v: v.to(torch.float64)  # noqa: E731
     if use_clipped_model_output:
         # eps recomputed from the clipped x0: eps = (x - sqrt(a_t)*x0c) / sqrt(b_t)
@@ -52,7 +55,7 @@ def ddim_table(
         ex, em = eps_conversion(prediction_type, sqrt_a, sqrt_b)
         ox, om = f64(direction) * f64(ex), f64(direction) * f64(em)
         o0 = f64(a_p**0.5)
-    return assemble(a_t.shape[0], ax=ax, am=am, p0=1.0, ox=ox, o0=o0, om=om, on=std)
+    return assemble(a_t.shape[0], **x0, p0=1.0, ox=ox, o0=o0, om=om, on=std)
 
 
 def ddim_inverse_table(
@@ -67,11 +70,11 @@ def ddim_inverse_table(
     a_c = torch.where(c >= 0, alphas_cumprod[c.clamp(min=0)], initial_alpha_cumprod.to(alphas_cumprod.dtype))
     a_target = alphas_cumprod
     sqrt_a, sqrt_b = a_c**0.5, (1 - a_c) ** 0.5
-    ax, am = x0_conversion(prediction_type, sqrt_a, sqrt_b)
+    x0 = x0_conversion(prediction_type, sqrt_a, sqrt_b)
     ex, em = eps_conversion(prediction_type, sqrt_a, sqrt_b)
     direction = ((1 - a_target) ** 0.5).to(torch.float64)
     return assemble(
-        T, ax=ax, am=am, p0=1.0,
+        T, **x0, p0=1.0,
         ox=direction * ex.to(torch.float64), om=direction * em.to(torch.float64), o0=a_target**0.5,
     )
 
@@ -81,10 +84,10 @@ def cogvideox_ddim_table(
 ) -> torch.Tensor:
     """CogVideoXDDIM: prev = A*x + B*x0 with A = sqrt((1-a_p)/(1-a_t)), B = sqrt(a_p) - sqrt(a_t)*A."""
     a_t, a_p = _previous_alphas(alphas_cumprod, step_gap, final_alpha_cumprod)
-    ax, am = x0_conversion(prediction_type, a_t**0.5, (1 - a_t) ** 0.5)
+    x0 = x0_conversion(prediction_type, a_t**0.5, (1 - a_t) ** 0.5)
     A = ((1 - a_p) / (1 - a_t)) ** 0.5
     B = a_p**0.5 - a_t**0.5 * A
-    return assemble(a_t.shape[0], ax=ax, am=am, p0=1.0, ox=A, o0=B)
+    return assemble(a_t.shape[0], **x0, p0=1.0, ox=A, o0=B)
 
 
 def _half_lambda(a: torch.Tensor) -> torch.Tensor:
@@ -102,20 +105,20 @@ def cogvideox_dpm_rows(
     First order (a_back None): prev = M1*x - M2*x0 + Mn*z.
     Second order: prev = M1*x - M2*(M3*x0 - M4*old) + Mn*z, with old in history slot h1.
     """
-    ax, am = x0_conversion(prediction_type, a_t**0.5, (1 - a_t) ** 0.5)
+    x0 = x0_conversion(prediction_type, a_t**0.5, (1 - a_t) ** 0.5)
     lam, lam_next = _half_lambda(a_t), _half_lambda(a_p)
     h = lam_next - lam
     m1 = ((1 - a_p) / (1 - a_t)) ** 0.5 * (-h).exp()
     m2 = (-2 * h).expm1() * a_p**0.5
     mn = (1 - a_p) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
     if a_back is None:
-        return assemble(a_t.shape[0], ax=ax, am=am, p0=1.0, ox=m1, o0=-m2, on=mn)
+        return assemble(a_t.shape[0], **x0, p0=1.0, ox=m1, o0=-m2, on=mn)
     r = (lam - _half_lambda(a_back)) / h
     m3 = 1 + 1 / (2 * r)
     m4 = 1 / (2 * r)
     m2_64 = m2.to(torch.float64)
     return assemble(
-        a_t.shape[0], ax=ax, am=am, p0=1.0, ox=m1,
+        a_t.shape[0], **x0, p0=1.0, ox=m1,
         o0=-m2_64 * m3.to(torch.float64), o1=m2_64 * m4.to(torch.float64), on=mn,
     )
 

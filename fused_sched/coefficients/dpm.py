@@ -39,27 +39,30 @@ def _shifted(values: torch.Tensor, back: int, steps: int) -> torch.Tensor:
 
 
 def _conversion_columns(config, sigmas, alpha, sigma, steps):
-    """x0 = ax*x + am*m and the history value d = px*x + p0*x0c + pm*m at sigma index i."""
+    """x0 = as*(ax*x + am*m) and the history value d = px*x + p0*x0c + pm*m at sigma index i."""
     s, a, sg = sigmas[:steps], alpha[:steps], sigma[:steps]
     prediction = config.prediction_type
     if config.algorithm_type in DATA_PREDICTION_ALGORITHMS:
         if prediction == "flow_prediction":
-            ax, am = torch.ones_like(s), -s
-        else:
-            ax, am = x0_conversion(prediction, a, sg)
-        return dict(ax=ax, am=am, p0=1.0)
-    # dpmsolver / sde-dpmsolver store eps; x0 only matters for thresholding.
+            return dict(ax=torch.ones_like(s), am=-s, p0=1.0)
+        return dict(**x0_conversion(prediction, a, sg), p0=1.0)
+    # dpmsolver / sde-dpmsolver store eps; x0 = (x - sigma*eps)/alpha only matters for thresholding.
     ex, em = eps_conversion(prediction, a, sg)
     ex, em = ex.double(), em.double()
     a64, s64 = a.double(), sg.double()
-    ax, am = 1 / a64 - s64 / a64 * ex, -s64 / a64 * em
+    x0 = dict(ax=1 - s64 * ex, am=-s64 * em, **{"as": 1 / a64})
     if config.thresholding:
-        return dict(ax=ax, am=am, px=1 / s64, p0=-a64 / s64)
-    return dict(ax=ax, am=am, px=ex, pm=em)
+        return dict(**x0, px=1 / s64, p0=-a64 / s64)
+    return dict(**x0, px=ex, pm=em)
 
 
 def _update_multipliers(algorithm: str, solver_type: str, order: int, alpha_t, sigma_t, alpha_s0, sigma_s0, h):
-    """(ox, k0, k1, k2, on) with prev = ox*x + k0*D0 + k1*D1 + k2*D2 + on*z (diffusers' scalars)."""
+    """(ox, k0, k1, k2, on) with prev = ox*x + k0*D0 + k1*D1 + k2*D2 + on*z (diffusers' scalars).
+
+    The SDE noise variances 1 - exp(-2h) and exp(2h) - 1 are clamped at 0: they are negative
+    only by rounding, where two consecutive sigmas are equal (lu / karras schedules ending at
+    sigma_min with final_sigmas_type="sigma_min"), and diffusers' sqrt returns NaN there.
+    """
     zero = torch.zeros_like(h)
     k1 = k2 = on = zero
     if algorithm == "dpmsolver++":
@@ -83,7 +86,7 @@ def _update_multipliers(algorithm: str, solver_type: str, order: int, alpha_t, s
     elif algorithm == "sde-dpmsolver++":
         ox = sigma_t / sigma_s0 * torch.exp(-h)
         k0 = alpha_t * (1 - torch.exp(-2.0 * h))
-        on = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
+        on = sigma_t * torch.sqrt((1.0 - torch.exp(-2 * h)).clamp(min=0))
         if order == 2 and solver_type == "midpoint":
             k1 = 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h)))
         elif order >= 2:
@@ -93,7 +96,7 @@ def _update_multipliers(algorithm: str, solver_type: str, order: int, alpha_t, s
     elif algorithm == "sde-dpmsolver":
         ox = alpha_t / alpha_s0
         k0 = -2.0 * (sigma_t * (torch.exp(h) - 1.0))
-        on = sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0)
+        on = sigma_t * torch.sqrt((torch.exp(2 * h) - 1.0).clamp(min=0))
         if order == 2 and solver_type == "midpoint":
             k1 = -(sigma_t * (torch.exp(h) - 1.0))
         elif order == 2:

@@ -10,22 +10,25 @@ from ..ops import layout as L
 def assemble(rows: int, **columns) -> torch.Tensor:
     """A float64 (rows, K) table from named columns (see ``layout.COLUMN_NAMES``).
 
-    Each column is a scalar or a tensor of ``rows`` values; missing columns are 0.
+    Each column is a scalar or a tensor of ``rows`` values; missing columns are 0, except
+    the x0 scale AS, which is 1.
     """
     table = torch.zeros(rows, L.NUM_COEFFICIENTS, dtype=torch.float64)
+    table[:, L.AS] = 1.0
     for name, value in columns.items():
         table[:, L.COLUMN_NAMES.index(name)] = torch.as_tensor(value, dtype=torch.float64)
     return table
 
 
 def x0_conversion(prediction_type: str, alpha, sigma):
-    """(ax, am) with x0 = ax*x + am*m, for x = alpha*x0 + sigma*eps (VP or flow form)."""
+    """Columns ax, am, as with x0 = as*(ax*x + am*m), for x = alpha*x0 + sigma*eps."""
+    one = torch.ones_like(alpha)
     if prediction_type == "epsilon":
-        return 1.0 / alpha, -sigma / alpha
+        return dict(ax=one, am=-sigma, **{"as": 1.0 / alpha})
     if prediction_type == "sample":
-        return torch.zeros_like(alpha), torch.ones_like(alpha)
+        return dict(ax=torch.zeros_like(alpha), am=one)
     if prediction_type == "v_prediction":
-        return alpha, -sigma
+        return dict(ax=alpha, am=-sigma)
     raise ValueError(f"prediction_type={prediction_type!r} is not supported here")
 
 
@@ -61,11 +64,14 @@ class PlacedTable:
             self.on(torch.device(device), torch.float32)
 
     def on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (normalized_device(device), dtype)
-        placed = self._placed.get(key)
+        placed = self._placed.get((device, dtype))  # the hot path: a tensor's own device
         if placed is None:
-            placed = self.host.to(dtype=dtype).to(device).contiguous()
-            self._placed[key] = placed
+            key = (normalized_device(device), dtype)
+            placed = self._placed.get(key)
+            if placed is None:
+                placed = self.host.to(dtype=dtype).to(device).contiguous()
+                self._placed[key] = placed
+            self._placed[(device, dtype)] = placed
         return placed
 
     def __len__(self) -> int:

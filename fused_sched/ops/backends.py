@@ -37,6 +37,7 @@ AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
 }
 
 _loaded: dict[str, object] = {}
+_auto_choice: dict[tuple, object] = {}  # (device type, dtypes) -> backend, for the hot path
 _load_errors: dict[str, str] = {}
 _selected: str | None = None
 
@@ -120,8 +121,13 @@ def select_backend(device: torch.device, dtypes: Iterable[torch.dtype], explicit
                 f"{[str(d) for d in dtypes]}: {reason}"
             )
         return _loaded[name]
+    key = (device.type, dtypes)
+    chosen = _auto_choice.get(key)
+    if chosen is not None:
+        return chosen
     for candidate in AUTO_PREFERENCE.get(device.type, ("torch",)):
         if why_unavailable(candidate, device, dtypes) is None:
+            _auto_choice[key] = _loaded[candidate]
             return _loaded[candidate]
     raise BackendUnavailableError(f"no backend can run on {device}")  # torch runs everywhere
 

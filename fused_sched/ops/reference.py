@@ -16,10 +16,15 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Tensor.to costs a dispatch even when it is a no-op; this path runs every step.
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _rows(coefficients: torch.Tensor, ndim: int, dtype: torch.dtype):
     """Per-column views shaped (B or 1, 1, ..., 1) so they broadcast over one batch row."""
-    c = coefficients.to(dtype)
-    return [c[:, k].reshape((-1,) + (1,) * (ndim - 1)) for k in range(L.NUM_COEFFICIENTS)]
+    c = _as(coefficients, dtype)
+    return c.reshape(c.shape + (1,) * (ndim - 1)).unbind(1)
 
 
 def quantile_rank(q: float, n: int) -> tuple[int, int, float]:
@@ -35,11 +40,16 @@ def quantile_rank(q: float, n: int) -> tuple[int, int, float]:
 
 
 def data_estimate(sample, model_output, coefficients, dtype):
-    """x0 = AX*x + AM*m, before any clipping, in ``dtype``."""
-    x = sample.to(dtype)
-    m = model_output.to(dtype)
-    c = _rows(coefficients, x.dim(), dtype)
-    return c[L.AX] * x + c[L.AM] * m
+    """x0 = AS*(AX*x + AM*m), before any clipping, in ``dtype``."""
+    x = _as(sample, dtype)
+    m = _as(model_output, dtype)
+    return _x0(_rows(coefficients, x.dim(), dtype), x, m)
+
+
+def _x0(c, x, m):
+    # addcmul(a, b, c) = a + b*c: one dispatch instead of two keeps the CPU fallback's
+    # per-step host overhead low on small latents.
+    return torch.addcmul(c[L.AX] * x, c[L.AM], m) * c[L.AS]
 
 
 def threshold_scale(sample, model_output, coefficients, ratio: float, max_value: float):
@@ -55,7 +65,9 @@ def threshold_scale(sample, model_output, coefficients, ratio: float, max_value:
     lo, hi, weight = quantile_rank(ratio, flat.shape[1])
     v_lo = torch.kthvalue(flat, lo + 1, dim=1).values
     v_hi = v_lo if hi == lo else torch.kthvalue(flat, hi + 1, dim=1).values
-    s = torch.lerp(v_lo, v_hi, torch.full_like(v_lo, weight))
+    # Equal order statistics are the quantile; torch.lerp(inf, inf, w) would be NaN (x0 is
+    # +-inf for epsilon prediction where alphas_cumprod is 0, and torch.quantile gives NaN).
+    s = torch.where(v_lo == v_hi, v_lo, torch.lerp(v_lo, v_hi, torch.full_like(v_lo, weight)))
     s = torch.where(torch.isnan(flat).any(dim=1), torch.full_like(s, float("nan")), s)
     return torch.clamp(s, min=1.0, max=max_value)
 
@@ -75,26 +87,26 @@ def fused_step(
 ):
     """Returns (prev, history value or None, x0 or None). Arguments are already validated."""
     dtype = compute_dtype(sample, model_output, *history)
-    x = sample.to(dtype)
-    m = model_output.to(dtype)
+    x = _as(sample, dtype)
+    m = _as(model_output, dtype)
     c = _rows(coefficients, x.dim(), dtype)
 
-    x0 = c[L.AX] * x + c[L.AM] * m
+    x0 = _x0(c, x, m)
     if clip == "clamp":
         x0 = torch.clamp(x0, -clip_range, clip_range)
     elif clip == "threshold":
-        s = scale.to(dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+        s = _as(scale, dtype).reshape((-1,) + (1,) * (x.dim() - 1))
         x0 = torch.minimum(torch.maximum(x0, -s), s) / s
 
-    d = c[L.PX] * x + c[L.P0] * x0 + c[L.PM] * m
-    out = c[L.OX] * x + c[L.O0] * d + c[L.OM] * m
+    d = torch.addcmul(torch.addcmul(c[L.PX] * x, c[L.P0], x0), c[L.PM], m)
+    out = torch.addcmul(torch.addcmul(c[L.OX] * x, c[L.O0], d), c[L.OM], m)
     for column, h in zip((L.O1, L.O2), history):
-        out = out + c[column] * h.to(dtype)
+        out = torch.addcmul(out, c[column], _as(h, dtype))
     if noise is not None:
-        out = out + c[L.ON] * noise.to(dtype)
+        out = torch.addcmul(out, c[L.ON], _as(noise, dtype))
 
     return (
-        out.to(out_dtype),
-        None if history_dtype is None else d.to(history_dtype),
-        None if x0_dtype is None else x0.to(x0_dtype),
+        _as(out, out_dtype),
+        None if history_dtype is None else _as(d, history_dtype),
+        None if x0_dtype is None else _as(x0, x0_dtype),
     )

@@ -41,7 +41,7 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         self._schedule_device = device
         self._host_alphas = (self.alphas_cumprod.cpu(), self.final_alpha_cumprod.cpu())
         table = self._build_table(eta=0.0, use_clipped_model_output=False)
-        self._check_schedule_rows(table, self._host_timesteps)
+        self._check_schedule_rows(table, self._host_timesteps, clips=clip_options(self.config)["clip"] != "none")
 
     def _build_table(self, eta: float, use_clipped_model_output: bool) -> torch.Tensor:
         """Rows for one (eta, use_clipped_model_output): these are step arguments, so a table

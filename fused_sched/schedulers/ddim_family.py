@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..coefficients.table import PlacedTable
+from ..ops import layout as L
 from .base import FusedSchedulerMixin, check_finite_rows
 
 
@@ -20,7 +21,10 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         self._tables[key] = placed
         return placed
 
-    def _check_schedule_rows(self, table: torch.Tensor, scheduled: list[int]) -> None:
+    def _check_schedule_rows(self, table: torch.Tensor, scheduled: list[int], clips: bool = False) -> None:
+        """Refuse a schedule whose rows make inf/NaN. An infinite x0 scale (epsilon prediction
+        where alphas_cumprod is 0) is allowed when the step clips x0: clipping bounds +-inf,
+        as it does in diffusers."""
         def describe(bad):
             return (
                 f"{type(self).__name__}: the coefficients at timestep(s) {bad[:4]} are not finite with "
@@ -31,7 +35,10 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
                 "cannot recover eps where it is 1). Use prediction_type='v_prediction' or change these options."
             )
 
-        check_finite_rows(table, scheduled, describe)
+        checked = table.clone()
+        if clips:
+            checked[:, L.AS] = checked[:, L.AS].nan_to_num(posinf=0.0)
+        check_finite_rows(checked, scheduled, describe)
 
     def _row(self, placed: PlacedTable, timestep, device, dtype) -> torch.Tensor:
         """(1, K) coefficients for ``timestep``: a view when its value is host-known, else a

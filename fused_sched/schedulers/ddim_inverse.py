@@ -22,7 +22,7 @@ class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
         table = ddim_inverse_table(
             self.alphas_cumprod.cpu(), self._step_gap(), self.initial_alpha_cumprod.cpu(), self.config.prediction_type
         )
-        self._check_schedule_rows(table, self._host_timesteps)
+        self._check_schedule_rows(table, self._host_timesteps, clips=self.config.clip_sample)
         self._tables = {}
         self._install_table("step", table, device)
 
