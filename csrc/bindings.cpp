@@ -33,6 +33,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                  "One fused scheduler step on CPU tensors; fills out / history_out / x0_out.");
   def_threshold_scale(m, "cpu_threshold_scale", &fused_sched::cpu::threshold_scale,
                       "Per-row dynamic-thresholding scale (B,) float32 of CPU tensors.");
+  m.def(
+      "cpu_use_portable_kernels_only",
+      [](bool only) { fused_sched::cpu::portable_kernels_only.store(only); },
+      "Tests/benchmarks: run the baseline-ISA CPU loops even on AVX2+FMA CPUs (same results).",
+      pybind11::arg("only"));
 #if defined(FUSED_SCHED_WITH_CUDA)
   def_fused_step(m, "cuda_fused_step", &fused_sched::cuda::fused_step,
                  "One fused scheduler step on CUDA tensors, on the current stream.");

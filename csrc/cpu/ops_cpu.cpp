@@ -6,6 +6,11 @@
 // small fp32 buffers that stay in L1, one float-only loop (templated on clip mode,
 // history count and noise, so it has no branches and auto-vectorises) computes the chunk,
 // and results are converted on the way out. fp32 tensors are read and written in place.
+//
+// The math uses fused multiply-adds (step_math.h). On x86 the two loops that evaluate it
+// are compiled twice: for AVX2+FMA, picked at run time where the CPU has it, and for the
+// baseline ISA, where std::fma is a correctly rounded libm call (same bits, slower). So
+// one binary is exact and portable, and fast on every x86 CPU since 2013.
 #include "ops_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -14,13 +19,33 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "../common/checks.h"
 #include "fused_sched/step_math.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#define FS_FMA_CLONES 1
+#define FS_TARGET_FMA __attribute__((target("avx2,fma")))
+#else
+#define FS_FMA_CLONES 0  // FMA is part of the baseline ISA (aarch64) or std::fma is the best there is
+#endif
+
 namespace fused_sched::cpu {
+
+std::atomic<bool> portable_kernels_only{false};
+
 namespace {
+
+bool use_fma_clones() {
+#if FS_FMA_CLONES
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported && !portable_kernels_only.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
 
 constexpr int64_t kChunk = 512;
 // Below this many elements per task the thread-pool hand-off costs more than the work.
@@ -102,10 +127,11 @@ struct StepArgs {
 };
 
 template <Clip kClip, int kHistory, bool kNoise>
-void step_chunk(const Coefficients& c, const float* __restrict x, const float* __restrict m,
-                const float* __restrict h1, const float* __restrict h2, const float* __restrict z,
-                float* __restrict out, float* __restrict d, float* __restrict x0, int64_t n, float clip_range,
-                float scale) {
+[[gnu::always_inline]] inline void step_loop(const Coefficients& c, const float* __restrict x,
+                                             const float* __restrict m, const float* __restrict h1,
+                                             const float* __restrict h2, const float* __restrict z,
+                                             float* __restrict out, float* __restrict d, float* __restrict x0,
+                                             int64_t n, float clip_range, float scale) {
   for (int64_t i = 0; i < n; ++i) {
     const StepValues v = step<kClip, kHistory, kNoise>(c, x[i], m[i], kHistory >= 1 ? h1[i] : 0.0f,
                                                        kHistory >= 2 ? h2[i] : 0.0f, kNoise ? z[i] : 0.0f,
@@ -117,10 +143,51 @@ void step_chunk(const Coefficients& c, const float* __restrict x, const float* _
 }
 
 template <Clip kClip, int kHistory, bool kNoise>
+void step_chunk_portable(const Coefficients& c, const float* x, const float* m, const float* h1, const float* h2,
+                         const float* z, float* out, float* d, float* x0, int64_t n, float clip_range, float scale) {
+  step_loop<kClip, kHistory, kNoise>(c, x, m, h1, h2, z, out, d, x0, n, clip_range, scale);
+}
+
+#if FS_FMA_CLONES
+template <Clip kClip, int kHistory, bool kNoise>
+FS_TARGET_FMA void step_chunk_fma(const Coefficients& c, const float* x, const float* m, const float* h1,
+                                  const float* h2, const float* z, float* out, float* d, float* x0, int64_t n,
+                                  float clip_range, float scale) {
+  step_loop<kClip, kHistory, kNoise>(c, x, m, h1, h2, z, out, d, x0, n, clip_range, scale);
+}
+#endif
+
+// |x0| into dst; returns how many were NaN.
+[[gnu::always_inline]] inline int64_t abs_x0_loop(const Coefficients& c, const float* __restrict x,
+                                                  const float* __restrict m, float* __restrict dst, int64_t n) {
+  int64_t nan_count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::fabs(data_estimate(c, x[i], m[i]));
+    nan_count += is_nan(v);
+    dst[i] = v;
+  }
+  return nan_count;
+}
+
+int64_t abs_x0_portable(const Coefficients& c, const float* x, const float* m, float* dst, int64_t n) {
+  return abs_x0_loop(c, x, m, dst, n);
+}
+
+#if FS_FMA_CLONES
+FS_TARGET_FMA int64_t abs_x0_fma(const Coefficients& c, const float* x, const float* m, float* dst, int64_t n) {
+  return abs_x0_loop(c, x, m, dst, n);
+}
+#endif
+
+template <Clip kClip, int kHistory, bool kNoise>
 void run_step(const StepArgs& a) {
   const int64_t chunks_per_row = (a.row_size + kChunk - 1) / kChunk;
   const int64_t tasks = a.batch * chunks_per_row;
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / kChunk);
+  auto* chunk_fn = &step_chunk_portable<kClip, kHistory, kNoise>;
+#if FS_FMA_CLONES
+  if (use_fma_clones()) chunk_fn = &step_chunk_fma<kClip, kHistory, kNoise>;
+#endif
   at::parallel_for(0, tasks, grain, [&](int64_t task_begin, int64_t task_end) {
     alignas(64) float bx[kChunk], bm[kChunk], bh1[kChunk], bh2[kChunk], bz[kChunk];
     alignas(64) float bout[kChunk], bd[kChunk], bx0[kChunk];
@@ -140,7 +207,7 @@ void run_step(const StepArgs& a) {
       float* out = a.out.target(begin, bout);
       float* d = a.d.target(begin, bd);
       float* x0 = a.x0.target(begin, bx0);
-      step_chunk<kClip, kHistory, kNoise>(c, x, m, h1, h2, z, out, d, x0, n, a.clip_range, scale);
+      chunk_fn(c, x, m, h1, h2, z, out, d, x0, n, a.clip_range, scale);
       a.out.commit(begin, n, out);
       a.d.commit(begin, n, d);
       a.x0.commit(begin, n, x0);
@@ -223,6 +290,10 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
   const int64_t chunks_per_row = (row_size + kChunk - 1) / kChunk;
   const int64_t tasks = batch * chunks_per_row;
   std::vector<uint8_t> chunk_has_nan(static_cast<size_t>(tasks), 0);
+  auto* abs_x0 = &abs_x0_portable;
+#if FS_FMA_CLONES
+  if (use_fma_clones()) abs_x0 = &abs_x0_fma;
+#endif
   at::parallel_for(0, tasks, std::max<int64_t>(1, kMinElementsPerTask / kChunk), [&](int64_t tb, int64_t te) {
     alignas(64) float bx[kChunk], bm[kChunk];
     for (int64_t task = tb; task < te; ++task) {
@@ -233,14 +304,7 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
       const Coefficients c = load_coefficients(coef + (coefficient_rows == 1 ? 0 : row) * kNumCoefficients);
       const float* xs = x.chunk(begin, n, bx);
       const float* ms = m.chunk(begin, n, bm);
-      float* dst = keys.data() + begin;
-      int nan_count = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = std::fabs(data_estimate(c, xs[i], ms[i]));
-        nan_count += is_nan(v);
-        dst[i] = v;
-      }
-      chunk_has_nan[task] = nan_count != 0;
+      chunk_has_nan[task] = abs_x0(c, xs, ms, keys.data() + begin, n) != 0;
     }
   });
 

@@ -33,6 +33,7 @@ __all__ = [
     "aot_extension",
     "build_directory",
     "cuda_unavailable_reason",
+    "extension_modules",
     "extension_sources",
     "load_extension",
 ]
@@ -109,6 +110,13 @@ def aot_extension():
         extra_compile_args=args if with_cuda else args["cxx"],
         extra_link_args=_openmp_flags(),
     )
+
+
+def extension_modules():
+    """(ext_modules, cmdclass) for setup.py's ahead-of-time build."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    return [aot_extension()], {"build_ext": BuildExtension}
 
 
 def build_directory(with_cuda: bool) -> Path:

@@ -1,12 +1,13 @@
 // The per-element step math shared by the CPU and CUDA kernels.
 //
-// Written once so that both backends round identically: every product and sum is a
-// separately rounded fp32 operation in the order of fused_sched/ops/reference.py, so the
-// kernels reproduce the eager torch evaluation bit for bit. FMA contraction would be
-// (slightly) more accurate, but it would make the backends disagree with the reference
-// and with each other, and the step is memory-bound, so the extra instructions are free.
-// The host build disables contraction with -ffp-contract=off; device code uses the
-// explicitly rounded __fmul_rn/__fadd_rn intrinsics, which nvcc never fuses.
+// Written once so that both backends round identically, and as the reference does:
+// fused_sched/ops/reference.py builds each sum with torch.addcmul(a, b, c) = a + b*c,
+// which ATen evaluates as one fused multiply-add (its AVX2/AVX-512 CPU kernels and its
+// CUDA kernel), and every other product or sum separately rounded. Here the same terms
+// are explicit fmadd() calls and every other operation is explicitly rounded, so the
+// compiler cannot contract or reassociate anything: host code is built with
+// -ffp-contract=off, and device code uses __fmaf_rn / __fmul_rn / __fadd_rn, which nvcc
+// never fuses further.
 //
 // This header includes no torch and no CUDA header, so g++ compiles it on its own.
 #pragma once
@@ -36,14 +37,15 @@ enum Column : int {
   kO1 = 8,
   kO2 = 9,
   kON = 10,
-  kNumCoefficients = 11,
+  kAS = 11,
+  kNumCoefficients = 12,
 };
 
 // Values match layout.CLIP_MODES' positions; the bindings pass them as ints.
 enum class Clip : int { kNone = 0, kClamp = 1, kThreshold = 2 };
 
 struct Coefficients {
-  float ax, am, px, p0, pm, ox, o0, om, o1, o2, on;
+  float ax, am, px, p0, pm, ox, o0, om, o1, o2, on, as;
 };
 
 FS_HD Coefficients load_coefficients(const float* row) {
@@ -59,6 +61,7 @@ FS_HD Coefficients load_coefficients(const float* row) {
   c.o1 = row[kO1];
   c.o2 = row[kO2];
   c.on = row[kON];
+  c.as = row[kAS];
   return c;
 }
 
@@ -70,11 +73,14 @@ FS_HD float mul(float a, float b) {
 #endif
 }
 
-FS_HD float add(float a, float b) {
+// a*b + c with one rounding. On the host this is std::fma: a single instruction where the
+// caller is compiled for FMA (the CPU kernels' FMA clones), a correctly rounded libm call
+// otherwise, so every build gives the same bits.
+FS_HD float fmadd(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
+  return __fmaf_rn(a, b, c);
 #else
-  return a + b;
+  return std::fma(a, b, c);
 #endif
 }
 
@@ -88,8 +94,12 @@ FS_HD float nan_min(float a, float b) { return (a < b || is_nan(a)) ? a : b; }
 // torch.clamp(v, lo, hi) for lo <= hi: NaN passes through.
 FS_HD float clamp_keep_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// x0 = AX*x + AM*m, before clipping.
-FS_HD float data_estimate(const Coefficients& c, float x, float m) { return add(mul(c.ax, x), mul(c.am, m)); }
+// x0 = AS*(AX*x + AM*m), before clipping (an addcmul, then a product, in the reference). The sum is formed first and scaled after (see
+// layout.py): for epsilon prediction AS = 1/sqrt(alpha), which is +inf on zero-SNR
+// schedules, and scaling the cancelled sum gives the +-inf that clipping then bounds.
+FS_HD float data_estimate(const Coefficients& c, float x, float m) {
+  return mul(fmadd(c.am, m, mul(c.ax, x)), c.as);
+}
 
 // clamp: x0 to [-r, r]. threshold: clamp(x0, -s, s) / s with the row's scale s; a true
 // division (not a reciprocal product) because that is what the reference rounds.
@@ -106,19 +116,20 @@ FS_HD float apply_clip(float x0, float clip_range, float scale) {
   }
 }
 
-// d = PX*x + P0*x0 + PM*m: what the multistep history stores.
+// d = PX*x + P0*x0 + PM*m: what the multistep history stores (two addcmuls in the reference).
 FS_HD float history_value(const Coefficients& c, float x, float x0, float m) {
-  return add(add(mul(c.px, x), mul(c.p0, x0)), mul(c.pm, m));
+  return fmadd(c.pm, m, fmadd(c.p0, x0, mul(c.px, x)));
 }
 
-// out = OX*x + O0*d + OM*m (+ O1*h1) (+ O2*h2) (+ ON*z), terms added left to right.
+// out = OX*x + O0*d + OM*m (+ O1*h1) (+ O2*h2) (+ ON*z), terms added left to right, each
+// after the first by an addcmul in the reference.
 template <int kHistory, bool kNoise>
 FS_HD float combine(const Coefficients& c, float x, float d, float m, float h1, float h2, float z) {
   static_assert(kHistory >= 0 && kHistory <= 2, "at most two history terms");
-  float out = add(add(mul(c.ox, x), mul(c.o0, d)), mul(c.om, m));
-  if constexpr (kHistory >= 1) out = add(out, mul(c.o1, h1));
-  if constexpr (kHistory >= 2) out = add(out, mul(c.o2, h2));
-  if constexpr (kNoise) out = add(out, mul(c.on, z));
+  float out = fmadd(c.om, m, fmadd(c.o0, d, mul(c.ox, x)));
+  if constexpr (kHistory >= 1) out = fmadd(c.o1, h1, out);
+  if constexpr (kHistory >= 2) out = fmadd(c.o2, h2, out);
+  if constexpr (kNoise) out = fmadd(c.on, z, out);
   (void)h1;
   (void)h2;
   (void)z;
