@@ -131,3 +131,21 @@ def bytes_per_step(kind: str, shape, dtype) -> int:
     if "threshold" in kind:
         reads += 2 * 4  # the selection passes re-read x and m (four radix digits)
     return numel * element * (reads + writes)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int | None = None, repeats: int = 10) -> float:
+    """Bytes/s of a device-to-device copy (read + write), measured now: the roofline a
+    memory-bound step is judged against."""
+    if megabytes is None:
+        megabytes = 1024 if device.type == "cuda" else 64
+    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    _synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        _synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return 2 * source.numel() * source.element_size() / statistics.median(samples)

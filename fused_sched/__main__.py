@@ -1,0 +1,190 @@
+"""`fused-sched` command: bench, verify, info."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+
+import torch
+
+from . import __version__, ops
+from .benchmark import DTYPES, SCHEDULERS, SHAPES, bytes_per_step, copy_bandwidth, time_step
+
+
+class UsageError(Exception):
+    pass
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this torch has no usable CUDA device")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UsageError(f"--device {name!r}: expected 'cpu' or 'cuda[:N]'")
+    return torch.device(name)
+
+
+def _choices(value: str, known, argument: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    for name in names:
+        if name not in known:
+            raise UsageError(f"{argument} {name!r} is not one of: {', '.join(known)}")
+    return names
+
+
+def _shape(value: str):
+    if value in SHAPES:
+        return value, SHAPES[value]
+    try:
+        dims = tuple(int(d) for d in value.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims) or len(dims) < 2:
+        raise UsageError(f"--shape {value!r}: a preset ({', '.join(SHAPES)}) or dims like 2x4x64x64")
+    return value, dims
+
+
+def _metadata(device: torch.device) -> dict:
+    import diffusers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=f"{device.type}: {name}", threads=torch.get_num_threads(), torch=torch.__version__,
+                cuda=torch.version.cuda, diffusers=diffusers.__version__, fused_sched=__version__,
+                python=platform.python_version())
+
+
+def cmd_info(args) -> int:
+    device = _device(args.device)
+    for key, value in _metadata(device).items():
+        print(f"{key:>12}: {value}")
+    print("    backends:")
+    for name, reason in ops.availability(device).items():
+        print(f"{'':>14}{name:<8} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    kinds = _choices(args.scheduler, SCHEDULERS, "--scheduler")
+    failed = False
+    for kind in kinds:
+        for verdict in verify(kind, steps=args.steps, device=str(_device(args.device))):
+            if verdict.max_relative_error is None:
+                print(f"{kind:<20} {verdict.backend:<8} skipped ({verdict.note})")
+                continue
+            status = "ok" if verdict.passed else "FAIL"
+            print(f"{kind:<20} {verdict.backend:<8} max rel error {verdict.max_relative_error:.2e}  "
+                  f"(tolerance 1e-04) {status}")
+            failed |= not verdict.passed
+    return 1 if failed else 0
+
+
+def _default_cases(device: torch.device):
+    if device.type == "cuda":
+        return list(SCHEDULERS), ["cogvideox-49f", "wan-720p", "hunyuan-720p"], ["fp32", "bf16"]
+    return ["ddim", "dpm++2m", "dpm++2m-threshold", "cogvideox-ddim"], ["tiny", "sd-512"], ["fp32"]
+
+
+def cmd_bench(args) -> int:
+    device = _device(args.device)
+    default_schedulers, default_shapes, default_dtypes = _default_cases(device)
+    kinds = _choices(args.scheduler, SCHEDULERS, "--scheduler") if args.scheduler else default_schedulers
+    shapes = [_shape(s) for s in args.shape.split(",")] if args.shape else [(s, SHAPES[s]) for s in default_shapes]
+    dtypes = _choices(args.dtype, DTYPES, "--dtype") if args.dtype else default_dtypes
+    available = [n for n, reason in ops.availability(device).items() if reason is None]
+    backends = _choices(args.backend, ops.known_backends()[1:], "--backend") if args.backend else available
+    for name in backends:
+        reason = ops.backends.why_unavailable(name, device, (torch.float32,))
+        if reason is not None:
+            raise UsageError(f"--backend {name}: unavailable on {device}: {reason}")
+
+    bandwidth = copy_bandwidth(device)
+    cases = [(k, s, d) for k in kinds for s in shapes for d in dtypes]
+    rows = []
+    total = len(cases) * (1 + len(backends))
+    done = 0
+    for kind, (shape_name, shape), dtype_name in cases:
+        dtype = DTYPES[dtype_name]
+        moved = bytes_per_step(kind, shape, dtype)
+        baseline = time_step(kind, "diffusers", shape, dtype, device, repeats=args.repeats, steps=args.steps)
+        done += 1
+        _progress(done, total)
+        rows.append(_row(kind, shape_name, shape, dtype_name, "diffusers", baseline, baseline, moved, bandwidth))
+        for backend in backends:
+            timing = time_step(kind, "fused", shape, dtype, device, backend=backend, repeats=args.repeats,
+                               steps=args.steps)
+            done += 1
+            _progress(done, total)
+            rows.append(_row(kind, shape_name, shape, dtype_name, backend, timing, baseline, moved, bandwidth))
+    print(file=sys.stderr)
+    _print_table(rows, device, bandwidth)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9), rows=rows), f, indent=2)
+    return 0
+
+
+def _progress(done: int, total: int) -> None:
+    width = 30
+    filled = width * done // total
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
+
+
+def _row(kind, shape_name, shape, dtype_name, backend, timing, baseline, moved, bandwidth):
+    achieved = moved / timing.median_s
+    return dict(scheduler=kind, shape=shape_name, dims=list(shape), dtype=dtype_name, backend=backend,
+                median_us=timing.median_s * 1e6, iqr_us=timing.spread_s * 1e6, samples=timing.samples,
+                speedup_vs_diffusers=baseline.median_s / timing.median_s, bytes_per_step=moved,
+                achieved_GBps=achieved / 1e9, percent_of_copy_bandwidth=100 * achieved / bandwidth)
+
+
+def _print_table(rows, device, bandwidth) -> None:
+    print(f"device {device}, measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    header = f"{'scheduler':<18} {'shape':<14} {'dtype':<5} {'backend':<9} {'median us':>10} {'IQR us':>8} " \
+             f"{'speedup':>8} {'GB/s':>8} {'% copy':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['scheduler']:<18} {r['shape']:<14} {r['dtype']:<5} {r['backend']:<9} {r['median_us']:>10.1f} "
+              f"{r['iqr_us']:>8.1f} {r['speedup_vs_diffusers']:>7.2f}x {r['achieved_GBps']:>8.2f} "
+              f"{r['percent_of_copy_bandwidth']:>6.1f}%")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fused-sched", description="Fused diffusers schedulers: bench, verify, info")
+    sub = parser.add_subparsers(dest="command")
+    info = sub.add_parser("info", help="versions, device, backends and why any is unavailable")
+    info.add_argument("--device")
+    verify = sub.add_parser("verify", help="whole trajectories vs diffusers, max error per backend")
+    verify.add_argument("--scheduler", default="ddim,dpm++2m,cogvideox-ddim",
+                        help=f"comma-separated, from: {', '.join(SCHEDULERS)}")
+    verify.add_argument("--steps", type=int, default=20)
+    verify.add_argument("--device")
+    bench = sub.add_parser("bench", help="step latency: schedulers x backends x shapes x dtypes vs diffusers")
+    bench.add_argument("--scheduler", help=f"comma-separated, from: {', '.join(SCHEDULERS)}")
+    bench.add_argument("--backend", help="comma-separated backends (default: every available one)")
+    bench.add_argument("--shape", help=f"comma-separated presets ({', '.join(SHAPES)}) or dims like 1x4x64x64")
+    bench.add_argument("--dtype", help=f"comma-separated, from: {', '.join(DTYPES)}")
+    bench.add_argument("--steps", type=int, default=20, help="length of the schedule the step is taken from")
+    bench.add_argument("--repeats", type=int, default=30)
+    bench.add_argument("--device")
+    bench.add_argument("--json", help="write the rows and metadata to this file")
+    args = parser.parse_args(argv)
+    command = args.command or "bench"
+    if args.command is None:
+        args = parser.parse_args(["bench"] + (argv or []))
+    try:
+        return {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench}[command](args)
+    except UsageError as error:
+        print(f"fused-sched: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
