@@ -106,7 +106,8 @@ def aot_extension():
     return kind(
         name=PREBUILT_MODULE,
         sources=extension_sources(with_cuda, relative=True),
-        include_dirs=[str(Path("csrc") / "include")],
+        # Absolute: BuildExtension compiles with ninja from the build folder.
+        include_dirs=[str(CSRC / "include")],
         extra_compile_args=args if with_cuda else args["cxx"],
         extra_link_args=_openmp_flags(),
     )
