@@ -37,7 +37,9 @@ AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
 }
 
 _loaded: dict[str, object] = {}
-_auto_choice: dict[tuple, object] = {}  # (device type, dtypes) -> backend, for the hot path
+# (requested name, device type, dtypes) -> backend that runs it: selection is on the hot path.
+# Availability depends only on these (and on the machine), so a choice never goes stale.
+_choices: dict[tuple, object] = {}
 _load_errors: dict[str, str] = {}
 _selected: str | None = None
 
@@ -113,6 +115,10 @@ def select_backend(device: torch.device, dtypes: Iterable[torch.dtype], explicit
     """The backend object that will run a case on ``device`` with these storage dtypes."""
     dtypes = tuple(dtypes)
     name = requested_backend(explicit)
+    key = (name, device.type, dtypes)
+    chosen = _choices.get(key)
+    if chosen is not None:
+        return chosen
     if name != "auto":
         reason = why_unavailable(name, device, dtypes)
         if reason is not None:
@@ -120,14 +126,11 @@ def select_backend(device: torch.device, dtypes: Iterable[torch.dtype], explicit
                 f"backend {name!r} cannot run on {device} with dtypes "
                 f"{[str(d) for d in dtypes]}: {reason}"
             )
+        _choices[key] = _loaded[name]
         return _loaded[name]
-    key = (device.type, dtypes)
-    chosen = _auto_choice.get(key)
-    if chosen is not None:
-        return chosen
     for candidate in AUTO_PREFERENCE.get(device.type, ("torch",)):
         if why_unavailable(candidate, device, dtypes) is None:
-            _auto_choice[key] = _loaded[candidate]
+            _choices[key] = _loaded[candidate]
             return _loaded[candidate]
     raise BackendUnavailableError(f"no backend can run on {device}")  # torch runs everywhere
 
