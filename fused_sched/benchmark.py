@@ -60,7 +60,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _stepper(kind: str, scheduler, x: torch.Tensor, m: torch.Tensor, steps_before: int):
+def stepper(kind: str, scheduler, x: torch.Tensor, m: torch.Tensor, steps_before: int):
     """A zero-argument callable doing one mid-trajectory step; state is reset on each call so
     every repeat measures the same step (same order, same history)."""
     timesteps = scheduler.timesteps
@@ -90,7 +90,7 @@ def time_step(kind: str, which: str, shape, dtype, device, backend: str | None =
     generator = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
     m = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-    step = _stepper(kind, scheduler, x, m, steps // 2)
+    step = stepper(kind, scheduler, x, m, steps // 2)
     context = ops.use_backend(backend) if (which == "fused" and backend) else _nullcontext()
     samples = []
     with context:
