@@ -34,8 +34,10 @@ def quantile_rank(q: float, n: int) -> tuple[int, int, float]:
     pick a different weight for large n (e.g. n = 1,123,200).
     """
     rank = np.float32(q) * np.float32(n - 1)
-    lo = int(np.floor(rank))
-    hi = int(np.ceil(rank))
+    # Above 2**24 elements (where torch.quantile refuses) n - 1 itself rounds in float32 and
+    # the rank can land past the last index: clamp, as the kernels do.
+    lo = min(int(np.floor(rank)), n - 1)
+    hi = min(int(np.ceil(rank)), n - 1)
     return lo, hi, float(rank - np.float32(lo))
 
 

@@ -186,10 +186,12 @@ FS_HD float lerp_like_torch(float a, float b, float w) {
 }
 
 // The final scale from the two order statistics: NaN when the row held a NaN (as
-// torch.quantile gives), then torch.clamp(s, min=1, max=max_value).
+// torch.quantile gives), then torch.clamp(s, min=1, max=max_value). Equal statistics are the
+// quantile itself: lerp(inf, inf, w) would be NaN (x0 = +-inf for epsilon prediction where
+// alphas_cumprod is 0), as it is in the reference.
 FS_HD float threshold_from_order_statistics(float v_lo, float v_hi, float weight, bool row_has_nan,
                                             float max_value) {
-  float s = lerp_like_torch(v_lo, v_hi, weight);
+  float s = v_lo == v_hi ? v_lo : lerp_like_torch(v_lo, v_hi, weight);
   if (row_has_nan) s = NAN;
   if (is_nan(s)) return s;
   s = s < 1.0f ? 1.0f : s;
