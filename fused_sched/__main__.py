@@ -97,7 +97,10 @@ def cmd_bench(args) -> int:
     kinds = _choices(args.scheduler, SCHEDULERS, "--scheduler") if args.scheduler else default_schedulers
     shapes = [_shape(s) for s in args.shape.split(",")] if args.shape else [(s, SHAPES[s]) for s in default_shapes]
     dtypes = _choices(args.dtype, DTYPES, "--dtype") if args.dtype else default_dtypes
-    available = [n for n, reason in ops.availability(device).items() if reason is None]
+    # Triton's interpreter (TRITON_INTERPRET=1, how it runs without a GPU) executes kernels in
+    # Python: correct, but its timings say nothing about the kernels, so it is not a default.
+    available = [n for n, reason in ops.availability(device).items()
+                 if reason is None and not (n == "triton" and device.type == "cpu")]
     backends = _choices(args.backend, ops.known_backends()[1:], "--backend") if args.backend else available
     for name in backends:
         reason = ops.backends.why_unavailable(name, device, (torch.float32,))
