@@ -27,15 +27,10 @@ def _x0_dtype(config, sample, model_output):
 class FusedCogVideoXDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDDIMScheduler):
     __init__ = validated_init(CogVideoXDDIMScheduler.__init__, _check_config)
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        super().set_timesteps(num_inference_steps, device=device)
-        self._remember_schedule()
-        table = cogvideox_ddim_table(
-            self.alphas_cumprod.cpu(), self._step_gap(), self.final_alpha_cumprod.cpu(), self.config.prediction_type
-        )
-        self._check_schedule_rows(table, self._host_timesteps)
-        self._tables = {}
-        self._install_table("step", table, device)
+    def _build_tables(self, device) -> None:
+        alphas, final = self._host_alphas
+        table = cogvideox_ddim_table(alphas, self._step_gap(), final, self.config.prediction_type)
+        self._install_table("step", table, device, clips=False)
 
     def step(
         self,
@@ -65,16 +60,11 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
 
     __init__ = validated_init(CogVideoXDPMScheduler.__init__, _check_config)
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        super().set_timesteps(num_inference_steps, device=device)
-        self._remember_schedule()
-        alphas = self.alphas_cumprod.cpu()
-        final = self.final_alpha_cumprod.cpu()
-        first = cogvideox_dpm_first_order_table(alphas, self._step_gap(), final, self.config.prediction_type)
-        self._check_schedule_rows(first, self._host_timesteps)
-        self._tables = {}
-        self._install_table("first", first, device)
+    def _build_tables(self, device) -> None:
+        alphas, final = self._host_alphas
         gap = self._step_gap()
+        first = cogvideox_dpm_first_order_table(alphas, gap, final, self.config.prediction_type)
+        self._install_table("first", first, device, clips=False)
         # Steps with t - gap < 0 are first order whatever the history, so need no pair row.
         pairs = [p for p in zip(self._host_timesteps[1:], self._host_timesteps[:-1]) if p[0] - gap >= 0]
         self._pair_rows = {pair: i for i, pair in enumerate(pairs)}
@@ -82,11 +72,11 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         self._install_table("second", second, device)
 
     def _second_order_rows(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
-        alphas = self.alphas_cumprod.cpu()
+        alphas, final = self._host_alphas
         t = torch.tensor([p[0] for p in pairs])
         back = torch.tensor([p[1] for p in pairs])
         t_prev = t - self._step_gap()
-        a_prev = torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)], self.final_alpha_cumprod.cpu().to(alphas.dtype))
+        a_prev = torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)], final.to(alphas.dtype))
         rows = cogvideox_dpm_rows(alphas[t], a_prev, self.config.prediction_type, alphas[back])
         bad = [pair for pair, row in zip(pairs, rows) if not bool(torch.isfinite(row).all())]
         if bad:

@@ -34,12 +34,7 @@ def clip_options(config) -> dict:
 class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
     __init__ = validated_init(DDIMScheduler.__init__, _check_config)
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        super().set_timesteps(num_inference_steps, device=device)
-        self._remember_schedule()
-        self._tables = {}
-        self._schedule_device = device
-        self._host_alphas = (self.alphas_cumprod.cpu(), self.final_alpha_cumprod.cpu())
+    def _build_tables(self, device) -> None:
         table = self._build_table(eta=0.0, use_clipped_model_output=False)
         self._check_schedule_rows(table, self._host_timesteps, clips=clip_options(self.config)["clip"] != "none")
 

@@ -13,10 +13,25 @@ from .base import FusedSchedulerMixin, check_finite_rows
 class DDIMFamilyMixin(FusedSchedulerMixin):
     _tables: dict
 
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        super().set_timesteps(num_inference_steps, device=device)
+        self._remember_schedule()
+        self._tables = {}
+        self._schedule_device = device
+        self._host_alphas = (self.alphas_cumprod.cpu(), self._boundary_alpha().cpu())
+        self._build_tables(device)  # each class installs the tables its step reads
+
+    def _boundary_alpha(self) -> torch.Tensor:
+        """The alpha-bar used past the schedule's end (final, or initial for the inverse)."""
+        return self.final_alpha_cumprod
+
     def _step_gap(self) -> int:
         return self.config.num_train_timesteps // self.num_inference_steps
 
-    def _install_table(self, key, table: torch.Tensor, device) -> PlacedTable:
+    def _install_table(self, key, table: torch.Tensor, device, clips: bool | None = None) -> PlacedTable:
+        """Place ``table`` for steps; with ``clips`` given, first refuse non-finite scheduled rows."""
+        if clips is not None:
+            self._check_schedule_rows(table, self._host_timesteps, clips)
         placed = PlacedTable(table, device)
         self._tables[key] = placed
         return placed

@@ -16,15 +16,13 @@ from .ddim_family import DDIMFamilyMixin
 class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
     __init__ = validated_init(DDIMInverseScheduler.__init__, _check_config)
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        super().set_timesteps(num_inference_steps, device=device)
-        self._remember_schedule()
-        table = ddim_inverse_table(
-            self.alphas_cumprod.cpu(), self._step_gap(), self.initial_alpha_cumprod.cpu(), self.config.prediction_type
-        )
-        self._check_schedule_rows(table, self._host_timesteps, clips=self.config.clip_sample)
-        self._tables = {}
-        self._install_table("step", table, device)
+    def _boundary_alpha(self) -> torch.Tensor:
+        return self.initial_alpha_cumprod
+
+    def _build_tables(self, device) -> None:
+        alphas, initial = self._host_alphas
+        table = ddim_inverse_table(alphas, self._step_gap(), initial, self.config.prediction_type)
+        self._install_table("step", table, device, clips=self.config.clip_sample)
 
     def step(
         self,
