@@ -33,7 +33,7 @@ PREDICTIONS = st.sampled_from(["epsilon", "sample", "v_prediction"])
 # The Triton interpreter runs kernels in Python on CPU, about 100x slower than the other
 # backends: it gets fewer examples, still covering every kernel specialisation the
 # configurations reach (the kernels themselves are exhaustively checked in their own tests).
-EXAMPLES = {"torch": 120, "cpu": 120, "cuda": 120, "triton": 6}
+EXAMPLES = {"torch": 120, "cpu": 120, "cuda": 120, "triton": 15}
 
 
 def property_test(backend, case, **strategies):

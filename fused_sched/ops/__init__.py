@@ -136,6 +136,20 @@ def fused_step(
     _check_output_dtype("history_dtype", history_dtype)
     _check_output_dtype("x0_dtype", x0_dtype)
 
+    if torch.compiler.is_compiling():
+        # Traced as one opaque node (see compiled.py): no graph break into backend code.
+        prev, d, x0 = compiled.fused_step_op(
+            sample, model_output, coefficients, list(history), noise, clip, float(clip_range),
+            float(threshold_ratio), float(threshold_max), out_dtype, history_dtype, x0_dtype, backend,
+        )
+        return StepOutputs(prev, d if history_dtype is not None else None, x0 if x0_dtype is not None else None)
+    return run_backend(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
+                       threshold_max, out_dtype, history_dtype, x0_dtype, backend)
+
+
+def run_backend(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
+                out_dtype, history_dtype, x0_dtype, backend) -> StepOutputs:
+    """Select the backend and run the (already validated) step on it."""
     dtypes = (sample.dtype, model_output.dtype) + tuple(h.dtype for h in history)
     if noise is not None:
         dtypes += (noise.dtype,)
@@ -148,3 +162,6 @@ def fused_step(
         clip, float(clip_range), scale, out_dtype, history_dtype, x0_dtype,
     )
     return StepOutputs(prev, d, x0)
+
+
+from . import compiled  # noqa: E402  (registers fused_sched::fused_step; needs run_backend)

@@ -51,6 +51,9 @@ class FusedSchedulerMixin:
         if (
             schedule is None
             or not isinstance(timestep, torch.Tensor)
+            # torch.compile cannot trace storage pointers; a traced step gathers its row on
+            # the device instead, which is also what keeps a captured graph's arguments fixed.
+            or torch.compiler.is_compiling()
             or timestep.dim() != 0
             or timestep.dtype != schedule.dtype
             or timestep.device != schedule.device

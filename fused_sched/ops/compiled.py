@@ -1,0 +1,54 @@
+"""``fused_sched::fused_step`` as a torch.library custom op, for torch.compile.
+
+Under ``torch.compile`` the public op calls this instead of dispatching in Python, so
+dynamo records one opaque node (shapes and dtypes from the fake implementation) and never
+traces into backend selection, extension loading or kernel launch code. Eager calls do not
+go through it: the custom-op dispatcher costs tens of microseconds per call, which is most
+of a small step's budget.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    # custom ops return tensors only: an output that was not asked for is an empty tensor
+    return like.new_empty((0,))
+
+
+@torch.library.custom_op("fused_sched::fused_step", mutates_args=())
+def fused_step_op(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    coefficients: torch.Tensor,
+    history: list[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    clip: str,
+    clip_range: float,
+    threshold_ratio: float,
+    threshold_max: float,
+    out_dtype: torch.dtype,
+    history_dtype: Optional[torch.dtype],
+    x0_dtype: Optional[torch.dtype],
+    backend: Optional[str],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import run_backend
+
+    prev, d, x0 = run_backend(sample, model_output, coefficients, tuple(history), noise, clip, clip_range,
+                              threshold_ratio, threshold_max, out_dtype, history_dtype, x0_dtype, backend)
+    # The fake implementation promises fresh contiguous outputs.
+    return (prev.contiguous().clone() if prev.data_ptr() == sample.data_ptr() else prev.contiguous(),
+            _empty(sample) if d is None else d.contiguous(),
+            _empty(sample) if x0 is None else x0.contiguous())
+
+
+@fused_step_op.register_fake
+def _(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
+      out_dtype, history_dtype, x0_dtype, backend):
+    def like(dtype):
+        return _empty(sample) if dtype is None else sample.new_empty(sample.shape, dtype=dtype)
+
+    return like(out_dtype), like(history_dtype), like(x0_dtype)
