@@ -1,0 +1,121 @@
+"""What the Triton kernels share: interpreter detection, column constants, the x0 formula.
+
+Rounding. The kernels evaluate exactly the operations of ``fused_sched/ops/reference.py``:
+each ``torch.addcmul(a, b, c)`` there is computed by ATen as one fused multiply-add (its
+AVX2/AVX-512 CPU kernels and its CUDA kernel), so here it is an explicit ``tl.fma``; every
+other product, sum and quotient is a separately rounded fp32 operation. An explicit fma
+leaves the compiler nothing to contract (Triton's ``enable_fp_fusion`` only fuses a plain
+multiply into a following add, and no plain product here feeds a plain add), and
+divisions use ``tl.math.div_rn`` because Triton's ``/`` lowers to an approximate
+division on NVIDIA GPUs. The interpreter evaluates ``tl.fma`` with a correctly rounded
+fp32 fma, so on CPU the kernels reproduce the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+import triton
+import triton.language as tl
+
+from .. import layout as L
+
+# Kernels index a coefficient row through these, never through literals (see layout.py).
+AX = tl.constexpr(L.AX)
+AM = tl.constexpr(L.AM)
+PX = tl.constexpr(L.PX)
+P0 = tl.constexpr(L.P0)
+PM = tl.constexpr(L.PM)
+OX = tl.constexpr(L.OX)
+O0 = tl.constexpr(L.O0)
+OM = tl.constexpr(L.OM)
+O1 = tl.constexpr(L.O1)
+O2 = tl.constexpr(L.O2)
+ON = tl.constexpr(L.ON)
+AS = tl.constexpr(L.AS)
+NUM_COEFFICIENTS = L.NUM_COEFFICIENTS
+
+# Clip modes as kernel constants; positions of layout.CLIP_MODES.
+CLIP_CODES = {name: code for code, name in enumerate(L.CLIP_MODES)}
+CLIP_CLAMP = tl.constexpr(CLIP_CODES["clamp"])
+CLIP_THRESHOLD = tl.constexpr(CLIP_CODES["threshold"])
+
+# CUDA limits grid axes 1 and 2 to 65535 programs; batch rows go on axis 1 in chunks.
+MAX_GRID_ROWS = 65535
+INT32_LIMIT = 2**31 - 1
+# Rows whose offsets could reach this are indexed in int64 (int32 is cheaper on the GPU).
+WIDE_INDEX_FROM = INT32_LIMIT
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+def _interpreted() -> bool:
+    # Triton decides at decoration time, from TRITON_INTERPRET as it was then, whether a
+    # @triton.jit function is compiled or interpreted; ask a decorated function rather
+    # than the environment, which may have changed since.
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without an interpreter
+        return False
+    return isinstance(_probe, InterpretedFunction)
+
+
+INTERPRETED = _interpreted()
+
+
+@triton.jit
+def data_estimate(x, m, ax, am, a_s):
+    """x0 = AS*(AX*x + AM*m) in fp32, rounded as the reference's addcmul-then-product."""
+    return tl.fma(am, m, ax * x) * a_s
+
+
+# Triton's interpreter (3.x) converts float32 to bfloat16 by truncation, where the GPU and
+# torch round to nearest even; under the interpreter the stores round explicitly.
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def store(ptr, value, mask):
+    """Stores fp32 ``value`` in the pointer's dtype with round-to-nearest-even."""
+    if _ROUND_BF16_BY_HAND and ptr.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        # Any NaN stays a NaN (the carry could turn a payload into inf); its bits are free.
+        rounded = tl.where(value != value, 0x7FC00000, rounded)
+        tl.store(ptr, (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+def direct(kernel):
+    """Eager launches call the kernel itself (``wrap_triton`` adds dispatch overhead)."""
+    return kernel
+
+
+_NO_GUARD = contextlib.nullcontext()  # reusable, and cheaper than a new one per call
+
+
+def device_guard(device: torch.device):
+    # Triton launches on the current CUDA device; switch only when the tensors live on
+    # another one (a context switch costs a few microseconds on the hot path).
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _NO_GUARD
+
+
+def row_geometry(sample, per_row: bool):
+    """(rows, elements per row) the kernels iterate over.
+
+    Without per-row data (one coefficient row, no per-row scale) the whole tensor is one
+    row: one grid axis, no batch arithmetic, the most common case of a diffusion step.
+    """
+    numel = sample.numel()
+    if not per_row:
+        return 1, numel
+    rows = sample.shape[0]
+    return rows, numel // rows

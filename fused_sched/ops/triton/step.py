@@ -1,0 +1,224 @@
+"""The fused step as one Triton kernel, with its host wrapper and torch.library op.
+
+One generic elementwise kernel, specialised at compile time (tl.constexpr) on the clip
+mode, the number of history terms, whether noise is added and which of the optional
+outputs (history value d, clipped x0) are written; ``prev`` is always written. One pass
+over memory: every input is read once, every output written once, fp32 arithmetic
+whatever the storage dtypes (see _common.py for the rounding).
+
+Grid: axis 0 = blocks of BLOCK elements within a row, axis 1 = batch rows. A row is a
+batch element when its coefficient row or thresholding scale differs per row; otherwise
+the whole tensor is a single row, so the common case is a plain 1-D launch that reads the
+coefficients once per program. Rows beyond CUDA's 65535 limit on axis 1 go in further
+launches. Offsets within a row are int32 unless a row has 2**31 or more elements.
+
+Layout: inputs are read as dense row-major tensors. A non-contiguous input (a slice, a
+channels-last latent, an expanded view) is copied once with ``.contiguous()`` here in the
+host wrapper; outputs are always new contiguous tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+
+# Under the interpreter the block size is fixed (autotuning would only time numpy); small
+# enough that the test sizes span several blocks and exercise the masked tail.
+INTERPRETER_BLOCK = 512
+
+# Memory-bound: 16-byte vector accesses need BLOCK / (32 * num_warps) >= 4 fp32 elements
+# per thread; 1024-4096 elements keep enough bytes in flight per SM on Hopper.
+AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK": block}, num_warps=warps)
+    for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
+]
+MAX_BLOCK = max(config.kwargs["BLOCK"] for config in AUTOTUNE_CONFIGS)
+
+
+# size_class only keys the autotuner; specialising on its value would compile needless variants.
+@triton.jit(do_not_specialize=["size_class"])
+def _step_kernel(
+    x_ptr, m_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr, scale_ptr,
+    out_ptr, d_ptr, x0_ptr,
+    row_numel, row_start, coef_row_stride, clip_range,
+    size_class,  # autotuning key only: log2 of the element count
+    CLIP: tl.constexpr, HISTORY: tl.constexpr, NOISE: tl.constexpr,
+    WRITE_D: tl.constexpr, WRITE_X0: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = row_start + tl.program_id(1)
+    block = tl.program_id(0)
+    if WIDE_INDEX:
+        block = block.to(tl.int64)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < row_numel
+    # The row base is a scalar, so the per-element offsets stay narrow and contiguous.
+    base = row.to(tl.int64) * row_numel
+    coef = coef_ptr + row * coef_row_stride
+
+    ax = tl.load(coef + C.AX)
+    am = tl.load(coef + C.AM)
+    a_s = tl.load(coef + C.AS)
+    px = tl.load(coef + C.PX)
+    p0 = tl.load(coef + C.P0)
+    pm = tl.load(coef + C.PM)
+    ox = tl.load(coef + C.OX)
+    o0 = tl.load(coef + C.O0)
+    om = tl.load(coef + C.OM)
+
+    # Streamed once: evict_first keeps them from displacing anything worth caching.
+    x = tl.load(x_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
+    m = tl.load(m_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
+
+    x0 = C.data_estimate(x, m, ax, am, a_s)
+    if CLIP == C.CLIP_CLAMP:
+        # torch.clamp: a NaN stays NaN (both comparisons are false).
+        x0 = tl.where(x0 < -clip_range, -clip_range, tl.where(x0 > clip_range, clip_range, x0))
+    elif CLIP == C.CLIP_THRESHOLD:
+        s = tl.load(scale_ptr + row)
+        # torch.maximum / torch.minimum: a NaN in either operand wins (a NaN row has s = NaN).
+        x0 = tl.where((x0 > -s) | (x0 != x0), x0, -s)
+        x0 = tl.where((x0 < s) | (x0 != x0), x0, s)
+        x0 = tl.math.div_rn(x0, s)
+
+    d = tl.fma(pm, m, tl.fma(p0, x0, px * x))
+    out = tl.fma(om, m, tl.fma(o0, d, ox * x))
+    if HISTORY >= 1:
+        h1 = tl.load(h1_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
+        out = tl.fma(tl.load(coef + C.O1), h1, out)
+    if HISTORY >= 2:
+        h2 = tl.load(h2_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
+        out = tl.fma(tl.load(coef + C.O2), h2, out)
+    if NOISE:
+        z = tl.load(z_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
+        out = tl.fma(tl.load(coef + C.ON), z, out)
+
+    C.store(out_ptr + base + cols, out, mask)
+    if WRITE_D:
+        C.store(d_ptr + base + cols, d, mask)
+    if WRITE_X0:
+        C.store(x0_ptr + base + cols, x0, mask)
+
+
+if C.INTERPRETED:
+    _step_launcher = _step_kernel
+else:
+    # Tuned once per (size class, specialisation); the first call of each therefore
+    # benchmarks (and synchronises) and must not happen inside CUDA-graph capture: run one
+    # warm-up step first, as any capture needs anyway.
+    _step_launcher = triton.autotune(
+        configs=AUTOTUNE_CONFIGS,
+        key=["size_class", "CLIP", "HISTORY", "NOISE", "WRITE_D", "WRITE_X0"],
+    )(_step_kernel)
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+def launch_step(
+    sample, model_output, coefficients, history, noise,
+    clip: str, clip_range: float, scale, out, d, x0, wrap=C.direct,
+) -> None:
+    """Runs the kernel into the preallocated contiguous outputs (d / x0 may be None).
+
+    Arguments are those of ``reference.fused_step``, already validated; inputs may be
+    non-contiguous (copied here once). ``wrap`` is ``torch.library.wrap_triton`` inside
+    the registered op, so that torch.compile sees the launch.
+    """
+    x = _dense(sample)
+    m = _dense(model_output)
+    c = _dense(coefficients)
+    hist = tuple(_dense(h) for h in history)
+    z = None if noise is None else _dense(noise)
+    if clip == "threshold":
+        if scale is None:
+            raise ValueError("clip='threshold' needs the per-row scale from threshold_scale")
+        s = _dense(scale if scale.dtype == torch.float32 else scale.to(torch.float32))
+    else:
+        s = c  # never read: CLIP is not threshold
+
+    numel = x.numel()
+    if numel == 0:
+        return
+    rows, row_numel = C.row_geometry(x, c.shape[0] > 1 or clip == "threshold")
+    coef_row_stride = C.NUM_COEFFICIENTS if c.shape[0] > 1 else 0
+    wide = row_numel + MAX_BLOCK > C.WIDE_INDEX_FROM
+    # Absent operands are never read or written (their constexpr branch is compiled out);
+    # any valid pointer stands in for them.
+    h1 = hist[0] if len(hist) >= 1 else x
+    h2 = hist[1] if len(hist) >= 2 else x
+    args = dict(
+        CLIP=C.CLIP_CODES[clip], HISTORY=len(hist), NOISE=z is not None,
+        WRITE_D=d is not None, WRITE_X0=x0 is not None, WIDE_INDEX=wide,
+    )
+    if C.INTERPRETED:
+        args["BLOCK"] = INTERPRETER_BLOCK
+    size_class = numel.bit_length()
+    for row_start in range(0, rows, C.MAX_GRID_ROWS):
+        n_rows = min(C.MAX_GRID_ROWS, rows - row_start)
+
+        def grid(meta, n_rows=n_rows):
+            return (triton.cdiv(row_numel, meta["BLOCK"]), n_rows)
+
+        wrap(_step_launcher)[grid](
+            x, m, h1, h2, z if z is not None else x, c, s,
+            out, d if d is not None else out, x0 if x0 is not None else out,
+            row_numel, row_start, coef_row_stride, clip_range, size_class,
+            **args,
+        )
+
+
+def fused_step_impl(
+    sample, model_output, coefficients, history, noise,
+    clip, clip_range, scale, out_dtype, history_dtype, x0_dtype, wrap=C.direct,
+):
+    """``reference.fused_step`` semantics: returns (prev, d or None, x0 or None)."""
+    shape, device = sample.shape, sample.device
+    out = torch.empty(shape, dtype=out_dtype, device=device)
+    d = None if history_dtype is None else torch.empty(shape, dtype=history_dtype, device=device)
+    x0 = None if x0_dtype is None else torch.empty(shape, dtype=x0_dtype, device=device)
+    with C.device_guard(device):
+        launch_step(sample, model_output, coefficients, history, noise, clip, clip_range, scale, out, d, x0, wrap)
+    return out, d, x0
+
+
+# ---- torch.library registration: torch.compile traces the op, and inductor sees the kernel.
+
+
+@torch.library.triton_op("fused_sched::triton_fused_step", mutates_args=())
+def fused_step_op(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    coefficients: torch.Tensor,
+    history: list[torch.Tensor],
+    noise: Optional[torch.Tensor],
+    clip: str,
+    clip_range: float,
+    scale: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+    history_dtype: Optional[torch.dtype],
+    x0_dtype: Optional[torch.dtype],
+) -> list[torch.Tensor]:
+    """[prev] + [d if history_dtype] + [x0 if x0_dtype]: a schema has no optional outputs."""
+    out, d, x0 = fused_step_impl(
+        sample, model_output, coefficients, history, noise,
+        clip, clip_range, scale, out_dtype, history_dtype, x0_dtype, torch.library.wrap_triton,
+    )
+    return [t for t in (out, d, x0) if t is not None]
+
+
+if C.INTERPRETED:
+    # triton_op derives its fake by running the function on fake tensors, trusting
+    # wrap_triton to record the launch instead of running it; wrap_triton cannot wrap an
+    # interpreted kernel and returns it as is, which would read fake data. State the shapes.
+    @fused_step_op.register_fake
+    def _(sample, model_output, coefficients, history, noise, clip, clip_range, scale,
+          out_dtype, history_dtype, x0_dtype):
+        dtypes = (out_dtype, history_dtype, x0_dtype)
+        return [torch.empty(sample.shape, dtype=t, device=sample.device) for t in dtypes if t is not None]
