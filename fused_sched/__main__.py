@@ -102,6 +102,11 @@ def cmd_bench(args) -> int:
     available = [n for n, reason in ops.availability(device).items()
                  if reason is None and not (n == "triton" and device.type == "cpu")]
     backends = _choices(args.backend, ops.known_backends()[1:], "--backend") if args.backend else available
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'fused-sched[plot]'") from None
     for name in backends:
         reason = ops.backends.why_unavailable(name, device, (torch.float32,))
         if reason is not None:
@@ -130,7 +135,34 @@ def cmd_bench(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9), rows=rows), f, indent=2)
+    if args.plot:
+        _plot(rows, bandwidth, _metadata(device), args.plot)
     return 0
+
+
+def _plot(rows, bandwidth, meta, path) -> None:
+    """Latency against bytes moved per step, one panel per scheduler and dtype, one line per
+    implementation, and the copy-bandwidth roofline (bytes / measured copy bandwidth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["scheduler"], r["dtype"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (kind, dtype) in zip(axes[0], panels):
+        subset = [r for r in rows if r["scheduler"] == kind and r["dtype"] == dtype]
+        sizes = sorted({r["bytes_per_step"] for r in subset})
+        for backend in sorted({r["backend"] for r in subset}):
+            points = sorted((r["bytes_per_step"], r["median_us"]) for r in subset if r["backend"] == backend)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
+        ax.plot(sizes, [b / bandwidth * 1e6 for b in sizes], "k--", label="copy roofline")
+        ax.set(xscale="log", yscale="log", xlabel="bytes moved per step", ylabel="median step time (us)",
+               title=f"{kind} {dtype}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{meta['device']}, torch {meta['torch']}, {meta['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _progress(done: int, total: int) -> None:
@@ -178,6 +210,7 @@ def main(argv=None) -> int:
     bench.add_argument("--repeats", type=int, default=30)
     bench.add_argument("--device")
     bench.add_argument("--json", help="write the rows and metadata to this file")
+    bench.add_argument("--plot", help="write latency vs bytes moved, with the roofline, to this PNG")
     args = parser.parse_args(argv)
     command = args.command or "bench"
     if args.command is None:

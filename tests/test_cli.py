@@ -21,20 +21,21 @@ def test_info_lists_every_backend():
         assert f" {name} " in out.stdout
 
 
-def test_bench_json_is_well_formed(tmp_path):
-    path = tmp_path / "bench.json"
-    out = run("bench", "--scheduler", "ddim,dpm++2m", "--shape", "tiny", "--backend", "torch",
-              "--repeats", "3", "--json", str(path))
+def test_bench_json_and_plot_are_well_formed(tmp_path):
+    path, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    out = run("bench", "--scheduler", "ddim,dpm++2m", "--shape", "tiny,2x4x16x16", "--backend", "torch",
+              "--repeats", "3", "--json", str(path), "--plot", str(plot))
     assert out.returncode == 0, out.stderr
     report = json.loads(path.read_text())
     assert {"date", "device", "torch", "diffusers", "fused_sched", "copy_bandwidth_GBps"} <= set(report["meta"])
     rows = report["rows"]
-    assert {(r["scheduler"], r["backend"]) for r in rows} == {
-        ("ddim", "diffusers"), ("ddim", "torch"), ("dpm++2m", "diffusers"), ("dpm++2m", "torch")}
+    assert sorted((r["scheduler"], r["shape"], r["backend"]) for r in rows) == sorted(
+        (k, s, b) for k in ("ddim", "dpm++2m") for s in ("tiny", "2x4x16x16") for b in ("diffusers", "torch"))
     for r in rows:
         assert r["median_us"] > 0 and r["samples"] == 3 and r["bytes_per_step"] > 0
         assert r["speedup_vs_diffusers"] > 0 and r["percent_of_copy_bandwidth"] > 0
     assert "speedup" in out.stdout  # the terminal table
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_verify_passes():
