@@ -328,10 +328,9 @@ def test_threshold_scale_many_programs_per_row(monkeypatch):
     assert_same(BACKEND.threshold_scale(x, m, c, 0.83, 1e30), reference.threshold_scale(x, m, c, 0.83, 1e30))
 
 
-@pytest.mark.skipif(not os.environ.get("FUSED_SCHED_SLOW_TESTS") and triton_backend.INTERPRETED,
-                    reason="a 2**24-element row takes minutes in the interpreter; set FUSED_SCHED_SLOW_TESTS=1")
 def test_threshold_scale_row_above_2_pow_24(monkeypatch):
-    """No 2**24 limit (torch.quantile's): one row of 2**24 + 3 elements, against kthvalue."""
+    """No 2**24 limit (torch.quantile's): one row of 2**24 + 3 elements, against kthvalue.
+    Interpreted tiles of 2**20 elements keep this to about 30 s on CPU."""
     monkeypatch.setattr(threshold, "INTERPRETER_BLOCK", 2**20)
     n = 2**24 + 3
     g = torch.Generator().manual_seed(7)
