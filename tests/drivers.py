@@ -136,3 +136,18 @@ def trajectories(kind, config, num_inference_steps, shape=(2, 4, 8, 8), dtype=to
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = b.abs().max().double()
     return float((a.double() - b.double()).abs().max() / max(scale, 1e-30))
+
+
+def record_calls(monkeypatch, obj, attributes) -> list[str]:
+    """Wrap ``obj``'s methods so each call appends its name to the returned list: proves
+    which backend code actually ran."""
+    calls = []
+    for attr in attributes:
+        original = getattr(obj, attr)
+
+        def spy(*args, _original=original, _attr=attr):
+            calls.append(_attr)
+            return _original(*args)
+
+        monkeypatch.setattr(obj, attr, spy)
+    return calls

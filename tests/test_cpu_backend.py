@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from drivers import record_calls
 from fused_sched import ops
 from fused_sched.ops import layout, reference
 
@@ -290,15 +291,7 @@ def test_backend_cpu_runs_the_compiled_kernels(cpu, monkeypatch):
     from fused_sched.ops import extension
 
     assert ops.select_backend(torch.device("cpu"), (torch.float32,), "cpu") is extension.CPU_BACKEND
-    calls = []
-    for attr in ("_fused_step", "_threshold_scale"):
-        original = getattr(cpu, attr)
-
-        def spy(*args, _original=original, _attr=attr):
-            calls.append(_attr)
-            return _original(*args)
-
-        monkeypatch.setattr(cpu, attr, spy)
+    calls = record_calls(monkeypatch, cpu, ("_fused_step", "_threshold_scale"))
     got = _call("cpu")
     assert calls == ["_threshold_scale", "_fused_step"]
     expected = _call("torch")

@@ -38,6 +38,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from drivers import record_calls  # noqa: E402
 from fused_sched import ops  # noqa: E402
 from fused_sched.ops import layout, reference  # noqa: E402
 
@@ -356,15 +357,7 @@ def _call(backend, dtype=torch.float32, **kwargs):
 
 def test_public_op_routes_to_the_triton_backend(monkeypatch):
     assert ops.select_backend(DEVICE, (torch.float32,), "triton") is BACKEND
-    calls = []
-    for attr in ("fused_step", "threshold_scale"):
-        original = getattr(BACKEND, attr)
-
-        def spy(*args, _original=original, _attr=attr):
-            calls.append(_attr)
-            return _original(*args)
-
-        monkeypatch.setattr(BACKEND, attr, spy)
+    calls = record_calls(monkeypatch, BACKEND, ("fused_step", "threshold_scale"))
     got = _call("triton")
     assert calls == ["threshold_scale", "fused_step"]
     expected = _call("torch")
