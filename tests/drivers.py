@@ -151,3 +151,30 @@ def record_calls(monkeypatch, obj, attributes) -> list[str]:
 
         monkeypatch.setattr(obj, attr, spy)
     return calls
+
+
+def quantile_rows(name: str, n: int, g: torch.Generator) -> torch.Tensor:
+    """Three rows of ``n`` values of one kind, for checking thresholding against torch.quantile."""
+    if name == "random":
+        return torch.randn(3, n, generator=g) * 4
+    if name == "wide_range":  # every exponent digit in play, subnormals included
+        return torch.randn(3, n, generator=g) * torch.exp2(torch.randint(-140, 120, (3, n), generator=g).float())
+    if name == "ties":
+        return torch.randint(-4, 5, (3, n), generator=g).float() * 1.5
+    if name == "constant":
+        return torch.full((3, n), -2.75)
+    if name == "nan":
+        x = torch.randn(3, n, generator=g) * 4
+        x[1, n // 2] = float("nan")
+        return x
+    if name == "signed_zeros":
+        x = torch.zeros(3, n)
+        x[:, ::2] = -0.0
+        x[2, -1] = 7.0
+        return x
+    if name == "inf":
+        x = torch.randn(3, n, generator=g) * 4
+        x[0, 0] = float("inf")
+        x[2, :] = float("-inf")
+        return x
+    raise ValueError(name)

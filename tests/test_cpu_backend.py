@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drivers import record_calls
+from drivers import quantile_rows, record_calls
 from fused_sched import ops
 from fused_sched.ops import layout, reference
 
@@ -220,35 +220,11 @@ def _quantile_tolerance():
     return EXACT if ATEN_HAS_FMA else dict(rtol=2.0**-23, atol=0.0, equal_nan=True)
 
 
-def _rows(name, n, g):
-    if name == "random":
-        return torch.randn(3, n, generator=g) * 4
-    if name == "ties":
-        return torch.randint(-4, 5, (3, n), generator=g).float() * 1.5
-    if name == "constant":
-        return torch.full((3, n), -2.75)
-    if name == "nan":
-        x = torch.randn(3, n, generator=g) * 4
-        x[1, n // 2] = float("nan")
-        return x
-    if name == "signed_zeros":
-        x = torch.zeros(3, n)
-        x[:, ::2] = -0.0
-        x[2, -1] = 7.0
-        return x
-    if name == "inf":
-        x = torch.randn(3, n, generator=g) * 4
-        x[0, 0] = float("inf")
-        x[2, :] = float("-inf")
-        return x
-    raise ValueError(name)
-
-
 @pytest.mark.parametrize("data", ["random", "ties", "constant", "nan", "signed_zeros", "inf"])
 @pytest.mark.parametrize("n", [1, 2, 17, 1000, 4099])
 def test_threshold_scale_equals_torch_quantile(cpu, data, n):
     g = torch.Generator().manual_seed(n)
-    x = _rows(data, n, g)
+    x = quantile_rows(data, n, g)
     m = torch.randn(x.shape, generator=g)
     c = _identity_rows(3)
     # 0.37 and 0.995 give non-integer ranks for most n; 1.0 the maximum.

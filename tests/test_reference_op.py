@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from drivers import quantile_rows
 from fused_sched import ops
 from fused_sched.ops import backends, layout as L, reference
 
@@ -48,31 +49,11 @@ def test_reference_formula_in_float64():
             assert prev[b, j].item() == pytest.approx(eo, rel=1e-12, abs=1e-12)
 
 
-def _quantile_rows(kind: str, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(3)
-    if kind == "random":
-        return torch.randn(3, n, generator=g)
-    if kind == "ties":
-        return torch.randint(-3, 4, (3, n), generator=g).float()
-    if kind == "constant":
-        return torch.full((3, n), -2.5)
-    if kind == "nan":
-        rows = torch.randn(3, n, generator=g)
-        rows[1, n // 2] = float("nan")
-        return rows
-    if kind == "signed_zero":
-        rows = torch.zeros(3, n)
-        rows[0, ::2] = -0.0
-        rows[2, :3] = torch.tensor([-1.5, 2.0, -0.0])[:n]
-        return rows
-    raise ValueError(kind)
-
-
-@pytest.mark.parametrize("kind", ["random", "ties", "constant", "nan", "signed_zero"])
+@pytest.mark.parametrize("kind", ["random", "wide_range", "ties", "constant", "nan", "signed_zeros"])
 @pytest.mark.parametrize("n", [1, 2, 17, 1000, 4099])
 @pytest.mark.parametrize("ratio", [0.995, 0.87, 0.5, 1.0])
 def test_threshold_scale_equals_torch_quantile(kind, n, ratio):
-    values = _quantile_rows(kind, n)
+    values = quantile_rows(kind, n, torch.Generator().manual_seed(3))
     identity = torch.zeros(1, L.NUM_COEFFICIENTS)
     identity[0, L.AM] = identity[0, L.AS] = 1.0  # x0 = m
     for max_value in (1.0, 2.5, 0.5):

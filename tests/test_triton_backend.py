@@ -38,7 +38,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from drivers import record_calls  # noqa: E402
+from drivers import quantile_rows, record_calls  # noqa: E402
 from fused_sched import ops  # noqa: E402
 from fused_sched.ops import layout, reference  # noqa: E402
 
@@ -244,27 +244,6 @@ def _identity_rows(b):
     return c
 
 
-def _rows(name, n, g):
-    if name == "random":
-        return torch.randn(3, n, generator=g) * 4
-    if name == "wide_range":  # every exponent digit in play, subnormals included
-        return torch.randn(3, n, generator=g) * torch.exp2(torch.randint(-140, 120, (3, n), generator=g).float())
-    if name == "ties":
-        return torch.randint(-4, 5, (3, n), generator=g).float() * 1.5
-    if name == "constant":
-        return torch.full((3, n), -2.75)
-    if name == "nan":
-        x = torch.randn(3, n, generator=g) * 4
-        x[1, n // 2] = float("nan")
-        return x
-    if name == "signed_zeros":
-        x = torch.zeros(3, n)
-        x[:, ::2] = -0.0
-        x[2, -1] = 7.0
-        return x
-    raise ValueError(name)
-
-
 QUANTILE_CASES = [(0.995, 1e30), (0.37, 1e30), (1.0, 1e30), (0.5, 1e30), (0.9, 2.5), (0.3, 0.5)]
 
 
@@ -276,7 +255,7 @@ def test_threshold_scale_equals_torch_quantile(data, n):
     so both the two-statistic lerp and the single-statistic path run; max_value 0.5 < 1
     checks that max wins as in torch.clamp."""
     g = torch.Generator().manual_seed(n)
-    x = _rows(data, n, g).to(DEVICE)
+    x = quantile_rows(data, n, g).to(DEVICE)
     m = torch.randn(x.shape, generator=g).to(DEVICE)
     c = _identity_rows(3)
     for ratio, max_value in QUANTILE_CASES:
