@@ -8,6 +8,7 @@ are host+device wall time per step (synchronised on CUDA), median and spread ove
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -91,7 +92,7 @@ def time_step(kind: str, which: str, shape, dtype, device, backend: str | None =
     x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
     m = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
     step = stepper(kind, scheduler, x, m, steps // 2)
-    context = ops.use_backend(backend) if (which == "fused" and backend) else _nullcontext()
+    context = ops.use_backend(backend) if (which == "fused" and backend) else contextlib.nullcontext()
     samples = []
     with context:
         for _ in range(warmup):
@@ -104,14 +105,6 @@ def time_step(kind: str, which: str, shape, dtype, device, backend: str | None =
             samples.append(time.perf_counter() - start)
     quartiles = statistics.quantiles(samples, n=4)
     return Timing(statistics.median(samples), quartiles[2] - quartiles[0], len(samples))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def bytes_per_step(kind: str, shape, dtype) -> int:
