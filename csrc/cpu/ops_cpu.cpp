@@ -285,50 +285,123 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
   const float* coef = coefficients.const_data_ptr<float>();
   const int64_t coefficient_rows = coefficients.size(0);
 
-  // |x0| of every row, materialised once: selection reorders it in place.
-  std::vector<float> keys(static_cast<size_t>(batch * row_size));
-  const int64_t chunks_per_row = (row_size + kChunk - 1) / kChunk;
-  const int64_t tasks = batch * chunks_per_row;
-  std::vector<uint8_t> chunk_has_nan(static_cast<size_t>(tasks), 0);
+  // Radix select over the bit patterns of |x0| (non-negative floats order like their bits),
+  // one row at a time, each pass split over blocks of the row that run in parallel with
+  // their own histograms. Pass 0 is fused with computing |x0| into a buffer; every later
+  // pass keeps (compacts in place, within its block) only the keys still matching the
+  // prefix of either order statistic, so the final pass reads few keys.
   auto* abs_x0 = &abs_x0_portable;
 #if FS_FMA_CLONES
   if (use_fma_clones()) abs_x0 = &abs_x0_fma;
 #endif
-  at::parallel_for(0, tasks, std::max<int64_t>(1, kMinElementsPerTask / kChunk), [&](int64_t tb, int64_t te) {
-    alignas(64) float bx[kChunk], bm[kChunk];
-    for (int64_t task = tb; task < te; ++task) {
-      const int64_t row = task / chunks_per_row;
-      const int64_t offset = (task % chunks_per_row) * kChunk;
-      const int64_t n = std::min(kChunk, row_size - offset);
-      const int64_t begin = row * row_size + offset;
-      const Coefficients c = load_coefficients(coef + (coefficient_rows == 1 ? 0 : row) * kNumCoefficients);
-      const float* xs = x.chunk(begin, n, bx);
-      const float* ms = m.chunk(begin, n, bm);
-      chunk_has_nan[task] = abs_x0(c, xs, ms, keys.data() + begin, n) != 0;
-    }
-  });
+  std::vector<uint32_t> keys(static_cast<size_t>(row_size));
+  const int64_t max_block = int64_t{1} << 30;  // histogram counts are uint32
+  const int64_t nblocks = std::max<int64_t>(
+      std::min<int64_t>(at::get_num_threads(), (row_size + kMinElementsPerTask - 1) / kMinElementsPerTask),
+      (row_size + max_block - 1) / max_block);
+  const int64_t block_size = (row_size + nblocks - 1) / nblocks;
+  std::vector<uint32_t> hist_lo(static_cast<size_t>(nblocks * kRadixMaxBins));
+  std::vector<uint32_t> hist_hi(static_cast<size_t>(nblocks * kRadixMaxBins));
+  std::vector<int64_t> kept(static_cast<size_t>(nblocks));
+  std::vector<uint8_t> block_has_nan(static_cast<size_t>(nblocks));
 
   at::Tensor result = at::empty({batch}, sample.options().dtype(at::kFloat));
   float* s = result.data_ptr<float>();
   const float max_scale = static_cast<float>(max_value);
-  at::parallel_for(0, batch, 1, [&](int64_t rb, int64_t re) {
-    for (int64_t row = rb; row < re; ++row) {
-      const bool has_nan = std::any_of(chunk_has_nan.begin() + row * chunks_per_row,
-                                       chunk_has_nan.begin() + (row + 1) * chunks_per_row,
-                                       [](uint8_t f) { return f != 0; });
-      float v_lo = NAN, v_hi = NAN;
-      if (!has_nan) {
-        // Selection, O(n): the lo-th order statistic, then (hi is lo or lo + 1) the
-        // smallest element of the part nth_element left above it.
-        float* first = keys.data() + row * row_size;
-        float* last = first + row_size;
-        std::nth_element(first, first + rank.lo, last);
-        v_lo = first[rank.lo];
-        v_hi = rank.hi == rank.lo ? v_lo : *std::min_element(first + rank.lo + 1, last);
+  for (int64_t row = 0; row < batch; ++row) {
+    const Coefficients c = load_coefficients(coef + (coefficient_rows == 1 ? 0 : row) * kNumCoefficients);
+    std::fill(hist_lo.begin(), hist_lo.end(), 0u);
+    // Pass 0: |x0| into the buffer and the histogram of its top digit.
+    at::parallel_for(0, nblocks, 1, [&](int64_t bb, int64_t be) {
+      alignas(64) float bx[kChunk], bm[kChunk], bk[kChunk];
+      for (int64_t b = bb; b < be; ++b) {
+        const int64_t lo = b * block_size;
+        const int64_t hi = std::min(row_size, lo + block_size);
+        uint32_t* h = hist_lo.data() + b * kRadixMaxBins;
+        int64_t nan_count = 0;
+        for (int64_t offset = lo; offset < hi; offset += kChunk) {
+          const int64_t n = std::min(kChunk, hi - offset);
+          const int64_t begin = row * row_size + offset;
+          const float* xs = x.chunk(begin, n, bx);
+          const float* ms = m.chunk(begin, n, bm);
+          uint32_t* dst = keys.data() + offset;
+          nan_count += abs_x0(c, xs, ms, bk, n);
+          for (int64_t i = 0; i < n; ++i) {
+            dst[i] = abs_key(bk[i]);
+            ++h[radix_digit(dst[i], 0)];
+          }
+        }
+        kept[b] = std::max<int64_t>(0, hi - lo);
+        block_has_nan[b] = nan_count != 0;
       }
-      s[row] = threshold_from_order_statistics(v_lo, v_hi, rank.weight, has_nan, max_scale);
+    });
+    const bool has_nan = std::any_of(block_has_nan.begin(), block_has_nan.end(), [](uint8_t f) { return f != 0; });
+    if (has_nan) {
+      s[row] = threshold_from_order_statistics(NAN, NAN, rank.weight, true, max_scale);
+      continue;
     }
-  });
+    uint32_t prefix_lo = 0, prefix_hi = 0;
+    int64_t k_lo = rank.lo, k_hi = rank.hi;
+    for (int pass = 0; pass < kRadixPasses; ++pass) {
+      const bool split = pass > 0 && !radix_prefix_matches(prefix_hi, prefix_lo, pass);
+      if (pass > 0) {
+        // Histogram the keys that still match a prefix; keep only those for the next pass.
+        std::fill(hist_lo.begin(), hist_lo.end(), 0u);
+        if (split) std::fill(hist_hi.begin(), hist_hi.end(), 0u);
+        const bool last = pass + 1 == kRadixPasses;
+        at::parallel_for(0, nblocks, 1, [&](int64_t bb, int64_t be) {
+          for (int64_t b = bb; b < be; ++b) {
+            uint32_t* k = keys.data() + b * block_size;
+            uint32_t* hl = hist_lo.data() + b * kRadixMaxBins;
+            uint32_t* hh = hist_hi.data() + b * kRadixMaxBins;
+            const int64_t n = kept[b];
+            int64_t w = 0;
+            if (!split) {
+              for (int64_t i = 0; i < n; ++i) {
+                const uint32_t key = k[i];
+                if (radix_prefix_matches(key, prefix_lo, pass)) {
+                  ++hl[radix_digit(key, pass)];
+                  k[w++] = key;
+                }
+              }
+            } else {
+              for (int64_t i = 0; i < n; ++i) {
+                const uint32_t key = k[i];
+                const bool ml = radix_prefix_matches(key, prefix_lo, pass);
+                const bool mh = radix_prefix_matches(key, prefix_hi, pass);
+                if (ml) ++hl[radix_digit(key, pass)];
+                if (mh) ++hh[radix_digit(key, pass)];
+                if (ml || mh) k[w++] = key;
+              }
+            }
+            if (!last) kept[b] = w;
+          }
+        });
+      }
+      const int bins = 1 << radix_bits(pass);
+      // Sum the block histograms and pick the digit holding rank k; returns it, k made relative.
+      auto choose = [&](const std::vector<uint32_t>& hist, int64_t& k) {
+        int64_t below = 0;
+        for (int d = 0; d < bins; ++d) {
+          int64_t count = 0;
+          for (int64_t b = 0; b < nblocks; ++b) count += hist[b * kRadixMaxBins + d];
+          if (below + count > k) {
+            k -= below;
+            return static_cast<uint32_t>(d);
+          }
+          below += count;
+        }
+        TORCH_CHECK(false, "fused_sched cpu backend: radix select lost its rank");
+        return 0u;
+      };
+      const uint32_t d_lo = choose(hist_lo, k_lo);
+      const uint32_t d_hi = choose(split ? hist_hi : hist_lo, k_hi);
+      prefix_lo |= d_lo << radix_shift(pass);
+      prefix_hi |= d_hi << radix_shift(pass);
+    }
+    s[row] = threshold_from_order_statistics(key_value(prefix_lo), key_value(prefix_hi), rank.weight, false,
+                                             max_scale);
+  }
   return result;
 }
 
