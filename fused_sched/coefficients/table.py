@@ -50,6 +50,20 @@ def normalized_device(device: torch.device) -> torch.device:
     return device
 
 
+def constant_columns(table: torch.Tensor) -> L.ConstantColumns:
+    """{column: 0.0 or 1.0} for columns holding that value in every row: the op's
+    ``constant_columns`` hint, true for every row of this table whatever a step selects.
+    Both values are exact in every storage dtype, so the hint holds for every placement."""
+    known = {}
+    if table.shape[0] == 0:
+        return L.ConstantColumns()
+    for column in range(table.shape[1]):
+        for value in (0.0, 1.0):
+            if bool((table[:, column] == value).all()):
+                known[column] = value
+    return L.ConstantColumns(known)
+
+
 class PlacedTable:
     """A float64 host table with lazily made copies per (device, dtype).
 
@@ -57,8 +71,11 @@ class PlacedTable:
     placement is made once, on first use, and reused for the rest of the schedule.
     """
 
-    def __init__(self, table: torch.Tensor, device=None):
+    def __init__(self, table: torch.Tensor, device=None, known: L.ConstantColumns | None = None):
+        """``known``: the constant columns when the caller knows them without reading the
+        table (a table built inside a step must not be read on the host)."""
         self.host = table
+        self.constant_columns = constant_columns(table) if known is None else known
         self._placed: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         if device is not None:
             self.on(torch.device(device), torch.float32)

@@ -6,7 +6,7 @@ Schedulers call :func:`fused_step`; kernels never see unchecked arguments. See
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -20,10 +20,11 @@ from .backends import (
     set_backend,
     use_backend,
 )
-from .layout import CLIP_MODES, NUM_COEFFICIENTS
+from .layout import CLIP_MODES, NUM_COEFFICIENTS, ConstantColumns
 
 __all__ = [
     "BackendUnavailableError",
+    "ConstantColumns",
     "StepOutputs",
     "availability",
     "fused_step",
@@ -74,6 +75,7 @@ def fused_step(
     out_dtype: torch.dtype | None = None,
     history_dtype: torch.dtype | None = None,
     x0_dtype: torch.dtype | None = None,
+    constant_columns: Mapping[int, float] | None = None,
     backend: str | None = None,
 ) -> StepOutputs:
     """One scheduler step for a whole batch (see ``layout.py`` for the formula).
@@ -88,6 +90,10 @@ def fused_step(
             batch row, s = clamp(quantile(|x0|, threshold_ratio), 1, threshold_max)).
         out_dtype: dtype of prev (default: promotion of sample and model_output dtypes).
         history_dtype / x0_dtype: write d / the clipped x0 in this dtype; None skips it.
+        constant_columns: {column: value} holding in every row the caller may pass (a
+            scheduler knows them per schedule, e.g. P0 = 1 and PX = PM = 0 when d = x0). A
+            backend may skip terms with known 0 or 1 coefficients; a wrong entry gives
+            wrong results, so only state what the table guarantees.
         backend: a backend name overriding the process-wide selection.
 
     Inputs are never modified. Returns ``StepOutputs(prev_sample, history_value, x0)``.
@@ -107,7 +113,9 @@ def fused_step(
     if noise is not None:
         _check_like("noise", noise, sample)
 
-    wide = torch.float64 in (sample.dtype, model_output.dtype) or any(h.dtype == torch.float64 for h in history)
+    wide = torch.float64 in (sample.dtype, model_output.dtype) or (
+        bool(history) and any(h.dtype == torch.float64 for h in history)
+    )
     expected = torch.float64 if wide else torch.float32
     if not isinstance(coefficients, torch.Tensor) or coefficients.dtype != expected:
         got = coefficients.dtype if isinstance(coefficients, torch.Tensor) else type(coefficients).__name__
@@ -130,6 +138,13 @@ def fused_step(
         if not threshold_max > 0:
             raise ValueError(f"threshold_max must be > 0, got {threshold_max}")
 
+    if constant_columns is not None and not isinstance(constant_columns, ConstantColumns):
+        if not isinstance(constant_columns, Mapping):
+            raise TypeError(
+                f"constant_columns must be a mapping {{column: value}}, got {type(constant_columns).__name__}"
+            )
+        constant_columns = ConstantColumns(constant_columns)
+
     if out_dtype is None:
         out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
     _check_output_dtype("out_dtype", out_dtype)
@@ -141,25 +156,29 @@ def fused_step(
         prev, d, x0 = compiled.fused_step_op(
             sample, model_output, coefficients, list(history), noise, clip, float(clip_range),
             float(threshold_ratio), float(threshold_max), out_dtype, history_dtype, x0_dtype, backend,
+            *compiled.constant_columns_arguments(constant_columns),
         )
         return StepOutputs(prev, d if history_dtype is not None else None, x0 if x0_dtype is not None else None)
     return run_backend(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
-                       threshold_max, out_dtype, history_dtype, x0_dtype, backend)
+                       threshold_max, out_dtype, history_dtype, x0_dtype, backend, constant_columns=constant_columns)
 
 
 def run_backend(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
-                out_dtype, history_dtype, x0_dtype, backend) -> StepOutputs:
+                out_dtype, history_dtype, x0_dtype, backend, *, constant_columns=None) -> StepOutputs:
     """Select the backend and run the (already validated) step on it."""
-    dtypes = (sample.dtype, model_output.dtype) + tuple(h.dtype for h in history)
+    dtypes = (sample.dtype, model_output.dtype)
+    if history:
+        dtypes += tuple(h.dtype for h in history)
     if noise is not None:
         dtypes += (noise.dtype,)
     impl = select_backend(sample.device, dtypes, backend)
     scale = None
     if clip == "threshold":
         scale = impl.threshold_scale(sample, model_output, coefficients, float(threshold_ratio), float(threshold_max))
+    structure = {"constant_columns": constant_columns} if constant_columns and getattr(impl, "uses_constant_columns", False) else {}
     prev, d, x0 = impl.fused_step(
         sample, model_output, coefficients, history, noise,
-        clip, float(clip_range), scale, out_dtype, history_dtype, x0_dtype,
+        clip, float(clip_range), scale, out_dtype, history_dtype, x0_dtype, **structure,
     )
     return StepOutputs(prev, d, x0)
 

@@ -14,6 +14,12 @@ from typing import Optional
 import torch
 
 
+def constant_columns_arguments(constant_columns) -> tuple[list[int], list[float]]:
+    """A schema has no dict type: {column: value} travels as two lists."""
+    items = sorted(dict(constant_columns or {}).items())
+    return [column for column, _ in items], [value for _, value in items]
+
+
 def _empty(like: torch.Tensor) -> torch.Tensor:
     # custom ops return tensors only: an output that was not asked for is an empty tensor
     return like.new_empty((0,))
@@ -34,11 +40,14 @@ def fused_step_op(
     history_dtype: Optional[torch.dtype],
     x0_dtype: Optional[torch.dtype],
     backend: Optional[str],
+    constant_columns: list[int],
+    constant_values: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import run_backend
 
     prev, d, x0 = run_backend(sample, model_output, coefficients, tuple(history), noise, clip, clip_range,
-                              threshold_ratio, threshold_max, out_dtype, history_dtype, x0_dtype, backend)
+                              threshold_ratio, threshold_max, out_dtype, history_dtype, x0_dtype, backend,
+                              constant_columns=dict(zip(constant_columns, constant_values)))
     # The fake implementation promises fresh contiguous outputs.
     return (prev.contiguous().clone() if prev.data_ptr() == sample.data_ptr() else prev.contiguous(),
             _empty(sample) if d is None else d.contiguous(),
@@ -47,7 +56,7 @@ def fused_step_op(
 
 @fused_step_op.register_fake
 def _(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
-      out_dtype, history_dtype, x0_dtype, backend):
+      out_dtype, history_dtype, x0_dtype, backend, constant_columns, constant_values):
     def like(dtype):
         return _empty(sample) if dtype is None else sample.new_empty(sample.shape, dtype=dtype)
 

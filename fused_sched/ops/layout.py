@@ -17,9 +17,53 @@ large terms x/sqrt(a) and m*sqrt(1-a)/sqrt(a) separately before they cancel, whe
 cancels first and scales after. With AS the step rounds as diffusers does.
 """
 
+from collections.abc import Mapping
+
 AX, AM, PX, P0, PM, OX, O0, OM, O1, O2, ON, AS = range(12)
 NUM_COEFFICIENTS = 12
+
+# The columns forming x0 and the history value d: they follow from the prediction type and
+# the solver, never from per-call step options such as DDIM's eta.
+ESTIMATE_COLUMNS = (AX, AM, AS, PX, P0, PM)
 
 COLUMN_NAMES = ("ax", "am", "px", "p0", "pm", "ox", "o0", "om", "o1", "o2", "on", "as")
 
 CLIP_MODES = ("none", "clamp", "threshold")
+
+
+class ConstantColumns(Mapping):
+    """{column: value} that holds in every row a caller may pass, checked once when made.
+
+    A scheduler builds one per coefficient table (``coefficients.table.constant_columns``)
+    and hands it to every step; the check then costs nothing per step.
+    """
+
+    __slots__ = ("_values", "get")
+
+    def __init__(self, values: Mapping = ()):
+        checked = {}
+        for column, value in dict(values).items():
+            if isinstance(column, bool) or not isinstance(column, int) or not 0 <= column < NUM_COEFFICIENTS:
+                raise ValueError(f"constant_columns has key {column!r}; expected a column index in [0, {NUM_COEFFICIENTS})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"constant_columns[{column}] = {value!r}; expected a number")
+            checked[column] = float(value)
+        self._values = checked
+        self.get = checked.get  # looked up per term on the hot path
+
+    def only(self, columns) -> "ConstantColumns":
+        """The part of this hint that concerns ``columns``."""
+        return ConstantColumns({c: v for c, v in self._values.items() if c in columns})
+
+    def __getitem__(self, column: int) -> float:
+        return self._values[column]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        named = ", ".join(f"{COLUMN_NAMES[c]}={v:g}" for c, v in sorted(self._values.items()))
+        return f"ConstantColumns({named})"

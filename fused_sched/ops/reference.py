@@ -6,6 +6,8 @@ results are cast once, at the end, to the requested storage dtypes.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import torch
 
@@ -22,9 +24,43 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _rows(coefficients: torch.Tensor, ndim: int, dtype: torch.dtype):
-    """Per-column views shaped (B or 1, 1, ..., 1) so they broadcast over one batch row."""
+    """Per-column views that broadcast over one batch row: shape (1,) for a single row,
+    (B, 1, ..., 1) for one row per batch element."""
     c = _as(coefficients, dtype)
+    if c.shape[0] == 1:
+        return c.unbind(1)
     return c.reshape(c.shape + (1,) * (ndim - 1)).unbind(1)
+
+
+class _ColumnViews:
+    """Column views of recently used coefficient rows, reused across steps.
+
+    Splitting a row into twelve views costs more than the step's arithmetic on a small
+    latent, and a schedule passes the same few rows again and again. The key is the memory
+    a row occupies (address, shape, strides, dtype, device): two live tensors with the same
+    key view the same memory, and a cached view keeps that memory allocated, so a key can
+    never name other values. In-place writes to a table are seen, as views see them.
+    """
+
+    capacity = 512
+
+    def __init__(self):
+        self._views: dict = {}
+
+    def get(self, coefficients: torch.Tensor, ndim: int, dtype: torch.dtype):
+        if torch.compiler.is_compiling() or coefficients.dtype != dtype:
+            return _rows(coefficients, ndim, dtype)  # traced tensors have no address
+        key = (coefficients.data_ptr(), coefficients.shape, coefficients.stride(), dtype, coefficients.device,
+               ndim if coefficients.shape[0] > 1 else 0)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) >= self.capacity:
+                self._views.clear()
+            views = self._views[key] = _rows(coefficients, ndim, dtype)
+        return views
+
+
+_column_views = _ColumnViews()
 
 
 def quantile_rank(q: float, n: int) -> tuple[int, int, float]:
@@ -48,10 +84,32 @@ def data_estimate(sample, model_output, coefficients, dtype):
     return _x0(_rows(coefficients, x.dim(), dtype), x, m)
 
 
-def _x0(c, x, m):
-    # addcmul(a, b, c) = a + b*c: one dispatch instead of two keeps the CPU fallback's
-    # per-step host overhead low on small latents.
-    return torch.addcmul(c[L.AX] * x, c[L.AM], m) * c[L.AS]
+def _combination(c, terms, known):
+    """sum(c[column] * t for column, t in terms), rounded as the kernels round it: the first
+    product, then one fused multiply-add (addcmul, a + b*c) per further term.
+
+    Columns the caller knows to be 0 in every row are skipped and known 1s are not
+    multiplied: for finite values that changes no bit (a + 0*t == a, 1*t == t), and it is
+    what diffusers computes (it has no such terms). None when every term is known zero.
+    """
+    total = None
+    for column, t in terms:
+        k = known.get(column)
+        if k == 0.0:
+            continue
+        if total is None:
+            total = t if k == 1.0 else c[column] * t
+        else:
+            total = total + t if k == 1.0 else torch.addcmul(total, c[column], t)
+    return total
+
+
+def _x0(c, x, m, known=None):
+    known = known or {}
+    x0 = _combination(c, ((L.AX, x), (L.AM, m)), known)
+    if x0 is None:
+        return torch.zeros_like(x)
+    return x0 if known.get(L.AS) == 1.0 else x0 * c[L.AS]
 
 
 def threshold_scale(sample, model_output, coefficients, ratio: float, max_value: float):
@@ -86,29 +144,56 @@ def fused_step(
     out_dtype: torch.dtype,
     history_dtype: torch.dtype | None,
     x0_dtype: torch.dtype | None,
+    constant_columns: Mapping[int, float] | None = None,
 ):
-    """Returns (prev, history value or None, x0 or None). Arguments are already validated."""
+    """Returns (prev, history value or None, x0 or None). Arguments are already validated.
+
+    ``constant_columns``: {column: value} the caller guarantees for every row; known zeros
+    and ones spare their terms (see ``_combination``).
+    """
+    known = constant_columns or {}
     dtype = compute_dtype(sample, model_output, *history)
     x = _as(sample, dtype)
     m = _as(model_output, dtype)
-    c = _rows(coefficients, x.dim(), dtype)
+    c = _column_views.get(coefficients, x.dim(), dtype)
 
-    x0 = _x0(c, x, m)
+    x0 = _x0(c, x, m, known)
     if clip == "clamp":
         x0 = torch.clamp(x0, -clip_range, clip_range)
     elif clip == "threshold":
         s = _as(scale, dtype).reshape((-1,) + (1,) * (x.dim() - 1))
         x0 = torch.minimum(torch.maximum(x0, -s), s) / s
 
-    d = torch.addcmul(torch.addcmul(c[L.PX] * x, c[L.P0], x0), c[L.PM], m)
-    out = torch.addcmul(torch.addcmul(c[L.OX] * x, c[L.O0], d), c[L.OM], m)
-    for column, h in zip((L.O1, L.O2), history):
-        out = torch.addcmul(out, c[column], _as(h, dtype))
+    d = _combination(c, ((L.PX, x), (L.P0, x0), (L.PM, m)), known)
+    if d is None:
+        d = torch.zeros_like(x)
+    terms = [(L.OX, x), (L.O0, d), (L.OM, m)]
+    terms += [(column, _as(h, dtype)) for column, h in zip((L.O1, L.O2), history)]
     if noise is not None:
-        out = torch.addcmul(out, c[L.ON], _as(noise, dtype))
+        terms.append((L.ON, _as(noise, dtype)))
+    out = _combination(c, terms, known)
+    if out is None:
+        out = torch.zeros_like(x)
 
-    return (
+    outputs = (
         _as(out, out_dtype),
         None if history_dtype is None else _as(d, history_dtype),
         None if x0_dtype is None else _as(x0, x0_dtype),
     )
+    if not known:
+        return outputs  # every output is a fresh result of arithmetic
+    return _owned(outputs, (sample, model_output, *history, noise))
+
+
+def _owned(outputs, inputs):
+    """Outputs as fresh tensors: a skipped identity term (d = x0, x0 = m for sample
+    prediction) must not hand back an input, or one output twice."""
+    seen = [t for t in inputs if t is not None]
+    owned = []
+    for t in outputs:
+        if t is not None and any(t is other for other in seen):
+            t = t.clone()
+        if t is not None:
+            seen.append(t)
+        owned.append(t)
+    return tuple(owned)

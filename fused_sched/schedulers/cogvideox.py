@@ -13,6 +13,7 @@ from diffusers.schedulers.scheduling_ddim_cogvideox import DDIMSchedulerOutput
 from .. import ops
 from ..coefficients.ddim import cogvideox_ddim_table, cogvideox_dpm_first_order_table, cogvideox_dpm_rows
 from ..coefficients.table import PlacedTable
+from ..ops import layout as L
 from .base import validated_init
 from .ddim import _check_config
 from .ddim_family import AddNoiseMixin, DDIMFamilyMixin
@@ -45,9 +46,11 @@ class FusedCogVideoXDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDDIMS
     ) -> DDIMSchedulerOutput | tuple:
         self._require_schedule()
         self._check_model_io(model_output, sample)
-        rows = self._row(self._tables["step"], timestep, sample.device, self._coefficient_dtype(sample, model_output))
+        placed = self._tables["step"]
+        rows = self._row(placed, timestep, sample.device, self._coefficient_dtype(sample, model_output))
         prev, _, x0 = ops.fused_step(
-            sample, model_output, rows, x0_dtype=_x0_dtype(self.config, sample, model_output)
+            sample, model_output, rows, x0_dtype=_x0_dtype(self.config, sample, model_output),
+            constant_columns=placed.constant_columns,
         )
         if not return_dict:
             return (prev, x0)
@@ -120,23 +123,29 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
         x0_dtype = _x0_dtype(self.config, sample, model_output)
         if not second_order:
-            rows = self._tables["first"].on(sample.device, dtype)[t : t + 1]
-            prev, _, x0 = ops.fused_step(sample, model_output, rows, noise=noise, x0_dtype=x0_dtype)
+            placed = self._tables["first"]
+            rows = placed.on(sample.device, dtype)[t : t + 1]
+            prev, _, x0 = ops.fused_step(sample, model_output, rows, noise=noise, x0_dtype=x0_dtype,
+                                         constant_columns=placed.constant_columns)
             return prev, x0  # diffusers returns a tuple here whatever return_dict says
 
         back = self._resolve(timestep_back, "timestep_back")
         # The first-order result is discarded, but its noise draw still advances the generator.
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
-        rows = self._second_order_row(t, back, sample.device, dtype)
+        placed, index = self._second_order_row(t, back)
+        rows = placed.on(sample.device, dtype)[index : index + 1]
         prev, _, x0 = ops.fused_step(
-            sample, model_output, rows, history=(old_pred_original_sample,), noise=noise, x0_dtype=x0_dtype
+            sample, model_output, rows, history=(old_pred_original_sample,), noise=noise, x0_dtype=x0_dtype,
+            constant_columns=placed.constant_columns,
         )
         if not return_dict:
             return (prev, x0)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
-    def _second_order_row(self, t: int, back: int, device, dtype) -> torch.Tensor:
+    def _second_order_row(self, t: int, back: int) -> tuple[PlacedTable, int]:
+        """(table, row index) of the second-order row for the pair (t, back)."""
         index = self._pair_rows.get((t, back))
         if index is not None:
-            return self._tables["second"].on(device, dtype)[index : index + 1]
-        return PlacedTable(self._second_order_rows([(t, back)])).on(device, dtype)
+            return self._tables["second"], index
+        known = self._tables["second"].constant_columns.only(L.ESTIMATE_COLUMNS)
+        return PlacedTable(self._second_order_rows([(t, back)]), known=known), 0

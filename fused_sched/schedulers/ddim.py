@@ -9,9 +9,13 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from .. import ops
+from ..ops import layout as L
 from ..coefficients.ddim import ddim_table
 from .base import validated_init
 from .ddim_family import AddNoiseMixin, DDIMFamilyMixin
+
+
+_BASE_KEY = (0.0, False)  # (eta, use_clipped_model_output) of the table set_timesteps builds
 
 
 def _check_config(scheduler) -> None:
@@ -35,7 +39,7 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
     __init__ = validated_init(DDIMScheduler.__init__, _check_config)
 
     def _build_tables(self, device) -> None:
-        table = self._build_table(eta=0.0, use_clipped_model_output=False)
+        table = self._build_table(*_BASE_KEY)
         self._check_schedule_rows(table, self._host_timesteps, clips=clip_options(self.config)["clip"] != "none")
 
     def _build_table(self, eta: float, use_clipped_model_output: bool) -> torch.Tensor:
@@ -44,7 +48,12 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         reused for the rest of the schedule."""
         alphas, final = self._host_alphas
         table = ddim_table(alphas, self._step_gap(), final, self.config.prediction_type, eta, use_clipped_model_output)
-        self._install_table((eta, use_clipped_model_output), table, self._schedule_device)
+        key = (eta, use_clipped_model_output)
+        base = self._tables.get(_BASE_KEY)
+        # Built inside a step, a table must not be read on the host: it inherits what the
+        # schedule's base table knows about the columns eta cannot change.
+        known = None if base is None else base.constant_columns.only(L.ESTIMATE_COLUMNS)
+        self._install_table(key, table, self._schedule_device, known=known)
         return table
 
     def step(
@@ -87,7 +96,7 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         x0_dtype = model_output.dtype if self.config.prediction_type == "sample" else promoted
         prev, _, x0 = ops.fused_step(
             sample, model_output, rows, noise=noise, out_dtype=promoted, x0_dtype=x0_dtype,
-            **clip_options(self.config),
+            constant_columns=placed.constant_columns, **clip_options(self.config),
         )
         if not return_dict:
             return (prev, x0)

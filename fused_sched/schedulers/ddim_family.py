@@ -28,11 +28,13 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
     def _step_gap(self) -> int:
         return self.config.num_train_timesteps // self.num_inference_steps
 
-    def _install_table(self, key, table: torch.Tensor, device, clips: bool | None = None) -> PlacedTable:
-        """Place ``table`` for steps; with ``clips`` given, first refuse non-finite scheduled rows."""
+    def _install_table(self, key, table: torch.Tensor, device, clips: bool | None = None,
+                       known: L.ConstantColumns | None = None) -> PlacedTable:
+        """Place ``table`` for steps; with ``clips`` given, first refuse non-finite scheduled rows.
+        ``known``: its constant columns, for a table built inside a step (see PlacedTable)."""
         if clips is not None:
             self._check_schedule_rows(table, self._host_timesteps, clips)
-        placed = PlacedTable(table, device)
+        placed = PlacedTable(table, device, known)
         self._tables[key] = placed
         return placed
 

@@ -33,11 +33,13 @@ class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
     ) -> DDIMSchedulerOutput | tuple:
         self._require_schedule()
         self._check_model_io(model_output, sample)
-        rows = self._row(self._tables["step"], timestep, sample.device, self._coefficient_dtype(sample, model_output))
+        placed = self._tables["step"]
+        rows = self._row(placed, timestep, sample.device, self._coefficient_dtype(sample, model_output))
         promoted = torch.promote_types(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if self.config.prediction_type == "sample" else promoted
         clip = dict(clip="clamp", clip_range=self.config.clip_sample_range) if self.config.clip_sample else {}
-        prev, _, x0 = ops.fused_step(sample, model_output, rows, out_dtype=promoted, x0_dtype=x0_dtype, **clip)
+        prev, _, x0 = ops.fused_step(sample, model_output, rows, out_dtype=promoted, x0_dtype=x0_dtype,
+                                     constant_columns=placed.constant_columns, **clip)
         if not return_dict:
             return (prev, x0)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -144,7 +144,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             clip = dict(clip="threshold", threshold_ratio=c.dynamic_thresholding_ratio, threshold_max=c.sample_max_value)
         prev, d, _ = ops.fused_step(
             sample, model_output, rows, history=history, noise=noise,
-            out_dtype=out_dtype, history_dtype=history_dtype, **clip,
+            out_dtype=out_dtype, history_dtype=history_dtype, constant_columns=self._table.constant_columns, **clip,
         )
 
         for j in range(c.solver_order - 1):
