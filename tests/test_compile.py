@@ -2,9 +2,10 @@
 (fused_sched::fused_step), a traced step has no graph break, and it does not recompile per
 step.
 
-Covered: the DDIM family (timestep passed as an element of scheduler.timesteps). Not yet:
-DPM-Solver, whose per-step Python state (step_index, lower_order_nums) dynamo guards on, so
-it recompiles every step as diffusers' own class does; see the Triton issue's note.
+Covered: the DDIM family (timestep passed as an element of scheduler.timesteps) and the
+multistep DPM-Solvers, whose traced step keeps its position in a device cursor
+(schedulers/step_cursor.py): at most one graph per history length (None entries of
+model_outputs at the start of a trajectory), never one per step.
 """
 
 from __future__ import annotations
@@ -42,3 +43,71 @@ def test_compiled_trajectory_has_no_graph_breaks_or_per_step_recompiles(backend,
     # One graph for the first call, at most one more once dynamo makes the timestep dynamic.
     assert counters["stats"]["unique_graphs"] <= 2
     assert not counters["graph_break"]
+
+
+DPM_CASES = {
+    "dpm++2m": ("dpm", dict(), False),
+    "dpm++3m-begin-index": ("dpm", dict(solver_order=3), True),
+    "sde-dpm++2m": ("dpm", dict(algorithm_type="sde-dpmsolver++"), False),
+    "dpm++3m-threshold-sample": ("dpm", dict(solver_order=3, thresholding=True, prediction_type="sample"), False),
+    "dpm-inverse-3": ("dpm_inverse", dict(solver_order=3), False),
+}
+
+
+def _dpm_pair(name, steps):
+    kind, config, begin = DPM_CASES[name]
+    pair = [PAIRS[kind][1](**config) for _ in range(2)]
+    for s in pair:
+        s.set_timesteps(steps)
+        if begin:
+            s.set_begin_index(0)
+    return pair
+
+
+def _dpm_step(scheduler, x, i, noise):
+    kwargs = {"variance_noise": noise} if scheduler.config.algorithm_type.startswith("sde") else {}
+    return scheduler.step(torch.tanh(x), scheduler.timesteps[i], x, return_dict=False, **kwargs)[0]
+
+
+@pytest.mark.parametrize("name", sorted(DPM_CASES))
+def test_compiled_dpm_trajectory_reuses_its_graphs(backend, name):
+    """20 traced steps give the eager results exactly, from at most solver_order graphs."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager, traced = _dpm_pair(name, 20)
+    step = torch.compile(fullgraph=True, backend="eager")(lambda x, i, z: _dpm_step(traced, x, i, z))
+    x_eager = x_traced = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.Generator().manual_seed(1)
+    for i in range(20):
+        z = torch.randn(2, 4, 8, 8, generator=noise)
+        x_eager = _dpm_step(eager, x_eager, i, z)
+        x_traced = step(x_traced, i, z)
+        assert torch.equal(x_traced, x_eager), f"step {i}"
+    assert counters["stats"]["unique_graphs"] <= traced.config.solver_order
+    assert not counters["graph_break"]
+    # The public state read after traced steps is diffusers' (one sync, outside the steps).
+    assert (traced.step_index, traced.lower_order_nums) == (eager.step_index, eager.lower_order_nums) == (20, eager.config.solver_order)
+
+
+def test_dpm_switching_between_eager_and_traced_steps_keeps_the_trajectory(backend):
+    torch._dynamo.reset()
+    eager, mixed = _dpm_pair("dpm++3m-begin-index", 12)
+    traced_step = torch.compile(fullgraph=True, backend="eager")(lambda x, i: _dpm_step(mixed, x, i, None))
+    x_eager = x_mixed = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i in range(12):
+        x_eager = _dpm_step(eager, x_eager, i, None)
+        x_mixed = traced_step(x_mixed, i) if (i // 3) % 2 else _dpm_step(mixed, x_mixed, i, None)
+        assert torch.equal(x_mixed, x_eager), f"step {i}"
+        assert mixed.step_index == eager.step_index and mixed.lower_order_nums == eager.lower_order_nums
+
+
+def test_traced_dpm_step_past_the_end_fails():
+    torch._dynamo.reset()
+    (scheduler, _) = _dpm_pair("dpm++2m", 4)
+    step = torch.compile(fullgraph=True, backend="eager")(
+        lambda x, t: scheduler.step(torch.tanh(x), t, x, return_dict=False)[0])
+    x = torch.randn(1, 4, 8, 8)
+    for t in scheduler.timesteps:
+        x = step(x, t)
+    with pytest.raises(Exception, match="index"):
+        step(x, scheduler.timesteps[-1])

@@ -11,6 +11,7 @@ from .. import ops
 from ..coefficients.dpm import DATA_PREDICTION_ALGORITHMS, SDE_ALGORITHMS, dpm_table, row_index
 from ..coefficients.table import PlacedTable
 from .base import FusedSchedulerMixin, validated_init
+from .step_cursor import DeviceStepCursor
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
@@ -48,14 +49,49 @@ def _check_inverse_config(scheduler) -> None:
 
 
 class DPMFamilyMixin(FusedSchedulerMixin):
-    """Step logic shared by the forward and inverse multistep DPM-Solver classes."""
+    """Step logic shared by the forward and inverse multistep DPM-Solver classes.
+
+    The position in the schedule (step index, ``lower_order_nums``) lives in Python ints for
+    eager steps and in a ``DeviceStepCursor`` for steps traced by torch.compile. A flag says
+    which is current; switching from traced to eager steps (or reading ``step_index`` /
+    ``lower_order_nums`` after traced steps) reads the device counters once.
+    """
 
     _inverse = False
+    _host_current = True  # the Python ints hold the position
+    _device_current = False  # the device cursor holds the position
+    _lower_order_nums = 0
 
     def _build_schedule(self, device) -> None:
         self._remember_schedule()
         table = dpm_table(self.config, self.sigmas.cpu())
         self._table = PlacedTable(table, device)
+        n = len(self._host_timesteps)
+        self._cursor = DeviceStepCursor(
+            n, self.config.solver_order, lambda i, lower: row_index(i, self._order_at(i, n, lower)),
+            self._table.on(torch.device(device or "cpu"), torch.float32).device,
+        )
+        self._host_current, self._device_current = True, False
+
+    @property
+    def step_index(self):
+        self._make_host_current()
+        return self._step_index
+
+    @property
+    def lower_order_nums(self) -> int:
+        self._make_host_current()
+        return self._lower_order_nums
+
+    @lower_order_nums.setter
+    def lower_order_nums(self, value: int) -> None:
+        self._lower_order_nums = value
+        self._device_current = False
+
+    def _make_host_current(self) -> None:
+        if not self._host_current:
+            self._step_index, self._lower_order_nums = self._cursor.read()
+            self._host_current = True
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
         """diffusers' rule (second match when repeated, last index when absent), on host values."""
@@ -85,11 +121,12 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             return i == n - 1 and (c.euler_at_final or small)
         return i == n - 1 and (c.euler_at_final or small or c.final_sigmas_type == "zero")
 
-    def _effective_order(self, i: int, n: int) -> int:
+    def _order_at(self, i: int, n: int, lower_order_nums: int) -> int:
+        """The solver order diffusers uses at step i of n after ``lower_order_nums`` steps."""
         c = self.config
-        if c.solver_order == 1 or self.lower_order_nums < 1 or self._lower_order_final(i, n):
+        if c.solver_order == 1 or lower_order_nums < 1 or self._lower_order_final(i, n):
             return 1
-        if c.solver_order == 2 or self.lower_order_nums < 2 or (i == n - 2 and c.lower_order_final and n < 15):
+        if c.solver_order == 2 or lower_order_nums < 2 or (i == n - 2 and c.lower_order_final and n < 15):
             return 2
         return 3
 
@@ -111,7 +148,11 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     ) -> SchedulerOutput | tuple:
         self._require_schedule()
         self._check_model_io(model_output, sample)
-        if self.step_index is None:
+        if torch.compiler.is_compiling():
+            return self._traced_step(model_output, timestep, sample, generator, variance_noise, return_dict)
+        self._make_host_current()
+        self._device_current = False
+        if self._step_index is None:
             self._init_step_index(timestep)
         i, n = self._step_index, len(self._host_timesteps)
         if i >= n:
@@ -123,39 +164,90 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
             model_output = model_output[:, :3]  # diffusers keeps the first 3 channels (the mean)
 
-        order = self._effective_order(i, n)
+        order = self._order_at(i, n, self._lower_order_nums)
         coefficient_dtype = self._coefficient_dtype(sample, model_output)
         rows = self._table.on(sample.device, coefficient_dtype)
         row = row_index(i, order)
         rows = rows[row : row + 1]
 
-        noise = None
-        if c.algorithm_type in SDE_ALGORITHMS:
-            if variance_noise is None:
-                noise = self._draw_noise(model_output.shape, generator, model_output.device, torch.float32)
-            else:
-                noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
-
+        noise = self._sde_noise(model_output, generator, variance_noise)
         history = tuple(self.model_outputs[-1 : -order : -1]) if order > 1 else ()
         history_dtype = self._history_dtype(sample, model_output)
         out_dtype = torch.promote_types(sample.dtype, history_dtype) if self._inverse else history_dtype
-        clip = {}
-        if c.thresholding:
-            clip = dict(clip="threshold", threshold_ratio=c.dynamic_thresholding_ratio, threshold_max=c.sample_max_value)
         prev, d, _ = ops.fused_step(
-            sample, model_output, rows, history=history, noise=noise,
-            out_dtype=out_dtype, history_dtype=history_dtype, constant_columns=self._table.constant_columns, **clip,
+            sample, model_output, rows, history=history, noise=noise, out_dtype=out_dtype,
+            history_dtype=history_dtype, constant_columns=self._table.constant_columns, **self._clip_options(),
         )
 
-        for j in range(c.solver_order - 1):
-            self.model_outputs[j] = self.model_outputs[j + 1]
-        self.model_outputs[-1] = d
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
+        self._remember_history(d)
+        if self._lower_order_nums < c.solver_order:
+            self._lower_order_nums += 1
         self._step_index += 1
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+    def _sde_noise(self, model_output, generator, variance_noise):
+        """z for the SDE solvers (fp32, as diffusers draws it), None for the ODE ones."""
+        if self.config.algorithm_type not in SDE_ALGORITHMS:
+            return None
+        if variance_noise is None:
+            return self._draw_noise(model_output.shape, generator, model_output.device, torch.float32)
+        return variance_noise.to(device=model_output.device, dtype=torch.float32)
+
+    def _clip_options(self) -> dict:
+        c = self.config
+        if c.thresholding:
+            return dict(clip="threshold", threshold_ratio=c.dynamic_thresholding_ratio, threshold_max=c.sample_max_value)
+        return {}
+
+    def _remember_history(self, d: torch.Tensor) -> None:
+        for j in range(self.config.solver_order - 1):
+            self.model_outputs[j] = self.model_outputs[j + 1]
+        self.model_outputs[-1] = d
+
+    def _traced_step(self, model_output, timestep, sample, generator, variance_noise, return_dict):
+        """The step as torch.compile traces it: the same op and rows as eager, with the row
+        gathered by the device cursor and always solver_order - 1 history terms (absent ones
+        are zeros; their coefficients are 0 in every row of a lower order), so the graph is
+        the same at every step. Stepping past the end fails in the cursor's gather."""
+        if not self._device_current:
+            self._start_device_cursor(timestep)
+        c = self.config
+        if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
+            model_output = model_output[:, :3]
+        rows = self._cursor.rows(self._table.on(sample.device, self._coefficient_dtype(sample, model_output)))
+        noise = self._sde_noise(model_output, generator, variance_noise)
+        history_dtype = self._history_dtype(sample, model_output)
+        history = tuple(
+            h if h is not None else torch.zeros(sample.shape, dtype=history_dtype, device=sample.device)
+            for h in self.model_outputs[-1 : -c.solver_order : -1]
+        )
+        out_dtype = torch.promote_types(sample.dtype, history_dtype) if self._inverse else history_dtype
+        prev, d, _ = ops.fused_step(
+            sample, model_output, rows, history=history, noise=noise, out_dtype=out_dtype,
+            history_dtype=history_dtype, constant_columns=self._table.constant_columns, **self._clip_options(),
+        )
+        self._remember_history(d)
+        self._cursor.advance()
+        self._host_current = False
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def _start_device_cursor(self, timestep) -> None:
+        """Load the position into the device cursor: from the host ints after eager steps
+        (the traced graph then holds them as constants: one recompile per switch), else from
+        the begin index or the first timestep, as ``_init_step_index`` would."""
+        if self._step_index is not None:
+            self._cursor.start_at(self._step_index, self._lower_order_nums)
+        elif getattr(self, "_begin_index", None) is not None:
+            self._cursor.start_at(self._begin_index, self._lower_order_nums)
+        elif isinstance(timestep, torch.Tensor):
+            self._cursor.start_at_timestep(self._schedule_timesteps, timestep)
+        else:
+            self._cursor.start_at(self.index_for_timestep(timestep), self._lower_order_nums)
+        self._device_current = True
 
 
 class FusedDPMSolverMultistepScheduler(DPMFamilyMixin, DPMSolverMultistepScheduler):
