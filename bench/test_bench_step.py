@@ -1,9 +1,14 @@
-"""pytest-benchmark suite: one scheduler step, diffusers vs each available fused backend.
+"""pytest-benchmark suite: one scheduler step, diffusers and the torch.compile baseline vs
+each available fused backend.
 
     python -m pytest bench/test_bench_step.py --benchmark-only [--benchmark-json out.json]
 
 Not part of the test run (testpaths = tests); the `fused-sched bench` command measures the
-same cases with its own timer and adds bytes moved and % of copy bandwidth.
+same cases with its own timer and adds bytes moved and % of copy bandwidth. "torch.compile"
+is the fused scheduler's step with its op replaced by torch.compile of the pure-torch
+reference (``fused_sched.benchmark``'s module docstring says exactly what is timed); it is
+compiled before the benchmark starts, and a case it does not compile is skipped with the
+reason.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import pytest
 import torch
 
 from fused_sched import ops
-from fused_sched.benchmark import SCHEDULERS, SHAPES, stepper
+from fused_sched.benchmark import (SCHEDULERS, SHAPES, BaselineUnavailable, compile_step, compiled_reference,
+                                   no_recompiles, stepper)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE_NAMES = ["tiny", "sd-512"] if DEVICE.type == "cpu" else ["cogvideox-49f", "wan-720p"]
-IMPLEMENTATIONS = ["diffusers"] + [name for name, reason in ops.availability(DEVICE).items() if reason is None]
+IMPLEMENTATIONS = ["diffusers", "torch.compile"] + [
+    name for name, reason in ops.availability(DEVICE).items() if reason is None]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -37,6 +44,14 @@ def test_step(benchmark, kind, shape, implementation):
 
     if implementation == "diffusers":
         benchmark(timed)
+    elif implementation == "torch.compile":
+        with compiled_reference() as op:
+            try:
+                compile_step(step, op, DEVICE)
+            except BaselineUnavailable as error:
+                pytest.skip(f"torch.compile baseline unavailable: {error}")
+            with no_recompiles():
+                benchmark(timed)
     else:
         with ops.use_backend(implementation):
             benchmark(timed)

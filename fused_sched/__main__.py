@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 
 import torch
 
 from . import __version__, ops
-from .benchmark import DTYPES, SCHEDULERS, SHAPES, bytes_per_step, copy_bandwidth, time_step
+from .benchmark import (DTYPES, SCHEDULERS, SHAPES, BaselineUnavailable, Timing, bytes_per_step, copy_bandwidth,
+                        time_step)
+
+COMPILED = "torch.compile"  # the compiled-reference baseline's name in the rows (see benchmark.py)
+SKIPPED = "skipped (--no-compile-baseline)"
 
 
 class UsageError(Exception):
@@ -112,29 +117,47 @@ def cmd_bench(args) -> int:
         if reason is not None:
             raise UsageError(f"--backend {name}: unavailable on {device}: {reason}")
 
+    # Other processes on the machine distort CPU timings, OpenMP-parallel kernels' most (a
+    # barrier waits for a descheduled thread): say how busy it was.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     bandwidth = copy_bandwidth(device)
     cases = [(k, s, d) for k in kinds for s in shapes for d in dtypes]
     rows = []
-    total = len(cases) * (1 + len(backends))
+    total = len(cases) * (1 + len(backends) + (0 if args.no_compile_baseline else 1))
     done = 0
+
+    def measured(*arguments, **options):
+        nonlocal done
+        try:
+            return time_step(*arguments, repeats=args.repeats, steps=args.steps, **options)
+        finally:
+            done += 1
+            _progress(done, total)
+
     for kind, (shape_name, shape), dtype_name in cases:
         dtype = DTYPES[dtype_name]
         moved = bytes_per_step(kind, shape, dtype)
-        baseline = time_step(kind, "diffusers", shape, dtype, device, repeats=args.repeats, steps=args.steps)
-        done += 1
-        _progress(done, total)
-        rows.append(_row(kind, shape_name, shape, dtype_name, "diffusers", baseline, baseline, moved, bandwidth))
-        for backend in backends:
-            timing = time_step(kind, "fused", shape, dtype, device, backend=backend, repeats=args.repeats,
-                               steps=args.steps)
-            done += 1
-            _progress(done, total)
-            rows.append(_row(kind, shape_name, shape, dtype_name, backend, timing, baseline, moved, bandwidth))
+        baseline = measured(kind, "diffusers", shape, dtype, device)
+        fused = [(backend, measured(kind, "fused", shape, dtype, device, backend=backend)) for backend in backends]
+        # Timed last in its case: compilation may leave work behind (compile workers, garbage).
+        compiled = SKIPPED
+        if not args.no_compile_baseline:
+            try:
+                compiled = measured(kind, "compiled", shape, dtype, device)
+            except BaselineUnavailable as error:
+                compiled = str(error)
+        case = (kind, shape_name, shape, dtype_name)
+        rows.append(_row(*case, "diffusers", baseline, baseline, compiled, moved, bandwidth))
+        if isinstance(compiled, Timing):
+            rows.append(_row(*case, COMPILED, compiled, baseline, compiled, moved, bandwidth))
+        rows += [_row(*case, backend, timing, baseline, compiled, moved, bandwidth) for backend, timing in fused]
     print(file=sys.stderr)
-    _print_table(rows, device, bandwidth)
+    _print_table(rows, device, bandwidth, load, compile_skipped=args.no_compile_baseline)
     if args.json:
+        meta = dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9, load_average_at_start=load,
+                    cpu_count=os.cpu_count())
         with open(args.json, "w") as f:
-            json.dump(dict(meta=dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9), rows=rows), f, indent=2)
+            json.dump(dict(meta=meta, rows=rows), f, indent=2)
     if args.plot:
         _plot(rows, bandwidth, _metadata(device), args.plot)
     return 0
@@ -155,7 +178,9 @@ def _plot(rows, bandwidth, meta, path) -> None:
         sizes = sorted({r["bytes_per_step"] for r in subset})
         for backend in sorted({r["backend"] for r in subset}):
             points = sorted((r["bytes_per_step"], r["median_us"]) for r in subset if r["backend"] == backend)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
+            baseline = backend in ("diffusers", COMPILED)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="s" if baseline else "o",
+                    linestyle=":" if baseline else "-", label=backend)
         ax.plot(sizes, [b / bandwidth * 1e6 for b in sizes], "k--", label="copy roofline")
         ax.set(xscale="log", yscale="log", xlabel="bytes moved per step", ylabel="median step time (us)",
                title=f"{kind} {dtype}")
@@ -171,24 +196,43 @@ def _progress(done: int, total: int) -> None:
     print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
 
 
-def _row(kind, shape_name, shape, dtype_name, backend, timing, baseline, moved, bandwidth):
+def _row(kind, shape_name, shape, dtype_name, backend, timing, baseline, compiled, moved, bandwidth):
+    """One implementation in one case. ``compiled`` is the case's torch.compile baseline: a
+    Timing, or the reason it did not run (then its fields are null and the reason is given)."""
     achieved = moved / timing.median_s
+    ran = isinstance(compiled, Timing)
     return dict(scheduler=kind, shape=shape_name, dims=list(shape), dtype=dtype_name, backend=backend,
                 median_us=timing.median_s * 1e6, iqr_us=timing.spread_s * 1e6, samples=timing.samples,
-                speedup_vs_diffusers=baseline.median_s / timing.median_s, bytes_per_step=moved,
-                achieved_GBps=achieved / 1e9, percent_of_copy_bandwidth=100 * achieved / bandwidth)
+                speedup_vs_diffusers=baseline.median_s / timing.median_s,
+                compiled_median_us=compiled.median_s * 1e6 if ran else None,
+                compiled_iqr_us=compiled.spread_s * 1e6 if ran else None,
+                compiled_compile_s=compiled.compile_s if ran else None,
+                speedup_vs_compiled=compiled.median_s / timing.median_s if ran else None,
+                compiled_unavailable=None if ran else compiled,
+                bytes_per_step=moved, achieved_GBps=achieved / 1e9,
+                percent_of_copy_bandwidth=100 * achieved / bandwidth)
 
 
-def _print_table(rows, device, bandwidth) -> None:
-    print(f"device {device}, measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    header = f"{'scheduler':<18} {'shape':<14} {'dtype':<5} {'backend':<9} {'median us':>10} {'IQR us':>8} " \
-             f"{'speedup':>8} {'GB/s':>8} {'% copy':>7}"
+def _print_table(rows, device, bandwidth, load=None, compile_skipped=False) -> None:
+    busy = "" if load is None else f", load average {load:.2f} on {os.cpu_count()} CPUs at start"
+    print(f"device {device}, measured copy bandwidth {bandwidth / 1e9:.1f} GB/s{busy}")
+    header = f"{'scheduler':<18} {'shape':<14} {'dtype':<5} {'backend':<13} {'median us':>10} {'IQR us':>8} " \
+             f"{'vs diffusers':>12} {'vs compiled':>11} {'GB/s':>8} {'% copy':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['scheduler']:<18} {r['shape']:<14} {r['dtype']:<5} {r['backend']:<9} {r['median_us']:>10.1f} "
-              f"{r['iqr_us']:>8.1f} {r['speedup_vs_diffusers']:>7.2f}x {r['achieved_GBps']:>8.2f} "
+        vs_compiled = "-" if r["speedup_vs_compiled"] is None else f"{r['speedup_vs_compiled']:.2f}x"
+        print(f"{r['scheduler']:<18} {r['shape']:<14} {r['dtype']:<5} {r['backend']:<13} {r['median_us']:>10.1f} "
+              f"{r['iqr_us']:>8.1f} {r['speedup_vs_diffusers']:>11.2f}x {vs_compiled:>11} {r['achieved_GBps']:>8.2f} "
               f"{r['percent_of_copy_bandwidth']:>6.1f}%")
+        if r["backend"] == "diffusers" and r["compiled_unavailable"] is not None and not compile_skipped:
+            print(f"{r['scheduler']:<18} {r['shape']:<14} {r['dtype']:<5} {COMPILED:<13} "
+                  f"unavailable: {r['compiled_unavailable']}")
+    print("vs X = X's median / this row's median.")
+    print(f"{COMPILED} = the fused scheduler's step with its op replaced by torch.compile (inductor) of the "
+          "pure-torch\nreference op; compilation is not timed (its duration: compiled_compile_s in --json).")
+    if compile_skipped:
+        print(f"{COMPILED} baseline: {SKIPPED}")
 
 
 def main(argv=None) -> int:
@@ -201,7 +245,8 @@ def main(argv=None) -> int:
                         help=f"comma-separated, from: {', '.join(SCHEDULERS)}")
     verify.add_argument("--steps", type=int, default=20)
     verify.add_argument("--device")
-    bench = sub.add_parser("bench", help="step latency: schedulers x backends x shapes x dtypes vs diffusers")
+    bench = sub.add_parser("bench", help="step latency: schedulers x backends x shapes x dtypes vs diffusers' step "
+                                         "and torch.compile of the reference step")
     bench.add_argument("--scheduler", help=f"comma-separated, from: {', '.join(SCHEDULERS)}")
     bench.add_argument("--backend", help="comma-separated backends (default: every available one)")
     bench.add_argument("--shape", help=f"comma-separated presets ({', '.join(SHAPES)}) or dims like 1x4x64x64")
@@ -211,6 +256,8 @@ def main(argv=None) -> int:
     bench.add_argument("--device")
     bench.add_argument("--json", help="write the rows and metadata to this file")
     bench.add_argument("--plot", help="write latency vs bytes moved, with the roofline, to this PNG")
+    bench.add_argument("--no-compile-baseline", action="store_true",
+                       help="skip the torch.compile baseline (it compiles each case: seconds per case)")
     args = parser.parse_args(argv)
     command = args.command or "bench"
     if args.command is None:

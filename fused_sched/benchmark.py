@@ -1,15 +1,38 @@
 """Step-latency measurement shared by ``bench/`` and the ``fused-sched`` command.
 
 A case is (scheduler, config, latent shape, dtype). Each is timed side by side in one run:
-diffusers' eager step and the fused class on a given backend, same inputs, same trajectory
-position, timestep passed as an element of ``scheduler.timesteps`` as pipelines do. Times
-are host+device wall time per step (synchronised on CUDA), median and spread over repeats.
+diffusers' eager step, the fused class on a given backend, and the torch.compile baseline,
+same inputs, same trajectory position, timestep passed as an element of
+``scheduler.timesteps`` as pipelines do. Times are host+device wall time per step
+(synchronised on CUDA), median and spread over repeats.
+
+The torch.compile baseline ("compiled" here, ``torch.compile`` in the command's output)
+answers "what would plain torch.compile of the same math give you". It is the fused
+scheduler's step, unchanged, with its op ``fused_sched.ops.fused_step`` replaced, for the
+duration of the measurement, by ``torch.compile`` (inductor, default mode,
+``fullgraph=True``, static shapes) of the pure-torch reference: ``ops.reference``'s
+``threshold_scale`` (dynamic thresholding only) followed by its ``fused_step``, on the very
+tensors the scheduler passes (x, m, the coefficient row it selected, history, noise).
+Inductor sees the whole reference math as one graph and generates its own fused kernels
+(C++/OpenMP on CPU, Triton on CUDA). The replacement is needed because under torch.compile
+the public op deliberately calls an opaque custom op (``ops/compiled.py``), which inductor
+cannot see into. So the measured time is the scheduler's Python (row selection, state,
+noise draws), the guard check and launch of the compiled graph, and its kernels, the same
+work the fused rows time, with only the op differing (the public op's argument checks and
+backend dispatch are not in it). Compilation happens in the first call, before timing; its
+duration is reported separately. Each case compiles afresh (``torch.compiler.reset``), and
+timing runs under the ``fail_on_recompile`` stance, so no timed call compiles or silently
+falls back to eager. Before timing, the compiled outputs are checked against the eager
+reference on the same inputs. Where any of this fails (no C++ compiler for inductor's CPU
+code, an unsupported dtype, a graph break), :class:`BaselineUnavailable` carries the reason.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
+import inspect
 import statistics
 import time
 
@@ -18,6 +41,7 @@ import torch
 
 import fused_sched
 from fused_sched import ops
+from fused_sched.ops import reference
 
 SCHEDULERS = {
     "ddim": (diffusers.DDIMScheduler, fused_sched.FusedDDIMScheduler, {}),
@@ -54,6 +78,11 @@ class Timing:
     median_s: float
     spread_s: float  # interquartile range
     samples: int
+    compile_s: float | None = None  # the compiled baseline's first call (compilation), not in the samples
+
+
+class BaselineUnavailable(Exception):
+    """The torch.compile baseline cannot run this case; ``str()`` is the reason."""
 
 
 def _synchronize(device: torch.device) -> None:
@@ -84,7 +113,11 @@ def stepper(kind: str, scheduler, x: torch.Tensor, m: torch.Tensor, steps_before
 
 def time_step(kind: str, which: str, shape, dtype, device, backend: str | None = None,
               repeats: int = 50, warmup: int = 5, steps: int = 20) -> Timing:
-    """Time one step of ``kind`` for ``which`` = "diffusers" or "fused"."""
+    """Time one step of ``kind`` for ``which`` = "diffusers", "fused" (on ``backend``, else the
+    selected one) or "compiled" (the torch.compile baseline, see the module docstring; raises
+    :class:`BaselineUnavailable` where it does not compile)."""
+    if which not in ("diffusers", "fused", "compiled"):
+        raise ValueError(f"which={which!r}; expected 'diffusers', 'fused' or 'compiled'")
     reference_cls, fused_cls, config = SCHEDULERS[kind]
     scheduler = (reference_cls if which == "diffusers" else fused_cls)(**config)
     scheduler.set_timesteps(steps, device=device)
@@ -92,19 +125,181 @@ def time_step(kind: str, which: str, shape, dtype, device, backend: str | None =
     x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
     m = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
     step = stepper(kind, scheduler, x, m, steps // 2)
+    if which == "compiled":
+        with compiled_reference() as op:
+            compile_s = compile_step(step, op, device)
+            try:
+                with no_recompiles():
+                    timing = _measure(step, device, repeats, warmup)
+            except BaselineUnavailable:
+                raise
+            except Exception as error:  # a recompile or a failure after the first call
+                raise BaselineUnavailable(f"torch.compile failed after compiling: {_summary(error)}") from error
+        return dataclasses.replace(timing, compile_s=compile_s)
     context = ops.use_backend(backend) if (which == "fused" and backend) else contextlib.nullcontext()
-    samples = []
     with context:
-        for _ in range(warmup):
-            step()
+        return _measure(step, device, repeats, warmup)
+
+
+def _measure(step, device, repeats: int, warmup: int) -> Timing:
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
         _synchronize(device)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            _synchronize(device)
-            samples.append(time.perf_counter() - start)
+        samples.append(time.perf_counter() - start)
     quartiles = statistics.quantiles(samples, n=4)
     return Timing(statistics.median(samples), quartiles[2] - quartiles[0], len(samples))
+
+
+# --- the torch.compile baseline --------------------------------------------------------------
+
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for the baseline (tests swap in a failing one)
+
+
+def _reference_step(options: dict):
+    """The reference op with its non-tensor arguments fixed: what torch.compile compiles.
+    ``options`` are the public op's non-tensor arguments; those the reference's
+    ``fused_step`` takes by name (including any it gains later) are passed on."""
+    taken = inspect.signature(reference.fused_step).parameters
+    fixed = {name: value for name, value in options.items() if name in taken}
+    clip, ratio, max_value = options["clip"], options["threshold_ratio"], options["threshold_max"]
+
+    def step(sample, model_output, coefficients, history, noise):
+        scale = None
+        if clip == "threshold":
+            scale = reference.threshold_scale(sample, model_output, coefficients, ratio, max_value)
+        return reference.fused_step(sample, model_output, coefficients, history, noise, scale=scale, **fixed)
+
+    return step
+
+
+class CompiledReferenceOp:
+    """Stands in for ``fused_sched.ops.fused_step`` (same arguments, same outputs): runs the step
+    as ``torch.compile`` of the reference, compiled once per combination of non-tensor
+    arguments. The first call of each combination also checks the compiled outputs against the
+    eager reference on the same inputs. ``calls`` counts calls, so a scheduler that no longer
+    goes through ``ops.fused_step`` is noticed instead of timed as something else.
+
+    Per call it adds one dictionary look-up to the compiled graph's own call (a few
+    microseconds); argument binding and checks happen once per combination."""
+
+    _TENSORS = ("sample", "model_output", "coefficients", "history", "noise")
+    _PER_CALL = frozenset(("history", "noise", "backend"))  # not part of the compiled variant's key
+
+    def __init__(self, public_op, backend="inductor"):
+        self.backend = backend
+        self.calls = 0
+        self._signature = inspect.signature(public_op)
+        self._compiled = {}
+        self._kept = []  # non-hashable option values keyed by id stay alive, so ids stay unique
+        # the public op's non-tensor arguments the stand-in can honour: the reference's, the
+        # thresholding parameters, and backend (meaningless here: the reference is the backend)
+        known = set(inspect.signature(reference.fused_step).parameters) | {"threshold_ratio", "threshold_max"}
+        self._unknown = {name: p.default for name, p in self._signature.parameters.items()
+                         if name not in known and name not in self._TENSORS and name != "backend"}
+
+    def __call__(self, sample, model_output, coefficients, **kwargs):
+        self.calls += 1
+        key = tuple((name, value if value.__hash__ is not None else id(value))
+                    for name, value in kwargs.items() if name not in self._PER_CALL)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            return self._compile(key, sample, model_output, coefficients, kwargs)
+        history = tuple(kwargs.get("history", ()))
+        return ops.StepOutputs(*compiled(sample, model_output, coefficients, history, kwargs.get("noise")))
+
+    def _compile(self, key, sample, model_output, coefficients, kwargs):
+        bound = self._signature.bind(sample, model_output, coefficients, **kwargs)
+        bound.apply_defaults()
+        options = dict(bound.arguments)
+        for name in self._TENSORS:
+            options.pop(name)
+        options.pop("backend", None)
+        for name, default in self._unknown.items():
+            if options.pop(name) is not default:
+                raise BaselineUnavailable(f"ops.fused_step was called with {name}=, which the reference "
+                                          "(ops/reference.py) does not take")
+        if options["out_dtype"] is None:
+            options["out_dtype"] = torch.promote_types(sample.dtype, model_output.dtype)
+        options = {name: dict(v) if isinstance(v, collections.abc.Mapping) else v for name, v in options.items()}
+        arguments = (sample, model_output, coefficients, tuple(kwargs.get("history", ())), kwargs.get("noise"))
+        compiled = torch.compile(_reference_step(options), backend=self.backend, fullgraph=True, dynamic=False)
+        outputs = compiled(*arguments)
+        _check_against_eager(outputs, _reference_step(options)(*arguments))
+        self._kept.append(kwargs)
+        self._compiled[key] = compiled
+        return ops.StepOutputs(*outputs)
+
+
+def _check_against_eager(compiled, eager) -> None:
+    for name, got, want in zip(("prev_sample", "history value", "x0"), compiled, eager):
+        if want is None:
+            continue
+        want64, got64 = want.double(), got.double()
+        scale = float(want64.abs().max()) if want64.numel() else 0.0
+        # a different evaluation order and FMA contraction move the result by a few rounding steps
+        tolerance = max(1e-4, 2 * torch.finfo(want.dtype).eps) * max(scale, 1e-30)
+        nan_mismatch = bool((torch.isnan(got64) != torch.isnan(want64)).any())
+        error = float((got64 - want64).nan_to_num(0.0, 0.0, 0.0).abs().max()) if want64.numel() else 0.0
+        if nan_mismatch or got.dtype != want.dtype or not error <= tolerance:
+            raise BaselineUnavailable(
+                f"torch.compile of the reference gives a different {name} than the eager reference "
+                f"(max abs difference {error:.3g}, tolerance {tolerance:.3g}, NaN mismatch {nan_mismatch})")
+
+
+@contextlib.contextmanager
+def compiled_reference(backend=None):
+    """While active, ``fused_sched.ops.fused_step`` (which every fused scheduler calls) is a
+    :class:`CompiledReferenceOp`; the previous compiled state is reset on entry so this case
+    compiles afresh. ``backend``: torch.compile's backend, default :data:`COMPILE_BACKEND`.
+    Yields the stand-in."""
+    torch.compiler.reset()
+    backend = COMPILE_BACKEND if backend is None else backend
+    original = ops.fused_step
+    op = CompiledReferenceOp(original, backend)
+    ops.fused_step = op
+    try:
+        yield op
+    finally:
+        ops.fused_step = original
+
+
+def compile_step(step, op: CompiledReferenceOp, device) -> float:
+    """Runs ``step`` once under :func:`compiled_reference` (this compiles) and returns the
+    seconds it took; raises :class:`BaselineUnavailable` with the reason where it fails."""
+    start = time.perf_counter()
+    try:
+        step()
+        _synchronize(device)
+    except BaselineUnavailable:
+        raise
+    except Exception as error:
+        raise BaselineUnavailable(f"torch.compile failed: {_summary(error)}") from error
+    if op.calls == 0:
+        raise BaselineUnavailable("the fused scheduler's step did not call fused_sched.ops.fused_step, "
+                                  "so there is no op to replace with the compiled reference")
+    return time.perf_counter() - start
+
+
+def no_recompiles():
+    """Context in which a compiled function that would recompile raises instead (torch >= 2.6;
+    a no-op before): a timed call never compiles, nor falls back to eager at the recompile limit."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("fail_on_recompile") if set_stance is not None else contextlib.nullcontext()
+
+
+def _summary(error: BaseException, limit: int = 200) -> str:
+    """One line for a table cell: the exception type and the first non-empty line of its message
+    (inductor wraps the underlying error, e.g. a C++ compiler failure, in a long report)."""
+    while getattr(error, "inner_exception", None) is not None:  # BackendCompilerFailed, InductorError
+        error = error.inner_exception
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def bytes_per_step(kind: str, shape, dtype) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def run(*args, timeout=600):
@@ -21,10 +23,19 @@ def test_info_lists_every_backend():
         assert f" {name} " in out.stdout
 
 
+COMPILED_FIELDS = ("compiled_median_us", "compiled_iqr_us", "compiled_compile_s", "speedup_vs_compiled")
+
+
+def _inductor_should_compile() -> bool:
+    """Where inductor has what it needs (a GPU, or a C++ compiler for its CPU code), the
+    torch.compile baseline must run; elsewhere it may be reported unavailable."""
+    return torch.cuda.is_available() or any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+
+
 def test_bench_json_and_plot_are_well_formed(tmp_path):
     path, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     out = run("bench", "--scheduler", "ddim,dpm++2m", "--shape", "tiny,2x4x16x16", "--backend", "torch",
-              "--repeats", "3", "--json", str(path), "--plot", str(plot))
+              "--repeats", "3", "--no-compile-baseline", "--json", str(path), "--plot", str(plot))
     assert out.returncode == 0, out.stderr
     report = json.loads(path.read_text())
     assert {"date", "device", "torch", "diffusers", "fused_sched", "copy_bandwidth_GBps"} <= set(report["meta"])
@@ -34,8 +45,58 @@ def test_bench_json_and_plot_are_well_formed(tmp_path):
     for r in rows:
         assert r["median_us"] > 0 and r["samples"] == 3 and r["bytes_per_step"] > 0
         assert r["speedup_vs_diffusers"] > 0 and r["percent_of_copy_bandwidth"] > 0
-    assert "speedup" in out.stdout  # the terminal table
+        # skipped on request: the baseline's fields are there, null, with the reason
+        assert all(r[field] is None for field in COMPILED_FIELDS)
+        assert "--no-compile-baseline" in r["compiled_unavailable"]
+    assert "vs diffusers" in out.stdout and "skipped (--no-compile-baseline)" in out.stdout  # the terminal table
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_compile_baseline_fields(tmp_path):
+    """One case, one compile: the torch.compile baseline has its own row and every row its fields."""
+    path, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    out = run("bench", "--scheduler", "ddim", "--shape", "tiny", "--backend", "torch", "--repeats", "3",
+              "--json", str(path), "--plot", str(plot))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(path.read_text())["rows"]
+    reason = rows[0]["compiled_unavailable"]
+    assert all(r["compiled_unavailable"] == reason for r in rows)
+    if reason is None:
+        assert [r["backend"] for r in rows] == ["diffusers", "torch.compile", "torch"]
+        compiled = rows[1]
+        assert compiled["samples"] == 3 and compiled["median_us"] > 0 and compiled["iqr_us"] >= 0
+        assert compiled["speedup_vs_compiled"] == 1.0 and compiled["speedup_vs_diffusers"] > 0
+        for r in rows:
+            assert r["compiled_median_us"] == compiled["median_us"] and r["compiled_iqr_us"] == compiled["iqr_us"]
+            assert r["compiled_compile_s"] > 0
+            assert r["speedup_vs_compiled"] == pytest.approx(compiled["median_us"] / r["median_us"])
+        assert "torch.compile" in out.stdout and "vs compiled" in out.stdout
+    else:
+        assert not _inductor_should_compile(), f"torch.compile baseline unavailable: {reason}"
+        assert [r["backend"] for r in rows] == ["diffusers", "torch"]
+        assert isinstance(reason, str) and reason and all(r[f] is None for r in rows for f in COMPILED_FIELDS)
+        assert f"unavailable: {reason}" in out.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_reports_a_baseline_that_does_not_compile(tmp_path, monkeypatch, capsys):
+    """A case torch.compile fails on is a row saying so, with the reason, and null fields."""
+    from fused_sched import __main__ as cli, benchmark
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler (simulated)")
+
+    monkeypatch.setattr(benchmark, "COMPILE_BACKEND", no_compiler)
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--scheduler", "ddim", "--shape", "tiny", "--backend", "torch", "--repeats", "3",
+                     "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["diffusers", "torch"]
+    for r in rows:
+        assert all(r[field] is None for field in COMPILED_FIELDS)
+        assert "InvalidCxxCompiler: no working C++ compiler (simulated)" in r["compiled_unavailable"]
+    table = capsys.readouterr().out
+    assert "torch.compile" in table and "unavailable: torch.compile failed: RuntimeError: InvalidCxxCompiler" in table
 
 
 def test_verify_passes():
