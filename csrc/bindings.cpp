@@ -14,8 +14,15 @@ template <typename FusedStep>
 void def_fused_step(pybind11::module_& m, const char* name, FusedStep fn, const char* doc) {
   namespace py = pybind11;
   m.def(name, fn, doc, py::arg("sample"), py::arg("model_output"), py::arg("coefficients"), py::arg("history1"),
-        py::arg("history2"), py::arg("noise"), py::arg("scale"), py::arg("clip"), py::arg("clip_range"),
-        py::arg("out"), py::arg("history_out"), py::arg("x0_out"));
+        py::arg("history2"), py::arg("noise"), py::arg("noise_mode"), py::arg("philox_seed"),
+        py::arg("philox_offset"), py::arg("scale"), py::arg("clip"), py::arg("clip_range"), py::arg("out"),
+        py::arg("history_out"), py::arg("x0_out"));
+}
+
+template <typename PhiloxBits>
+void def_philox_bits(pybind11::module_& m, const char* name, PhiloxBits fn, const char* doc) {
+  namespace py = pybind11;
+  m.def(name, fn, doc, py::arg("seed"), py::arg("offset"), py::arg("out"));
 }
 
 template <typename ThresholdScale>
@@ -33,6 +40,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                  "One fused scheduler step on CPU tensors; fills out / history_out / x0_out.");
   def_threshold_scale(m, "cpu_threshold_scale", &fused_sched::cpu::threshold_scale,
                       "Per-row dynamic-thresholding scale (B,) float32 of CPU tensors.");
+  def_philox_bits(m, "cpu_philox_bits", &fused_sched::cpu::philox_bits,
+                  "Tests: the Philox outputs behind PhiloxNoise for counters offset + [0, n), into int32 (n, 2).");
   m.def(
       "cpu_use_portable_kernels_only",
       [](bool only) { fused_sched::cpu::portable_kernels_only.store(only); },
@@ -43,6 +52,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                  "One fused scheduler step on CUDA tensors, on the current stream.");
   def_threshold_scale(m, "cuda_threshold_scale", &fused_sched::cuda::threshold_scale,
                       "Per-row dynamic-thresholding scale (B,) float32 by radix select, on the current stream.");
+  def_philox_bits(m, "cuda_philox_bits", &fused_sched::cuda::philox_bits,
+                  "Tests: the Philox outputs behind PhiloxNoise for counters offset + [0, n), into int32 (n, 2).");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

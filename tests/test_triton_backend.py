@@ -429,14 +429,17 @@ def build(fn, types, consts, num_warps=4, aligned=()):
 ptrs = ["x_ptr", "m_ptr", "h1_ptr", "h2_ptr", "z_ptr", "coef_ptr", "scale_ptr", "out_ptr", "d_ptr", "x0_ptr"]
 types = {p: "*fp32" for p in ptrs}
 types.update(x_ptr="*bf16", d_ptr="*bf16", h2_ptr="*fp16", row_numel="i32", row_start="i32",
-             coef_row_stride="i32", clip_range="fp32", size_class="i32")
-for clip, history, noise, wide in [(0, 0, False, False), (1, 1, True, False), (2, 2, True, True)]:
+             coef_row_stride="i32", clip_range="fp32", size_class="i32", seed="i64", noise_offset="i64")
+# noise: 0 none, 1 tensor, 2 philox (tl.randn in the kernel)
+for clip, history, noise, wide in [(0, 0, 0, False), (1, 1, 1, False), (2, 2, 1, True), (0, 1, 2, False),
+                                   (2, 0, 2, True)]:
     ptx = build(step._step_kernel, types, dict(CLIP=clip, HISTORY=history, NOISE=noise, WRITE_D=True,
                 WRITE_X0=True, WIDE_INDEX=wide, BLOCK=2048), 8, aligned=ptrs + ["row_numel"])
     # Contiguous fast path: 16-byte vector loads and stores; IEEE division only.
     assert re.search(r"ld\\.global[\\w.:]*\\.v4\\.b32", ptx) and "st.global.v4.b32" in ptx, "no vector access"
     assert "div.full" not in ptx and "div.approx" not in ptx
     assert ("div.rn.f32" in ptx) == (clip == 2)
+    assert ("mul.hi.u32" in ptx) == (noise == 2), "Philox rounds (umulhi) exactly where noise is philox"
 hist_types = dict(x_ptr="*fp32", m_ptr="*fp16", coef_ptr="*fp32", coef_row_stride="i32", state_ptr="*i64",
                   hist_ptr="*i64", row_numel="i32", tiles_per_program="i32")
 narrow_types = dict(state_ptr="*i64", hist_ptr="*i64", scale_ptr="*fp32", weight="fp32", max_value="fp32")

@@ -8,9 +8,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 
+#include "fused_sched/philox.h"
 #include "fused_sched/step_math.h"
 
 namespace fused_sched {
@@ -78,9 +80,10 @@ inline void check_scale(const char* backend, const at::Tensor& scale, const at::
 // Checks the options and every tensor of a fused_step call.
 inline void check_fused_step(const char* backend, const at::Tensor& sample,
                              const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
-                             const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& scale,
-                             int64_t clip, double clip_range, const at::Tensor& out,
-                             const std::optional<at::Tensor>& history_out, const std::optional<at::Tensor>& x0_out) {
+                             const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_offset,
+                             const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                             const at::Tensor& out, const std::optional<at::Tensor>& history_out,
+                             const std::optional<at::Tensor>& x0_out) {
   TORCH_CHECK(clip >= 0 && clip <= 2, "fused_sched ", backend, " backend: clip mode ", clip,
               " is not 0 (none), 1 (clamp) or 2 (threshold)");
   TORCH_CHECK(!history2.has_value() || history1.has_value(), "fused_sched ", backend,
@@ -88,6 +91,17 @@ inline void check_fused_step(const char* backend, const at::Tensor& sample,
   if (history1) check_tensor_like(backend, "history[0]", *history1, sample, false);
   if (history2) check_tensor_like(backend, "history[1]", *history2, sample, false);
   if (noise) check_tensor_like(backend, "noise", *noise, sample, false);
+  TORCH_CHECK(noise_mode >= 0 && noise_mode <= 2, "fused_sched ", backend, " backend: noise mode ", noise_mode,
+              " is not 0 (none), 1 (tensor) or 2 (philox)");
+  TORCH_CHECK(noise.has_value() == (noise_mode == static_cast<int64_t>(NoiseSource::kNoiseTensor)), "fused_sched ",
+              backend, " backend: a noise tensor goes with noise mode 1 (tensor) only, got mode ", noise_mode,
+              noise.has_value() ? " with a tensor" : " without one");
+  if (noise_mode == static_cast<int64_t>(NoiseSource::kPhilox)) {
+    // Counters offset + i, i < numel, are computed in int64 (as the Triton kernel does).
+    TORCH_CHECK(philox_offset >= 0 && philox_offset <= INT64_MAX - sample.numel(), "fused_sched ", backend,
+                " backend: PhiloxNoise offset ", philox_offset, " + ", sample.numel(),
+                " elements must stay in [0, 2**63)");
+  }
   if (clip == 1) {
     TORCH_CHECK(clip_range > 0, "fused_sched ", backend, " backend: clip_range must be > 0, got ", clip_range);
   }

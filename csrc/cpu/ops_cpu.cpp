@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "fused_sched/philox.h"
 #include "fused_sched/step_math.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -124,6 +125,7 @@ struct StepArgs {
   const float* scale;
   int64_t batch, row_size;
   float clip_range;
+  uint64_t philox_seed, philox_offset;
 };
 
 template <Clip kClip, int kHistory, bool kNoise>
@@ -179,14 +181,49 @@ FS_TARGET_FMA int64_t abs_x0_fma(const Coefficients& c, const float* x, const fl
 }
 #endif
 
-template <Clip kClip, int kHistory, bool kNoise>
+// The Philox rounds and uniforms of a chunk: integer arithmetic only, so this loop
+// vectorises (32x32->64-bit products), and its AVX2 clone gives the same bits.
+[[gnu::always_inline]] inline void philox_uniforms_loop(uint64_t seed, uint64_t first_counter,
+                                                        float* __restrict u1, float* __restrict u2, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const PhiloxPair p = philox_pair(seed, first_counter + static_cast<uint64_t>(i));
+    u1[i] = philox_uniform(p.first);
+    u2[i] = philox_uniform(p.second);
+  }
+}
+
+void philox_uniforms_portable(uint64_t seed, uint64_t first_counter, float* u1, float* u2, int64_t n) {
+  philox_uniforms_loop(seed, first_counter, u1, u2, n);
+}
+
+#if FS_FMA_CLONES
+FS_TARGET_FMA void philox_uniforms_avx2(uint64_t seed, uint64_t first_counter, float* u1, float* u2, int64_t n) {
+  philox_uniforms_loop(seed, first_counter, u1, u2, n);
+}
+#endif
+
+// z for elements [begin, begin + n <= kChunk) of the flat tensor. Counter-based, so the
+// chunking and the threads that run the chunks do not change a value. Box-Muller stays in
+// baseline code: logf / cosf come from libm either way, and it has no fma to clone for.
+void philox_chunk(uint64_t seed, uint64_t first_counter, float* __restrict dst, int64_t n) {
+  alignas(64) float u1[kChunk], u2[kChunk];
+  auto* uniforms = &philox_uniforms_portable;
+#if FS_FMA_CLONES
+  if (use_fma_clones()) uniforms = &philox_uniforms_avx2;
+#endif
+  uniforms(seed, first_counter, u1, u2, n);
+  for (int64_t i = 0; i < n; ++i) dst[i] = box_muller(u1[i], u2[i]);
+}
+
+template <Clip kClip, int kHistory, NoiseSource kNoise>
 void run_step(const StepArgs& a) {
+  constexpr bool kHasNoise = kNoise != NoiseSource::kNoNoise;
   const int64_t chunks_per_row = (a.row_size + kChunk - 1) / kChunk;
   const int64_t tasks = a.batch * chunks_per_row;
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / kChunk);
-  auto* chunk_fn = &step_chunk_portable<kClip, kHistory, kNoise>;
+  auto* chunk_fn = &step_chunk_portable<kClip, kHistory, kHasNoise>;
 #if FS_FMA_CLONES
-  if (use_fma_clones()) chunk_fn = &step_chunk_fma<kClip, kHistory, kNoise>;
+  if (use_fma_clones()) chunk_fn = &step_chunk_fma<kClip, kHistory, kHasNoise>;
 #endif
   at::parallel_for(0, tasks, grain, [&](int64_t task_begin, int64_t task_end) {
     alignas(64) float bx[kChunk], bm[kChunk], bh1[kChunk], bh2[kChunk], bz[kChunk];
@@ -203,7 +240,13 @@ void run_step(const StepArgs& a) {
       const float* m = a.m.chunk(begin, n, bm);
       const float* h1 = kHistory >= 1 ? a.h1.chunk(begin, n, bh1) : nullptr;
       const float* h2 = kHistory >= 2 ? a.h2.chunk(begin, n, bh2) : nullptr;
-      const float* z = kNoise ? a.z.chunk(begin, n, bz) : nullptr;
+      const float* z = nullptr;
+      if constexpr (kNoise == NoiseSource::kNoiseTensor) {
+        z = a.z.chunk(begin, n, bz);
+      } else if constexpr (kNoise == NoiseSource::kPhilox) {
+        philox_chunk(a.philox_seed, a.philox_offset + static_cast<uint64_t>(begin), bz, n);
+        z = bz;
+      }
       float* out = a.out.target(begin, bout);
       float* d = a.d.target(begin, bd);
       float* x0 = a.x0.target(begin, bx0);
@@ -216,13 +259,19 @@ void run_step(const StepArgs& a) {
 }
 
 template <Clip kClip, int kHistory>
-void dispatch_noise(const StepArgs& a, bool noise) {
-  if (noise) return run_step<kClip, kHistory, true>(a);
-  return run_step<kClip, kHistory, false>(a);
+void dispatch_noise(const StepArgs& a, NoiseSource noise) {
+  switch (noise) {
+    case NoiseSource::kNoiseTensor:
+      return run_step<kClip, kHistory, NoiseSource::kNoiseTensor>(a);
+    case NoiseSource::kPhilox:
+      return run_step<kClip, kHistory, NoiseSource::kPhilox>(a);
+    default:
+      return run_step<kClip, kHistory, NoiseSource::kNoNoise>(a);
+  }
 }
 
 template <Clip kClip>
-void dispatch_history(const StepArgs& a, int history, bool noise) {
+void dispatch_history(const StepArgs& a, int history, NoiseSource noise) {
   switch (history) {
     case 0:
       return dispatch_noise<kClip, 0>(a, noise);
@@ -237,11 +286,13 @@ void dispatch_history(const StepArgs& a, int history, bool noise) {
 
 void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
-                const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& scale, int64_t clip,
-                double clip_range, const at::Tensor& out, const std::optional<at::Tensor>& history_out,
+                const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
+                int64_t philox_offset, const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out) {
   const auto [batch, row_size] = check_step_inputs("cpu", c10::DeviceType::CPU, sample, model_output, coefficients);
-  check_fused_step("cpu", sample, history1, history2, noise, scale, clip, clip_range, out, history_out, x0_out);
+  check_fused_step("cpu", sample, history1, history2, noise, noise_mode, philox_offset, scale, clip, clip_range, out,
+                   history_out, x0_out);
 
   StepArgs a;
   a.x = reader_of(sample);
@@ -259,17 +310,38 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
   a.row_size = row_size;
   // torch.clamp(x0, -r, r) on a float32 tensor rounds the Python float r to float32.
   a.clip_range = static_cast<float>(clip_range);
+  // The seed's bits: the kernels take the key as uint64 (seeds >= 2**63 arrive negative).
+  a.philox_seed = static_cast<uint64_t>(philox_seed);
+  a.philox_offset = static_cast<uint64_t>(philox_offset);
   if (row_size == 0) return;
 
   const int history = history2 ? 2 : (history1 ? 1 : 0);
+  const auto noise_source = static_cast<NoiseSource>(noise_mode);
   switch (static_cast<Clip>(clip)) {
     case Clip::kNone:
-      return dispatch_history<Clip::kNone>(a, history, noise.has_value());
+      return dispatch_history<Clip::kNone>(a, history, noise_source);
     case Clip::kClamp:
-      return dispatch_history<Clip::kClamp>(a, history, noise.has_value());
+      return dispatch_history<Clip::kClamp>(a, history, noise_source);
     case Clip::kThreshold:
-      return dispatch_history<Clip::kThreshold>(a, history, noise.has_value());
+      return dispatch_history<Clip::kThreshold>(a, history, noise_source);
   }
+}
+
+void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out) {
+  TORCH_CHECK(out.defined() && out.device().is_cpu() && out.scalar_type() == at::kInt && out.dim() == 2 &&
+                  out.size(1) == 2 && out.is_contiguous(),
+              "fused_sched cpu backend: philox_bits writes a contiguous int32 CPU tensor of shape (n, 2)");
+  const int64_t n = out.size(0);
+  TORCH_CHECK(offset >= 0 && offset <= INT64_MAX - n, "fused_sched cpu backend: philox offset ", offset, " + ", n,
+              " must stay in [0, 2**63)");
+  auto* dst = static_cast<uint32_t*>(out.data_ptr());
+  at::parallel_for(0, n, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const PhiloxPair p = philox_pair(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset + i));
+      dst[2 * i] = p.first;
+      dst[2 * i + 1] = p.second;
+    }
+  });
 }
 
 at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,

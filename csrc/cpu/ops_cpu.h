@@ -15,11 +15,19 @@ extern std::atomic<bool> portable_kernels_only;
 
 // Writes prev into `out` and, when given, the history value into `history_out` and the
 // clipped x0 into `x0_out`. All tensors contiguous, on the CPU, with the sample's shape.
+// z comes from `noise_mode` (NoiseSource): 0 none, 1 the `noise` tensor, 2 counter-based
+// normals philox_normal(seed, philox_offset + i) for the element with flat index i, where
+// `philox_seed` carries the seed's 64 bits (fused_sched/ops/philox.py).
 void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
-                const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& scale, int64_t clip,
-                double clip_range, const at::Tensor& out, const std::optional<at::Tensor>& history_out,
+                const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
+                int64_t philox_offset, const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out);
+
+// Tests: the two Philox outputs tl.randn uses, for counters offset + [0, n), into the
+// contiguous int32 tensor `out` of shape (n, 2) (uint32 bit patterns).
+void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out);
 
 // Per-batch-row dynamic-thresholding scale, float32 of shape (B,).
 at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,

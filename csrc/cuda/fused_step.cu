@@ -1,11 +1,14 @@
 // The fused scheduler step on CUDA: one elementwise pass, specialised at compile time on
-// clip mode, history count and noise (what changes the arithmetic and the loads), with
-// the optional outputs as uniform runtime branches.
+// clip mode, history count and noise source (what changes the arithmetic and the loads),
+// with the optional outputs as uniform runtime branches. Counter-based noise is computed
+// from the element's flat index, so the grid, the packing and the row split never change
+// which number an element gets.
 #include <algorithm>
 #include <atomic>
 #include <iterator>
 
 #include "device_io.cuh"
+#include "fused_sched/philox.h"
 #include "fused_sched/step_math.h"
 #include "kernels.h"
 
@@ -33,8 +36,9 @@ __device__ __forceinline__ void select_row(const StepLaunch& a, int64_t row, Row
   if constexpr (kClip == Clip::kThreshold) cache.scale = a.scale[row];
 }
 
-template <Clip kClip, int kHistory, bool kNoise, bool kPacked>
+template <Clip kClip, int kHistory, NoiseSource kNoise, bool kPacked>
 __global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepLaunch a, bool per_row) {
+  constexpr bool kHasNoise = kNoise != NoiseSource::kNoNoise;
   const int64_t total = a.batch * a.row_size;
   const int64_t units = kPacked ? total / kPack : total;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -49,13 +53,19 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepLaunch a
       load_pack(a.m, a.m_type, i, m);
       if constexpr (kHistory >= 1) load_pack(a.h1, a.h1_type, i, h1);
       if constexpr (kHistory >= 2) load_pack(a.h2, a.h2_type, i, h2);
-      if constexpr (kNoise) load_pack(a.noise, a.noise_type, i, z);
+      if constexpr (kNoise == NoiseSource::kNoiseTensor) load_pack(a.noise, a.noise_type, i, z);
+      if constexpr (kNoise == NoiseSource::kPhilox) {
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) {
+          z[k] = philox_normal(a.philox_seed, a.philox_offset + static_cast<uint64_t>(i + k));
+        }
+      }
       float out[kPack], d[kPack], x0[kPack];
 #pragma unroll
       for (int k = 0; k < kPack; ++k) {
-        const StepValues v = step<kClip, kHistory, kNoise>(cache.c, x[k], m[k], kHistory >= 1 ? h1[k] : 0.0f,
-                                                           kHistory >= 2 ? h2[k] : 0.0f, kNoise ? z[k] : 0.0f,
-                                                           a.clip_range, cache.scale);
+        const StepValues v = step<kClip, kHistory, kHasNoise>(cache.c, x[k], m[k], kHistory >= 1 ? h1[k] : 0.0f,
+                                                              kHistory >= 2 ? h2[k] : 0.0f, kHasNoise ? z[k] : 0.0f,
+                                                              a.clip_range, cache.scale);
         out[k] = v.out;
         d[k] = v.d;
         x0[k] = v.x0;
@@ -66,10 +76,14 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepLaunch a
     } else {
       const float h1 = kHistory >= 1 ? load_one(a.h1, a.h1_type, i) : 0.0f;
       const float h2 = kHistory >= 2 ? load_one(a.h2, a.h2_type, i) : 0.0f;
-      const float z = kNoise ? load_one(a.noise, a.noise_type, i) : 0.0f;
-      const StepValues v = step<kClip, kHistory, kNoise>(cache.c, load_one(a.x, a.x_type, i),
-                                                         load_one(a.m, a.m_type, i), h1, h2, z, a.clip_range,
-                                                         cache.scale);
+      float z = 0.0f;
+      if constexpr (kNoise == NoiseSource::kNoiseTensor) z = load_one(a.noise, a.noise_type, i);
+      if constexpr (kNoise == NoiseSource::kPhilox) {
+        z = philox_normal(a.philox_seed, a.philox_offset + static_cast<uint64_t>(i));
+      }
+      const StepValues v = step<kClip, kHistory, kHasNoise>(cache.c, load_one(a.x, a.x_type, i),
+                                                            load_one(a.m, a.m_type, i), h1, h2, z, a.clip_range,
+                                                            cache.scale);
       store_one(a.out, a.out_type, i, v.out);
       if (a.history_out != nullptr) store_one(a.history_out, a.history_type, i, v.d);
       if (a.x0_out != nullptr) store_one(a.x0_out, a.x0_type, i, v.x0);
@@ -77,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepLaunch a
   }
 }
 
-template <Clip kClip, int kHistory, bool kNoise>
+template <Clip kClip, int kHistory, NoiseSource kNoise>
 void launch(const StepLaunch& a, bool per_row, bool packed, cudaStream_t stream) {
   const int64_t units = a.batch * a.row_size / (packed ? kPack : 1);
   const int64_t wanted = (units + kThreads - 1) / kThreads;
@@ -92,8 +106,14 @@ void launch(const StepLaunch& a, bool per_row, bool packed, cudaStream_t stream)
 
 template <Clip kClip, int kHistory>
 void dispatch_noise(const StepLaunch& a, bool per_row, bool packed, cudaStream_t stream) {
-  if (a.noise != nullptr) return launch<kClip, kHistory, true>(a, per_row, packed, stream);
-  return launch<kClip, kHistory, false>(a, per_row, packed, stream);
+  switch (static_cast<NoiseSource>(a.noise_mode)) {
+    case NoiseSource::kNoiseTensor:
+      return launch<kClip, kHistory, NoiseSource::kNoiseTensor>(a, per_row, packed, stream);
+    case NoiseSource::kPhilox:
+      return launch<kClip, kHistory, NoiseSource::kPhilox>(a, per_row, packed, stream);
+    default:
+      return launch<kClip, kHistory, NoiseSource::kNoNoise>(a, per_row, packed, stream);
+  }
 }
 
 template <Clip kClip>
@@ -127,6 +147,10 @@ int multiprocessor_count() {
 
 cudaError_t launch_fused_step(const StepLaunch& a, cudaStream_t stream) {
   if (a.batch <= 0 || a.row_size <= 0) return cudaSuccess;
+  if (a.noise_mode < 0 || a.noise_mode > 2 ||
+      (a.noise_mode == static_cast<int>(NoiseSource::kNoiseTensor)) != (a.noise != nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   const bool per_row = a.coefficient_rows > 1 || a.clip == static_cast<int>(Clip::kThreshold);
   const int64_t total = a.batch * a.row_size;
   const bool packed = all_aligned(a) && (per_row ? a.row_size % kPack == 0 : total % kPack == 0);

@@ -23,6 +23,11 @@ struct StepLaunch {
   const void* h2;
   const void* noise;
   DType x_type, m_type, h1_type, h2_type, noise_type;
+  // Where z comes from (fused_sched::NoiseSource): 0 none, 1 the `noise` tensor (non-null),
+  // 2 philox_normal(philox_seed, philox_offset + i) for the element with flat index i.
+  int noise_mode;
+  uint64_t philox_seed;
+  uint64_t philox_offset;
   // Outputs: out always; history_out / x0_out null to skip them.
   void* out;
   void* history_out;
@@ -41,6 +46,10 @@ struct StepLaunch {
 
 // Runs the fused step on `stream`; returns the launch status.
 cudaError_t launch_fused_step(const StepLaunch& args, cudaStream_t stream);
+
+// Tests: the two Philox outputs tl.randn uses for counters offset + [0, n), written as
+// out[2 i], out[2 i + 1] (device memory, 2 n values), on `stream`.
+cudaError_t launch_philox_bits(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out, cudaStream_t stream);
 
 struct ThresholdLaunch {
   const void* x;

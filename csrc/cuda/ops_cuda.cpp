@@ -43,11 +43,13 @@ void check_launch(cudaError_t status, const char* what) {
 
 void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
-                const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& scale, int64_t clip,
-                double clip_range, const at::Tensor& out, const std::optional<at::Tensor>& history_out,
+                const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
+                int64_t philox_offset, const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out) {
   const auto [batch, row_size] = check_step_inputs("cuda", c10::DeviceType::CUDA, sample, model_output, coefficients);
-  check_fused_step("cuda", sample, history1, history2, noise, scale, clip, clip_range, out, history_out, x0_out);
+  check_fused_step("cuda", sample, history1, history2, noise, noise_mode, philox_offset, scale, clip, clip_range, out,
+                   history_out, x0_out);
   const c10::cuda::CUDAGuard guard(sample.device());
 
   StepLaunch a;
@@ -61,6 +63,10 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
   a.h1_type = dtype_or_float(history1);
   a.h2_type = dtype_or_float(history2);
   a.noise_type = dtype_or_float(noise);
+  a.noise_mode = static_cast<int>(noise_mode);
+  // The seed's bits: the kernels take the key as uint64 (seeds >= 2**63 arrive negative).
+  a.philox_seed = static_cast<uint64_t>(philox_seed);
+  a.philox_offset = static_cast<uint64_t>(philox_offset);
   a.out = out.data_ptr();
   a.history_out = output_ptr(history_out);
   a.x0_out = output_ptr(x0_out);
@@ -111,9 +117,23 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
   return result;
 }
 
+void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out) {
+  TORCH_CHECK(out.defined() && out.device().is_cuda() && out.scalar_type() == at::kInt && out.dim() == 2 &&
+                  out.size(1) == 2 && out.is_contiguous(),
+              "fused_sched cuda backend: philox_bits writes a contiguous int32 CUDA tensor of shape (n, 2)");
+  const int64_t n = out.size(0);
+  TORCH_CHECK(offset >= 0 && offset <= INT64_MAX - n, "fused_sched cuda backend: philox offset ", offset, " + ", n,
+              " must stay in [0, 2**63)");
+  const c10::cuda::CUDAGuard guard(out.device());
+  check_launch(launch_philox_bits(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), n,
+                                  static_cast<uint32_t*>(out.data_ptr()), c10::cuda::getCurrentCUDAStream().stream()),
+               "philox-bits");
+}
+
 // bindings.cpp binds both backends the same way; its CUDA half is compiled only in CUDA
 // builds, so the shared signatures are checked here, where CPU-only CI compiles too.
 static_assert(std::is_same_v<decltype(&fused_step), decltype(&cpu::fused_step)>);
 static_assert(std::is_same_v<decltype(&threshold_scale), decltype(&cpu::threshold_scale)>);
+static_assert(std::is_same_v<decltype(&philox_bits), decltype(&cpu::philox_bits)>);
 
 }  // namespace fused_sched::cuda

@@ -10,11 +10,14 @@ namespace fused_sched::cuda {
 
 void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
-                const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& scale, int64_t clip,
-                double clip_range, const at::Tensor& out, const std::optional<at::Tensor>& history_out,
+                const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
+                int64_t philox_offset, const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out);
 
 at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
                            double ratio, double max_value);
+
+void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out);
 
 }  // namespace fused_sched::cuda

@@ -222,11 +222,17 @@ def _contiguous(t):
 class CompiledBackend:
     """A backend object (see backends.py) over the entry points of the compiled module."""
 
-    def __init__(self, name: str, device_type: str, fused_step_fn, threshold_scale_fn):
+    def __init__(self, name: str, device_type: str, fused_step_fn, threshold_scale_fn, philox_bits_fn=None):
         self.name = name
         self.device_type = device_type
         self._fused_step = fused_step_fn
         self._threshold_scale = threshold_scale_fn
+        self._philox_bits = philox_bits_fn
+        # Imported here, not at module level: setup.py loads this file by path, outside the package.
+        from . import philox
+
+        self._noise_arguments = philox.kernel_arguments
+        self._philox = philox
 
     def __repr__(self) -> str:
         return f"<fused_sched compiled backend {self.name!r}>"
@@ -256,6 +262,8 @@ class CompiledBackend:
             return None if dtype is None else torch.empty(sample.shape, dtype=dtype, device=sample.device)
 
         out, d, x0 = empty(out_dtype), empty(history_dtype), empty(x0_dtype)
+        # noise: None, a tensor, or PhiloxNoise (computed in the kernel from seed and offset)
+        noise, noise_mode, philox_seed, philox_offset = self._noise_arguments(noise)
         self._fused_step(
             _contiguous(sample),
             _contiguous(model_output),
@@ -263,6 +271,9 @@ class CompiledBackend:
             _contiguous(history[0]) if len(history) > 0 else None,
             _contiguous(history[1]) if len(history) > 1 else None,
             _contiguous(noise),
+            noise_mode,
+            philox_seed,
+            philox_offset,
             _contiguous(scale) if clip == "threshold" else None,
             CLIP_CODES[clip],
             float(clip_range),
@@ -271,6 +282,12 @@ class CompiledBackend:
             x0,
         )
         return out, d, x0
+
+    def philox_bits(self, seed: int, offset: int, numel: int, device=None) -> torch.Tensor:
+        """Tests: the kernels' Philox outputs, as ``philox.philox_bits`` returns them."""
+        out = torch.empty((numel, 2), dtype=torch.int32, device=device or self.device_type)
+        self._philox_bits(self._philox.signed_seed(self._philox.check_seed(seed)), int(offset), out)
+        return out.to(torch.int64) & 0xFFFFFFFF
 
 
 class UnavailableBackend:
@@ -303,9 +320,9 @@ def _make_backend(name: str):
         ext = load_extension()
         if not ext.with_cuda:
             return UnavailableBackend("cuda", f"the prebuilt extension {ext.__file__} was built without CUDA")
-        return CompiledBackend("cuda", "cuda", ext.cuda_fused_step, ext.cuda_threshold_scale)
+        return CompiledBackend("cuda", "cuda", ext.cuda_fused_step, ext.cuda_threshold_scale, ext.cuda_philox_bits)
     ext = load_extension()
-    return CompiledBackend("cpu", "cpu", ext.cpu_fused_step, ext.cpu_threshold_scale)
+    return CompiledBackend("cpu", "cpu", ext.cpu_fused_step, ext.cpu_threshold_scale, ext.cpu_philox_bits)
 
 
 _backends: dict[str, object] = {}

@@ -11,6 +11,8 @@ a cast of the fp32 result.
   ``torch.ops.fused_sched.triton_fused_step``.
 - ``threshold.py``: the radix-select thresholding scale and the op
   ``torch.ops.fused_sched.triton_threshold_scale``.
+- ``noise.py``: the raw Philox outputs behind ``noise=PhiloxNoise`` (tests compare them
+  across backends; the step kernel itself calls ``tl.randn``).
 
 Eager calls launch the kernels directly (a custom-op dispatch costs microseconds per
 step); under torch.compile the backend calls the registered ops, which dynamo can trace
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import philox
 from . import _common, step, threshold
+from .noise import philox_bits as _philox_bits
 
 __all__ = ["BACKEND", "INTERPRETED", "TritonBackend"]
 
@@ -58,9 +62,12 @@ class TritonBackend:
     def fused_step(sample, model_output, coefficients, history, noise, clip, clip_range, scale,
                    out_dtype, history_dtype, x0_dtype):
         if torch.compiler.is_compiling():
+            philox_args = ()
+            if isinstance(noise, philox.PhiloxNoise):  # a schema takes no NamedTuple
+                noise, philox_args = None, (philox.signed_seed(noise.seed), noise.offset)
             outs = iter(step.fused_step_op(
                 sample, model_output, coefficients, list(history), noise, clip, clip_range, scale,
-                out_dtype, history_dtype, x0_dtype,
+                out_dtype, history_dtype, x0_dtype, *philox_args,
             ))
             prev = next(outs)
             d = None if history_dtype is None else next(outs)
@@ -70,6 +77,13 @@ class TritonBackend:
             sample, model_output, coefficients, history, noise, clip, clip_range, scale,
             out_dtype, history_dtype, x0_dtype,
         )
+
+    @staticmethod
+    def philox_bits(seed, offset, numel, device):
+        """Tests: the Philox outputs behind ``PhiloxNoise``, as ``philox.philox_bits`` gives them."""
+        device = torch.device(device)
+        with _common.device_guard(device):
+            return _philox_bits(seed, offset, numel, device)
 
     @staticmethod
     def threshold_scale(sample, model_output, coefficients, ratio, max_value):

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import layout as L
+from .. import philox as _philox
 
 # Kernels index a coefficient row through these, never through literals (see layout.py).
 AX = tl.constexpr(L.AX)
@@ -41,6 +42,13 @@ NUM_COEFFICIENTS = L.NUM_COEFFICIENTS
 CLIP_CODES = {name: code for code, name in enumerate(L.CLIP_MODES)}
 CLIP_CLAMP = tl.constexpr(CLIP_CODES["clamp"])
 CLIP_THRESHOLD = tl.constexpr(CLIP_CODES["threshold"])
+
+# Noise sources as kernel constants; values of philox.NOISE_CODES.
+NOISE_CODES = _philox.NOISE_CODES
+NOISE_TENSOR = tl.constexpr(NOISE_CODES["tensor"])
+NOISE_PHILOX = tl.constexpr(NOISE_CODES["philox"])
+# noise (None | tensor | PhiloxNoise) -> (tensor or None, NOISE code, int64 seed, offset)
+noise_arguments = _philox.kernel_arguments
 
 # CUDA limits grid axes 1 and 2 to 65535 programs; batch rows go on axis 1 in chunks.
 MAX_GRID_ROWS = 65535

@@ -1,7 +1,8 @@
 """The fused step as one Triton kernel, with its host wrapper and torch.library op.
 
 One generic elementwise kernel, specialised at compile time (tl.constexpr) on the clip
-mode, the number of history terms, whether noise is added and which of the optional
+mode, the number of history terms, the noise source (none, a tensor, or counter-based
+normals ``tl.randn(seed, offset + i)`` for ``noise=PhiloxNoise``) and which of the optional
 outputs (history value d, clipped x0) are written; ``prev`` is always written. One pass
 over memory: every input is read once, every output written once, fp32 arithmetic
 whatever the storage dtypes (see _common.py for the rounding).
@@ -11,6 +12,10 @@ batch element when its coefficient row or thresholding scale differs per row; ot
 the whole tensor is a single row, so the common case is a plain 1-D launch that reads the
 coefficients once per program. Rows beyond CUDA's 65535 limit on axis 1 go in further
 launches. Offsets within a row are int32 unless a row has 2**31 or more elements.
+
+Philox noise: the counter of an element is ``offset + row * row_numel + column``, its flat
+index in the whole tensor, so neither the block size, nor the grid, nor whether the batch
+is one row or many changes the number an element gets (fused_sched/ops/philox.py).
 
 Layout: inputs are read as dense row-major tensors. A non-contiguous input (a slice, a
 channels-last latent, an expanded view) is copied once with ``.contiguous()`` here in the
@@ -25,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import philox
+from ..philox import PhiloxNoise
 from . import _common as C
 
 # Under the interpreter the block size is fixed (autotuning would only time numpy); small
@@ -40,13 +47,16 @@ AUTOTUNE_CONFIGS = [
 MAX_BLOCK = max(config.kwargs["BLOCK"] for config in AUTOTUNE_CONFIGS)
 
 
-# size_class only keys the autotuner; specialising on its value would compile needless variants.
-@triton.jit(do_not_specialize=["size_class"])
+# size_class only keys the autotuner, and seed / noise_offset change every noisy step:
+# specialising on their values would compile needless variants. Both are int64 whatever
+# their value (a Python int below 2**31 would otherwise make an int32 variant).
+@triton.jit(do_not_specialize=["size_class", "seed", "noise_offset"])
 def _step_kernel(
     x_ptr, m_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr, scale_ptr,
     out_ptr, d_ptr, x0_ptr,
     row_numel, row_start, coef_row_stride, clip_range,
     size_class,  # autotuning key only: log2 of the element count
+    seed: tl.int64, noise_offset: tl.int64,  # NOISE_PHILOX only: the key's 64 bits, the first counter
     CLIP: tl.constexpr, HISTORY: tl.constexpr, NOISE: tl.constexpr,
     WRITE_D: tl.constexpr, WRITE_X0: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -94,8 +104,12 @@ def _step_kernel(
     if HISTORY >= 2:
         h2 = tl.load(h2_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
         out = tl.fma(tl.load(coef + C.O2), h2, out)
-    if NOISE:
+    if NOISE == C.NOISE_TENSOR:
         z = tl.load(z_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
+        out = tl.fma(tl.load(coef + C.ON), z, out)
+    elif NOISE == C.NOISE_PHILOX:
+        # The element's flat index in the whole tensor keys its number: any split agrees.
+        z = tl.randn(seed, noise_offset + base + cols)
         out = tl.fma(tl.load(coef + C.ON), z, out)
 
     C.store(out_ptr + base + cols, out, mask)
@@ -127,15 +141,18 @@ def launch_step(
 ) -> None:
     """Runs the kernel into the preallocated contiguous outputs (d / x0 may be None).
 
-    Arguments are those of ``reference.fused_step``, already validated; inputs may be
-    non-contiguous (copied here once). ``wrap`` is ``torch.library.wrap_triton`` inside
-    the registered op, so that torch.compile sees the launch.
+    Arguments are those of ``reference.fused_step``, already validated (``noise`` is None, a
+    tensor or a ``PhiloxNoise``); inputs may be non-contiguous (copied here once). ``wrap``
+    is ``torch.library.wrap_triton`` inside the registered op, so that torch.compile sees
+    the launch.
     """
     x = _dense(sample)
     m = _dense(model_output)
     c = _dense(coefficients)
     hist = tuple(_dense(h) for h in history)
-    z = None if noise is None else _dense(noise)
+    z, noise_code, seed, noise_offset = C.noise_arguments(noise)
+    if z is not None:
+        z = _dense(z)
     if clip == "threshold":
         if scale is None:
             raise ValueError("clip='threshold' needs the per-row scale from threshold_scale")
@@ -154,7 +171,7 @@ def launch_step(
     h1 = hist[0] if len(hist) >= 1 else x
     h2 = hist[1] if len(hist) >= 2 else x
     args = dict(
-        CLIP=C.CLIP_CODES[clip], HISTORY=len(hist), NOISE=z is not None,
+        CLIP=C.CLIP_CODES[clip], HISTORY=len(hist), NOISE=noise_code,
         WRITE_D=d is not None, WRITE_X0=x0 is not None, WIDE_INDEX=wide,
     )
     if C.INTERPRETED:
@@ -169,7 +186,7 @@ def launch_step(
         wrap(_step_launcher)[grid](
             x, m, h1, h2, z if z is not None else x, c, s,
             out, d if d is not None else out, x0 if x0 is not None else out,
-            row_numel, row_start, coef_row_stride, clip_range, size_class,
+            row_numel, row_start, coef_row_stride, clip_range, size_class, seed, noise_offset,
             **args,
         )
 
@@ -204,8 +221,16 @@ def fused_step_op(
     out_dtype: torch.dtype,
     history_dtype: Optional[torch.dtype],
     x0_dtype: Optional[torch.dtype],
+    philox_seed: Optional[int] = None,
+    philox_offset: int = 0,
 ) -> list[torch.Tensor]:
-    """[prev] + [d if history_dtype] + [x0 if x0_dtype]: a schema has no optional outputs."""
+    """[prev] + [d if history_dtype] + [x0 if x0_dtype]: a schema has no optional outputs.
+
+    A schema cannot take a ``PhiloxNoise``: with ``noise`` None, ``philox_seed`` (the seed's
+    64 bits as a signed int64) and ``philox_offset`` stand for it.
+    """
+    if philox_seed is not None:
+        noise = PhiloxNoise(philox.unsigned_seed(philox_seed), philox_offset)
     out, d, x0 = fused_step_impl(
         sample, model_output, coefficients, history, noise,
         clip, clip_range, scale, out_dtype, history_dtype, x0_dtype, torch.library.wrap_triton,
@@ -219,6 +244,6 @@ if C.INTERPRETED:
     # interpreted kernel and returns it as is, which would read fake data. State the shapes.
     @fused_step_op.register_fake
     def _(sample, model_output, coefficients, history, noise, clip, clip_range, scale,
-          out_dtype, history_dtype, x0_dtype):
+          out_dtype, history_dtype, x0_dtype, philox_seed=None, philox_offset=0):
         dtypes = (out_dtype, history_dtype, x0_dtype)
         return [torch.empty(sample.shape, dtype=t, device=sample.device) for t in dtypes if t is not None]
