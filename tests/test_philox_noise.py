@@ -504,17 +504,25 @@ def test_each_noisy_step_gets_fresh_noise(backend):
 
 
 @pytest.mark.parametrize("kind", ["ddim", "dpm_sde", "cogvideox_dpm"])
-def test_scheduler_refuses_generator_while_philox_is_on(kind):
+def test_philox_ignores_a_pipelines_generator_and_refuses_variance_noise(kind):
+    """Pipelines pass their generator to every step: with philox on it is not used (and
+    not advanced), so the result equals a step without it. Explicit noise is refused."""
     scheduler, kwargs = _noisy_schedulers()[kind]
     scheduler.use_philox_noise(5)
-    scheduler.set_timesteps(4)
     x = torch.randn(1, 4, 8, 8)
-    t = scheduler.timesteps[0]
-    with pytest.raises(ValueError, match=r"generator was passed while in-kernel noise is on \(use_philox_noise\(5\)\)"):
+
+    def step(generator):
+        scheduler.set_timesteps(4)
+        t = scheduler.timesteps[0]
         if kind == "cogvideox_dpm":
-            scheduler.step(x, None, t, None, x, generator=torch.Generator(), return_dict=False)
-        else:
-            scheduler.step(x, t, x, generator=torch.Generator(), **kwargs)
+            return scheduler.step(x, None, t, None, x, generator=generator, return_dict=False)[0]
+        return scheduler.step(x, t, x, generator=generator, **kwargs)[0]
+
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    assert torch.equal(step(generator), step(None))
+    assert torch.equal(generator.get_state(), state)
+    t = scheduler.timesteps[0]
     if kind != "cogvideox_dpm":  # diffusers' CogVideoX DPM ignores variance_noise, as this one does
         with pytest.raises(ValueError, match="variance_noise was passed while in-kernel noise is on"):
             scheduler.step(x, t, x, variance_noise=torch.randn(1, 4, 8, 8), **kwargs)

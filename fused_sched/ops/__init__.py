@@ -21,10 +21,13 @@ from .backends import (
     use_backend,
 )
 from .layout import CLIP_MODES, NUM_COEFFICIENTS, ConstantColumns
+from .philox import PhiloxNoise
+from .philox import check_noise as _check_philox_noise
 
 __all__ = [
     "BackendUnavailableError",
     "ConstantColumns",
+    "PhiloxNoise",
     "StepOutputs",
     "availability",
     "fused_step",
@@ -67,7 +70,7 @@ def fused_step(
     coefficients: torch.Tensor,
     *,
     history: Sequence[torch.Tensor] = (),
-    noise: torch.Tensor | None = None,
+    noise: torch.Tensor | PhiloxNoise | None = None,
     clip: str = "none",
     clip_range: float = 1.0,
     threshold_ratio: float = 0.995,
@@ -85,7 +88,10 @@ def fused_step(
         coefficients: (1, K) or (B, K) rows, float32 (float64 when x or m is float64),
             on the sample's device. Row b is applied to batch element b.
         history: up to two earlier history values h1 (most recent), h2.
-        noise: z, or None for a deterministic step (the ON column is then ignored).
+        noise: z, or None for a deterministic step (the ON column is then ignored), or
+            ``PhiloxNoise(seed, offset)``: z computed in the kernel, for the element with flat
+            index i a standard normal from counter offset + i (``philox.py``): no tensor,
+            reproducible, the same values however the tensor is split.
         clip: "none", "clamp" (to +-clip_range) or "threshold" (dynamic thresholding: per
             batch row, s = clamp(quantile(|x0|, threshold_ratio), 1, threshold_max)).
         out_dtype: dtype of prev (default: promotion of sample and model_output dtypes).
@@ -111,7 +117,12 @@ def fused_step(
     for i, h in enumerate(history):
         _check_like(f"history[{i}]", h, sample)
     if noise is not None:
-        _check_like("noise", noise, sample)
+        if isinstance(noise, PhiloxNoise):
+            noise = _check_philox_noise(noise, sample.numel())
+        elif isinstance(noise, torch.Tensor):
+            _check_like("noise", noise, sample)
+        else:
+            raise TypeError(f"noise must be a torch.Tensor, a PhiloxNoise or None, got {type(noise).__name__}")
 
     wide = torch.float64 in (sample.dtype, model_output.dtype) or (
         bool(history) and any(h.dtype == torch.float64 for h in history)
@@ -153,10 +164,11 @@ def fused_step(
 
     if torch.compiler.is_compiling():
         # Traced as one opaque node (see compiled.py): no graph break into backend code.
+        noise_tensor, philox_seed, philox_offset = compiled.noise_arguments(noise)
         prev, d, x0 = compiled.fused_step_op(
-            sample, model_output, coefficients, list(history), noise, clip, float(clip_range),
+            sample, model_output, coefficients, list(history), noise_tensor, clip, float(clip_range),
             float(threshold_ratio), float(threshold_max), out_dtype, history_dtype, x0_dtype, backend,
-            *compiled.constant_columns_arguments(constant_columns),
+            *compiled.constant_columns_arguments(constant_columns), philox_seed, philox_offset,
         )
         return StepOutputs(prev, d if history_dtype is not None else None, x0 if x0_dtype is not None else None)
     return run_backend(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
@@ -169,7 +181,7 @@ def run_backend(sample, model_output, coefficients, history, noise, clip, clip_r
     dtypes = (sample.dtype, model_output.dtype)
     if history:
         dtypes += tuple(h.dtype for h in history)
-    if noise is not None:
+    if noise is not None and not isinstance(noise, PhiloxNoise):
         dtypes += (noise.dtype,)
     impl = select_backend(sample.device, dtypes, backend)
     scale = None

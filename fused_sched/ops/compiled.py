@@ -13,11 +13,21 @@ from typing import Optional
 
 import torch
 
+from .philox import PhiloxNoise, signed_seed, unsigned_seed
+
 
 def constant_columns_arguments(constant_columns) -> tuple[list[int], list[float]]:
     """A schema has no dict type: {column: value} travels as two lists."""
     items = sorted(dict(constant_columns or {}).items())
     return [column for column, _ in items], [value for _, value in items]
+
+
+def noise_arguments(noise) -> tuple[torch.Tensor | None, int | None, int]:
+    """A schema has no NamedTuple: PhiloxNoise(seed, offset) travels as (None, seed, offset),
+    the seed as its 64 bits in a signed int64; a tensor or None as (noise, None, 0)."""
+    if isinstance(noise, PhiloxNoise):
+        return None, signed_seed(noise.seed), noise.offset
+    return noise, None, 0
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -42,8 +52,13 @@ def fused_step_op(
     backend: Optional[str],
     constant_columns: list[int],
     constant_values: list[float],
+    philox_seed: Optional[int] = None,
+    philox_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import run_backend
+
+    if philox_seed is not None:
+        noise = PhiloxNoise(unsigned_seed(philox_seed), philox_offset)
 
     prev, d, x0 = run_backend(sample, model_output, coefficients, tuple(history), noise, clip, clip_range,
                               threshold_ratio, threshold_max, out_dtype, history_dtype, x0_dtype, backend,
@@ -56,7 +71,8 @@ def fused_step_op(
 
 @fused_step_op.register_fake
 def _(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
-      out_dtype, history_dtype, x0_dtype, backend, constant_columns, constant_values):
+      out_dtype, history_dtype, x0_dtype, backend, constant_columns, constant_values, philox_seed=None,
+      philox_offset=0):
     def like(dtype):
         return _empty(sample) if dtype is None else sample.new_empty(sample.shape, dtype=dtype)
 

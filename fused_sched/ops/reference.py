@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import layout as L
+from .philox import PhiloxNoise, noise_like
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -137,7 +138,7 @@ def fused_step(
     model_output: torch.Tensor,
     coefficients: torch.Tensor,
     history: tuple[torch.Tensor, ...],
-    noise: torch.Tensor | None,
+    noise: torch.Tensor | PhiloxNoise | None,
     clip: str,
     clip_range: float,
     scale: torch.Tensor | None,
@@ -150,6 +151,9 @@ def fused_step(
 
     ``constant_columns``: {column: value} the caller guarantees for every row; known zeros
     and ones spare their terms (see ``_combination``).
+
+    ``noise``: z as a tensor, or ``PhiloxNoise(seed, offset)``: z of the element with flat
+    index i is ``philox.philox_normal`` at counter offset + i (float32, like the kernels).
     """
     known = constant_columns or {}
     dtype = compute_dtype(sample, model_output, *history)
@@ -169,7 +173,10 @@ def fused_step(
         d = torch.zeros_like(x)
     terms = [(L.OX, x), (L.O0, d), (L.OM, m)]
     terms += [(column, _as(h, dtype)) for column, h in zip((L.O1, L.O2), history)]
-    if noise is not None:
+    if isinstance(noise, PhiloxNoise):
+        if known.get(L.ON) != 0.0:  # a known-zero term would be skipped: draw nothing
+            terms.append((L.ON, noise_like(noise, x, dtype)))
+    elif noise is not None:
         terms.append((L.ON, _as(noise, dtype)))
     out = _combination(c, terms, known)
     if out is None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+
+from ..ops.philox import PhiloxNoise, check_seed
 
 
 def validated_init(parent_init, validate):
@@ -29,10 +32,31 @@ class FusedSchedulerMixin:
 
     _schedule_timesteps: torch.Tensor | None = None  # the tensor set_timesteps produced
     _host_timesteps: list[int] = []
+    _philox_seed: int | None = None  # use_philox_noise: None draws as diffusers does
+    _philox_offset: int = 0  # counter of the next noisy draw's first element
 
     def _remember_schedule(self) -> None:
         self._schedule_timesteps = self.timesteps
         self._host_timesteps = [int(v) for v in self.timesteps.cpu().tolist()]
+        self._philox_offset = 0  # a new trajectory replays the same noise
+
+    def use_philox_noise(self, seed: int | None) -> None:
+        """Opt in to in-kernel counter-based noise (None restores the default).
+
+        With a seed, every noisy step uses ``fused_sched.ops.PhiloxNoise(seed, offset)``
+        instead of drawing a tensor from ``generator`` / taking ``variance_noise``: the
+        fused kernel computes z from the seed and each element's index, so no noise tensor
+        is drawn, written or read. Each noisy draw advances ``offset`` by the draw's element
+        count, so steps get fresh noise; ``set_timesteps`` (and this call) reset it to 0, so
+        running the same trajectory again reproduces it exactly, on any backend to a few
+        float32 ulp. The numbers differ from ``torch.randn``'s: results are not
+        diffusers' for the same generator seed. While it is on, a ``generator`` passed to
+        ``step`` is not used (diffusers pipelines pass theirs to every step; opting in here
+        is the choice of noise source), and ``variance_noise``, which is explicit noise,
+        raises ``ValueError``.
+        """
+        self._philox_seed = None if seed is None else check_seed(seed)
+        self._philox_offset = 0
 
     def _require_schedule(self) -> None:
         if self.num_inference_steps is None:
@@ -99,11 +123,33 @@ class FusedSchedulerMixin:
         if not (isinstance(sample, torch.Tensor) and sample.is_floating_point()):
             _refuse_tensor("sample", sample)
 
-    @staticmethod
-    def _draw_noise(shape, generator, device, dtype, variance_noise=None):
+    def _draw_noise(self, shape, generator, device, dtype, variance_noise=None):
+        """z for one noisy draw: a tensor as diffusers draws it, or, after
+        ``use_philox_noise(seed)``, a ``PhiloxNoise`` for the kernel to compute."""
+        if self._philox_seed is not None:
+            return self._philox_draw(shape, generator, variance_noise, device)
         if variance_noise is not None:
             return variance_noise
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def _philox_draw(self, shape, generator, variance_noise, device) -> PhiloxNoise:
+        if variance_noise is not None:
+            raise ValueError(
+                f"{type(self).__name__}: variance_noise was passed while in-kernel noise is on "
+                f"(use_philox_noise({self._philox_seed})); pass variance_noise=None, or call "
+                "use_philox_noise(None) to use it"
+            )
+        # The counter is a host int and reaches the kernel as an argument: a captured CUDA
+        # graph would replay one draw's noise at every step.
+        if (getattr(device, "type", None) == "cuda" and not torch.compiler.is_compiling()
+                and torch.cuda.is_current_stream_capturing()):
+            raise ValueError(
+                f"{type(self).__name__}: in-kernel noise (use_philox_noise) cannot be captured in a CUDA graph: "
+                "its counter advances on the host, so every replay would repeat the captured step's noise"
+            )
+        noise = PhiloxNoise(self._philox_seed, self._philox_offset)
+        self._philox_offset += math.prod(shape)
+        return noise
 
 
 def _refuse_tensor(name: str, value) -> None:

@@ -191,8 +191,9 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         """z for the SDE solvers (fp32, as diffusers draws it), None for the ODE ones."""
         if self.config.algorithm_type not in SDE_ALGORITHMS:
             return None
-        if variance_noise is None:
-            return self._draw_noise(model_output.shape, generator, model_output.device, torch.float32)
+        if variance_noise is None or self._philox_seed is not None:  # in-kernel noise refuses variance_noise
+            return self._draw_noise(model_output.shape, generator, model_output.device, torch.float32,
+                                    variance_noise)
         return variance_noise.to(device=model_output.device, dtype=torch.float32)
 
     def _clip_options(self) -> dict:
