@@ -38,6 +38,7 @@ import time
 
 import diffusers
 import torch
+import torch._inductor.config
 
 import fused_sched
 from fused_sched import ops
@@ -263,7 +264,10 @@ def compiled_reference(backend=None):
     op = CompiledReferenceOp(original, backend)
     ops.fused_step = op
     try:
-        yield op
+        # In-process compilation: inductor's pool of compile workers would otherwise keep
+        # starting up in the background and slow the next timed case on a small machine.
+        with torch._inductor.config.patch(compile_threads=1):
+            yield op
     finally:
         ops.fused_step = original
 
