@@ -26,6 +26,7 @@ import torch
 
 import fused_sched
 from fused_sched import ops
+from fused_sched.benchmark import device_name
 from fused_sched.ops import compiled, layout as L
 
 
@@ -71,7 +72,7 @@ def main() -> None:
     added = rows_out["custom-op"]["median_us"] - rows_out["direct"]["median_us"]
     print(f"the dispatcher adds {added:.2f} us per eager call")
     if args.json:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+        name = device_name(device)
         meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     device=f"{device.type}: {name}, {torch.get_num_threads()} threads", torch=torch.__version__,
                     fused_sched=fused_sched.__version__, python=platform.python_version(), backend=args.backend,

@@ -16,7 +16,7 @@ import diffusers
 import torch
 
 import fused_sched
-from fused_sched.benchmark import SCHEDULERS, time_step
+from fused_sched.benchmark import SCHEDULERS, device_name, time_step
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
         print(f"{kind:<20} {ref.median_s * 1e6:>13.1f} {fused.median_s * 1e6:>10.1f} {ratio:>6.2f}x")
     if args.json:
         meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    device=f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                    device=f"CPU: {device_name(device)}, {torch.get_num_threads()} threads",
                     torch=torch.__version__, diffusers=diffusers.__version__, fused_sched=fused_sched.__version__,
                     python=platform.python_version(), backend=args.backend, shape=list(shape), dtype="float32")
         with open(args.json, "w") as f:

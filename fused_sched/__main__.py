@@ -12,7 +12,7 @@ import sys
 import torch
 
 from . import __version__, ops
-from .benchmark import (DTYPES, SCHEDULERS, SHAPES, BaselineUnavailable, Timing, bytes_per_step, copy_bandwidth,
+from .benchmark import (DTYPES, device_name, SCHEDULERS, SHAPES, BaselineUnavailable, Timing, bytes_per_step, copy_bandwidth,
                         time_step)
 
 COMPILED = "torch.compile"  # the compiled-reference baseline's name in the rows (see benchmark.py)
@@ -56,7 +56,7 @@ def _shape(value: str):
 def _metadata(device: torch.device) -> dict:
     import diffusers
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = device_name(device)
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=f"{device.type}: {name}", threads=torch.get_num_threads(), torch=torch.__version__,
                 cuda=torch.version.cuda, diffusers=diffusers.__version__, fused_sched=__version__,

@@ -33,6 +33,7 @@ import collections.abc
 import contextlib
 import dataclasses
 import inspect
+import platform
 import statistics
 import time
 
@@ -84,6 +85,20 @@ class Timing:
 
 class BaselineUnavailable(Exception):
     """The torch.compile baseline cannot run this case; ``str()`` is the reason."""
+
+
+def device_name(device: torch.device) -> str:
+    """What results files name the machine by: the GPU's name, or the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _synchronize(device: torch.device) -> None:
