@@ -6,6 +6,7 @@ results are cast once, at the end, to the requested storage dtypes.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import numpy as np
@@ -64,6 +65,7 @@ class _ColumnViews:
 _column_views = _ColumnViews()
 
 
+@functools.lru_cache(maxsize=64)
 def quantile_rank(q: float, n: int) -> tuple[int, int, float]:
     """The order statistics torch.quantile interpolates, with its float32 rank arithmetic.
 
@@ -82,7 +84,7 @@ def data_estimate(sample, model_output, coefficients, dtype):
     """x0 = AS*(AX*x + AM*m), before any clipping, in ``dtype``."""
     x = _as(sample, dtype)
     m = _as(model_output, dtype)
-    return _x0(_rows(coefficients, x.dim(), dtype), x, m)
+    return _x0(_column_views.get(coefficients, x.dim(), dtype), x, m)
 
 
 def _combination(c, terms, known):
@@ -124,12 +126,13 @@ def threshold_scale(sample, model_output, coefficients, ratio: float, max_value:
     x0 = data_estimate(sample, model_output, coefficients, dtype)
     flat = x0.reshape(x0.shape[0], -1).abs()
     lo, hi, weight = quantile_rank(ratio, flat.shape[1])
-    v_lo = torch.kthvalue(flat, lo + 1, dim=1).values
-    v_hi = v_lo if hi == lo else torch.kthvalue(flat, hi + 1, dim=1).values
-    # Equal order statistics are the quantile; torch.lerp(inf, inf, w) would be NaN (x0 is
-    # +-inf for epsilon prediction where alphas_cumprod is 0, and torch.quantile gives NaN).
-    s = torch.where(v_lo == v_hi, v_lo, torch.lerp(v_lo, v_hi, torch.full_like(v_lo, weight)))
-    s = torch.where(torch.isnan(flat).any(dim=1), torch.full_like(s, float("nan")), s)
+    s = torch.kthvalue(flat, lo + 1, dim=1).values
+    if hi != lo:
+        v_hi = torch.kthvalue(flat, hi + 1, dim=1).values
+        # Equal order statistics are the quantile; torch.lerp(inf, inf, w) would be NaN (x0 is
+        # +-inf for epsilon prediction where alphas_cumprod is 0, and torch.quantile gives NaN).
+        s = torch.where(s == v_hi, s, torch.lerp(s, v_hi, weight))
+    s = s.masked_fill(torch.isnan(flat).any(dim=1), float("nan"))
     return torch.clamp(s, min=1.0, max=max_value)
 
 
