@@ -6,7 +6,6 @@ results are cast once, at the end, to the requested storage dtypes.
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping
 
 import numpy as np
@@ -65,7 +64,6 @@ class _ColumnViews:
 _column_views = _ColumnViews()
 
 
-@functools.lru_cache(maxsize=64)
 def quantile_rank(q: float, n: int) -> tuple[int, int, float]:
     """The order statistics torch.quantile interpolates, with its float32 rank arithmetic.
 
