@@ -115,4 +115,14 @@ inline void check_fused_step(const char* backend, const at::Tensor& sample,
   if (x0_out) check_tensor_like(backend, "x0_out", *x0_out, sample, true);
 }
 
+// philox_bits (a test entry point) writes the raw 32-bit pairs of counters offset .. offset+n-1.
+inline void check_philox_bits(const char* backend, at::DeviceType device, int64_t offset, const at::Tensor& out) {
+  TORCH_CHECK(out.defined() && out.device().type() == device && out.scalar_type() == at::kInt && out.dim() == 2 &&
+                  out.size(1) == 2 && out.is_contiguous(),
+              "fused_sched ", backend, " backend: philox_bits writes a contiguous int32 ", backend,
+              " tensor of shape (n, 2)");
+  TORCH_CHECK(offset >= 0 && offset <= INT64_MAX - out.size(0), "fused_sched ", backend, " backend: philox offset ",
+              offset, " + ", out.size(0), " must stay in [0, 2**63)");
+}
+
 }  // namespace fused_sched

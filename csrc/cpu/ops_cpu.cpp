@@ -328,12 +328,8 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
 }
 
 void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out) {
-  TORCH_CHECK(out.defined() && out.device().is_cpu() && out.scalar_type() == at::kInt && out.dim() == 2 &&
-                  out.size(1) == 2 && out.is_contiguous(),
-              "fused_sched cpu backend: philox_bits writes a contiguous int32 CPU tensor of shape (n, 2)");
+  check_philox_bits("cpu", at::kCPU, offset, out);
   const int64_t n = out.size(0);
-  TORCH_CHECK(offset >= 0 && offset <= INT64_MAX - n, "fused_sched cpu backend: philox offset ", offset, " + ", n,
-              " must stay in [0, 2**63)");
   auto* dst = static_cast<uint32_t*>(out.data_ptr());
   at::parallel_for(0, n, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {

@@ -118,12 +118,8 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
 }
 
 void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out) {
-  TORCH_CHECK(out.defined() && out.device().is_cuda() && out.scalar_type() == at::kInt && out.dim() == 2 &&
-                  out.size(1) == 2 && out.is_contiguous(),
-              "fused_sched cuda backend: philox_bits writes a contiguous int32 CUDA tensor of shape (n, 2)");
+  check_philox_bits("cuda", at::kCUDA, offset, out);
   const int64_t n = out.size(0);
-  TORCH_CHECK(offset >= 0 && offset <= INT64_MAX - n, "fused_sched cuda backend: philox offset ", offset, " + ", n,
-              " must stay in [0, 2**63)");
   const c10::cuda::CUDAGuard guard(out.device());
   check_launch(launch_philox_bits(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), n,
                                   static_cast<uint32_t*>(out.data_ptr()), c10::cuda::getCurrentCUDAStream().stream()),
