@@ -111,3 +111,27 @@ def test_traced_dpm_step_past_the_end_fails():
         x = step(x, t)
     with pytest.raises(Exception, match="index"):
         step(x, scheduler.timesteps[-1])
+
+
+@pytest.mark.parametrize("config", [dict(thresholding=True), dict(prediction_type="sample", clip_sample=False)],
+                         ids=["threshold", "sample-prediction"])
+def test_compiled_noisy_ddim_with_variance_noise(backend, config):
+    """eta > 0 with the noise given as variance_noise (a torch.Generator cannot be traced),
+    dynamic thresholding's two ops included: eager results, no per-step recompiles."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager, traced = (PAIRS["ddim"][1](**config) for _ in range(2))
+    for s in (eager, traced):
+        s.set_timesteps(10)
+    step = torch.compile(fullgraph=True, backend="eager")(
+        lambda m, t, x, z: traced.step(m, t, x, eta=0.5, variance_noise=z, return_dict=False)[0])
+    noise = torch.Generator().manual_seed(1)
+    x_eager = x_traced = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i in range(10):
+        z = torch.randn(2, 4, 8, 8, generator=noise)
+        x_traced = step(torch.tanh(x_traced), traced.timesteps[i], x_traced, z)
+        x_eager = eager.step(torch.tanh(x_eager), eager.timesteps[i], x_eager, eta=0.5, variance_noise=z,
+                             return_dict=False)[0]
+        assert torch.equal(x_traced, x_eager), f"step {i}"
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert not counters["graph_break"]
