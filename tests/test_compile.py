@@ -135,3 +135,28 @@ def test_compiled_noisy_ddim_with_variance_noise(backend, config):
         assert torch.equal(x_traced, x_eager), f"step {i}"
     assert counters["stats"]["unique_graphs"] <= 2
     assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("kind", ["ddim-eta", "sde-dpm++2m"])
+def test_compiled_trajectory_with_in_kernel_noise(backend, kind):
+    """use_philox_noise: the counter is a device tensor read by the kernel and advanced in
+    place, so noisy steps trace once (no per-step recompiles) and match eager bit for bit."""
+    torch._dynamo.reset()
+    counters.clear()
+    if kind == "ddim-eta":
+        pair, kwargs = [PAIRS["ddim"][1]() for _ in range(2)], dict(eta=1.0)
+    else:
+        pair, kwargs = [PAIRS["dpm"][1](algorithm_type="sde-dpmsolver++") for _ in range(2)], {}
+    eager, traced = pair
+    for s in pair:
+        s.use_philox_noise(11)
+        s.set_timesteps(12)
+    step = torch.compile(fullgraph=True, backend="eager")(
+        lambda m, t, x: traced.step(m, t, x, return_dict=False, **kwargs)[0])
+    x_eager = x_traced = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i in range(12):
+        x_traced = step(torch.tanh(x_traced), traced.timesteps[i], x_traced)
+        x_eager = eager.step(torch.tanh(x_eager), eager.timesteps[i], x_eager, return_dict=False, **kwargs)[0]
+        assert torch.equal(x_traced, x_eager), f"step {i}"
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert not counters["graph_break"]

@@ -313,8 +313,8 @@ def test_kernel_entry_points_reject_bad_arguments(cpu):
 
     def step(**overrides):
         args = dict(sample=x, model_output=x, coefficients=c, history1=None, history2=None, noise=None,
-                    noise_mode=0, philox_seed=0, philox_offset=0, scale=None, clip=0, clip_range=1.0, out=out,
-                    history_out=None, x0_out=None)
+                    noise_mode=0, philox_seed=0, philox_offset=0, philox_base=None, scale=None, clip=0,
+                    clip_range=1.0, out=out, history_out=None, x0_out=None)
         args.update(overrides)
         return ext.cpu_fused_step(**args)
 

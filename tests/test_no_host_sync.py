@@ -76,11 +76,14 @@ CONFIGS = {
 CASES = [(kind, i) for kind, configs in CONFIGS.items() for i in range(len(configs))]
 
 
+@pytest.mark.parametrize("noise_source", ["generator", "philox"])
 @pytest.mark.parametrize("timestep_form", ["int", "schedule_element"])
 @pytest.mark.parametrize("kind,index", CASES)
-def test_trajectory_steps_without_host_syncs(kind, index, timestep_form):
+def test_trajectory_steps_without_host_syncs(kind, index, timestep_form, noise_source):
     config = CONFIGS[kind][index]
     scheduler = PAIRS[kind][1](**config)
+    if noise_source == "philox":  # the in-kernel noise counter lives on the device
+        scheduler.use_philox_noise(3)
     scheduler.set_timesteps(12)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     pattern = torch.randn(2, 4, 8, 8)

@@ -349,6 +349,38 @@ def test_triton_library_op_takes_the_seed_as_ints():
     assert torch.equal(outs[0], ops.fused_step(x, m, c, noise=PhiloxNoise(seed, 40), backend="triton").prev_sample)
 
 
+def test_device_offset_is_the_int_offset(backend):
+    """A 0-dim int64 offset tensor (read by the kernel) gives the int offset's bits."""
+    g = torch.Generator().manual_seed(5)
+    x, m = (torch.randn(3, 7, 129, generator=g).to(DEVICE) for _ in range(2))
+    c = torch.randn(3, K, generator=g).to(DEVICE)
+    offset = 2**40 + 17
+    by_int = ops.fused_step(x, m, c, noise=PhiloxNoise(9, offset), x0_dtype=torch.float32)
+    by_tensor = ops.fused_step(x, m, c, noise=PhiloxNoise(9, torch.tensor(offset, device=DEVICE)),
+                               x0_dtype=torch.float32)
+    assert torch.equal(by_int.prev_sample, by_tensor.prev_sample) and torch.equal(by_int.x0, by_tensor.x0)
+
+
+def test_torch_compile_with_a_device_offset_keeps_it_a_graph_input(backend):
+    """Offsets in device memory do not become graph constants: new values, same graph."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    g = torch.Generator().manual_seed(4)
+    x, m = (torch.randn(2, 3, 50, generator=g).to(DEVICE) for _ in range(2))
+    c = torch.randn(1, K, generator=g).to(DEVICE)
+
+    def step(x, m, c, offset):
+        return ops.fused_step(x, m, c, noise=PhiloxNoise(5, offset)).prev_sample
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    for offset in (0, 300, 10**12):
+        tensor = torch.tensor(offset, device=DEVICE)
+        assert torch.equal(compiled(x, m, c, tensor), step(x, m, c, offset))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_torch_compile(backend):
     """Under torch.compile the op travels as the custom op with the seed and offset as ints."""
     g = torch.Generator().manual_seed(3)
@@ -392,6 +424,10 @@ def test_invalid_philox_arguments_are_named():
         step(PhiloxNoise(1, "0"))
     with pytest.raises(TypeError, match="noise must be a torch.Tensor, a PhiloxNoise or None, got tuple"):
         step((1, 0))
+    with pytest.raises(ValueError, match="offset must be an int or a 0-dim int64 tensor"):
+        step(PhiloxNoise(1, torch.tensor([3])))
+    with pytest.raises(ValueError, match="offset must be an int or a 0-dim int64 tensor"):
+        step(PhiloxNoise(1, torch.tensor(3, dtype=torch.int32)))
     # numpy-style integers are ints
     import numpy as np
 
@@ -412,7 +448,8 @@ def test_kernel_entry_points_check_the_noise_mode(backend):
 
     def step(**overrides):
         args = dict(sample=x, model_output=x, coefficients=c, history1=None, history2=None, noise=None,
-                    noise_mode=2, philox_seed=1, philox_offset=0, scale=None, clip=0, clip_range=1.0, out=out,
+                    noise_mode=2, philox_seed=1, philox_offset=0, philox_base=None, scale=None, clip=0,
+                    clip_range=1.0, out=out,
                     history_out=None, x0_out=None)
         args.update(overrides)
         return fn(**args)
@@ -428,6 +465,10 @@ def test_kernel_entry_points_check_the_noise_mode(backend):
         step(philox_offset=-1)
     with pytest.raises(RuntimeError, match="must stay in"):
         step(philox_offset=2**63 - 10)
+    with pytest.raises(RuntimeError, match="philox_base must be one int64 on the sample's device"):
+        step(philox_base=torch.zeros(2, dtype=torch.int64, device=device))
+    with pytest.raises(RuntimeError, match="philox_base goes with noise mode 2"):
+        step(noise_mode=0, philox_base=torch.zeros((), dtype=torch.int64, device=device))
 
 
 # ---- schedulers

@@ -77,6 +77,21 @@ inline void check_scale(const char* backend, const at::Tensor& scale, const at::
               scale.device(), "; expected the sample's device ", sample.device());
 }
 
+// PhiloxNoise with a tensor offset: one int64 on the sample's device, added to the int offset
+// by the kernel (read from memory, so a traced or captured step sees its current value).
+inline void check_philox_base(const char* backend, const std::optional<at::Tensor>& base, int64_t noise_mode,
+                              const at::Tensor& sample) {
+  if (!base) return;
+  TORCH_CHECK(noise_mode == static_cast<int64_t>(NoiseSource::kPhilox), "fused_sched ", backend,
+              " backend: philox_base goes with noise mode 2 (philox) only");
+  TORCH_CHECK(base->defined() && base->scalar_type() == at::kLong && base->numel() == 1 && base->is_contiguous() &&
+                  base->device() == sample.device(),
+              "fused_sched ", backend, " backend: philox_base must be one int64 on the sample's device ",
+              sample.device(), ", got ", base->defined() ? base->toString() : std::string("an undefined tensor"),
+              base->defined() ? " with " + std::to_string(base->numel()) + " elements on " + base->device().str()
+                              : std::string());
+}
+
 // Checks the options and every tensor of a fused_step call.
 inline void check_fused_step(const char* backend, const at::Tensor& sample,
                              const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,

@@ -287,7 +287,8 @@ void dispatch_history(const StepArgs& a, int history, NoiseSource noise) {
 void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
                 const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
-                int64_t philox_offset, const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                int64_t philox_offset, const std::optional<at::Tensor>& philox_base,
+                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
                 const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out) {
   const auto [batch, row_size] = check_step_inputs("cpu", c10::DeviceType::CPU, sample, model_output, coefficients);
@@ -313,6 +314,9 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
   // The seed's bits: the kernels take the key as uint64 (seeds >= 2**63 arrive negative).
   a.philox_seed = static_cast<uint64_t>(philox_seed);
   a.philox_offset = static_cast<uint64_t>(philox_offset);
+  check_philox_base("cpu", philox_base, noise_mode, sample);
+  // A CPU tensor's value is host memory: reading it here is no sync.
+  if (philox_base) a.philox_offset += static_cast<uint64_t>(*philox_base->const_data_ptr<int64_t>());
   if (row_size == 0) return;
 
   const int history = history2 ? 2 : (history1 ? 1 : 0);

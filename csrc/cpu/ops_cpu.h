@@ -16,12 +16,13 @@ extern std::atomic<bool> portable_kernels_only;
 // Writes prev into `out` and, when given, the history value into `history_out` and the
 // clipped x0 into `x0_out`. All tensors contiguous, on the CPU, with the sample's shape.
 // z comes from `noise_mode` (NoiseSource): 0 none, 1 the `noise` tensor, 2 counter-based
-// normals philox_normal(seed, philox_offset + i) for the element with flat index i, where
+// normals philox_normal(seed, philox_offset [+ *philox_base] + i) for the element with flat index i, where
 // `philox_seed` carries the seed's 64 bits (fused_sched/ops/philox.py).
 void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
                 const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
-                int64_t philox_offset, const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                int64_t philox_offset, const std::optional<at::Tensor>& philox_base,
+                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
                 const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out);
 

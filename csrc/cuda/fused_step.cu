@@ -42,6 +42,12 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepLaunch a
   const int64_t total = a.batch * a.row_size;
   const int64_t units = kPacked ? total / kPack : total;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // A device-resident counter base is read when the kernel runs, so a captured or traced
+  // step uses the scheduler's current counter.
+  uint64_t philox_first = a.philox_offset;
+  if constexpr (kNoise == NoiseSource::kPhilox) {
+    if (a.philox_base != nullptr) philox_first += static_cast<uint64_t>(*a.philox_base);
+  }
   RowCache cache;
   for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += stride) {
     const int64_t i = kPacked ? u * kPack : u;
@@ -57,7 +63,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepLaunch a
       if constexpr (kNoise == NoiseSource::kPhilox) {
 #pragma unroll
         for (int k = 0; k < kPack; ++k) {
-          z[k] = philox_normal(a.philox_seed, a.philox_offset + static_cast<uint64_t>(i + k));
+          z[k] = philox_normal(a.philox_seed, philox_first + static_cast<uint64_t>(i + k));
         }
       }
       float out[kPack], d[kPack], x0[kPack];
@@ -79,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepLaunch a
       float z = 0.0f;
       if constexpr (kNoise == NoiseSource::kNoiseTensor) z = load_one(a.noise, a.noise_type, i);
       if constexpr (kNoise == NoiseSource::kPhilox) {
-        z = philox_normal(a.philox_seed, a.philox_offset + static_cast<uint64_t>(i));
+        z = philox_normal(a.philox_seed, philox_first + static_cast<uint64_t>(i));
       }
       const StepValues v = step<kClip, kHistory, kHasNoise>(cache.c, load_one(a.x, a.x_type, i),
                                                             load_one(a.m, a.m_type, i), h1, h2, z, a.clip_range,

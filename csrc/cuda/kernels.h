@@ -28,6 +28,8 @@ struct StepLaunch {
   int noise_mode;
   uint64_t philox_seed;
   uint64_t philox_offset;
+  // Device memory holding an int64 added to philox_offset (a scheduler's counter), or null.
+  const int64_t* philox_base;
   // Outputs: out always; history_out / x0_out null to skip them.
   void* out;
   void* history_out;

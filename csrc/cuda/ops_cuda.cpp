@@ -44,7 +44,8 @@ void check_launch(cudaError_t status, const char* what) {
 void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
                 const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
-                int64_t philox_offset, const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                int64_t philox_offset, const std::optional<at::Tensor>& philox_base,
+                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
                 const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out) {
   const auto [batch, row_size] = check_step_inputs("cuda", c10::DeviceType::CUDA, sample, model_output, coefficients);
@@ -67,6 +68,8 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
   // The seed's bits: the kernels take the key as uint64 (seeds >= 2**63 arrive negative).
   a.philox_seed = static_cast<uint64_t>(philox_seed);
   a.philox_offset = static_cast<uint64_t>(philox_offset);
+  check_philox_base("cuda", philox_base, noise_mode, sample);
+  a.philox_base = philox_base ? philox_base->const_data_ptr<int64_t>() : nullptr;
   a.out = out.data_ptr();
   a.history_out = output_ptr(history_out);
   a.x0_out = output_ptr(x0_out);

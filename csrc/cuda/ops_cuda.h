@@ -11,7 +11,8 @@ namespace fused_sched::cuda {
 void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
                 const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
-                int64_t philox_offset, const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                int64_t philox_offset, const std::optional<at::Tensor>& philox_base,
+                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
                 const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out);
 

@@ -118,7 +118,7 @@ def fused_step(
         _check_like(f"history[{i}]", h, sample)
     if noise is not None:
         if isinstance(noise, PhiloxNoise):
-            noise = _check_philox_noise(noise, sample.numel())
+            noise = _check_philox_noise(noise, sample)
         elif isinstance(noise, torch.Tensor):
             _check_like("noise", noise, sample)
         else:
@@ -164,11 +164,11 @@ def fused_step(
 
     if torch.compiler.is_compiling():
         # Traced as one opaque node (see compiled.py): no graph break into backend code.
-        noise_tensor, philox_seed, philox_offset = compiled.noise_arguments(noise)
+        noise_tensor, philox_seed, philox_offset, philox_base = compiled.noise_arguments(noise)
         prev, d, x0 = compiled.fused_step_op(
             sample, model_output, coefficients, list(history), noise_tensor, clip, float(clip_range),
             float(threshold_ratio), float(threshold_max), out_dtype, history_dtype, x0_dtype, backend,
-            *compiled.constant_columns_arguments(constant_columns), philox_seed, philox_offset,
+            *compiled.constant_columns_arguments(constant_columns), philox_seed, philox_offset, philox_base,
         )
         return StepOutputs(prev, d if history_dtype is not None else None, x0 if x0_dtype is not None else None)
     return run_backend(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,

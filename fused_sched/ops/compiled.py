@@ -22,12 +22,16 @@ def constant_columns_arguments(constant_columns) -> tuple[list[int], list[float]
     return [column for column, _ in items], [value for _, value in items]
 
 
-def noise_arguments(noise) -> tuple[torch.Tensor | None, int | None, int]:
-    """A schema has no NamedTuple: PhiloxNoise(seed, offset) travels as (None, seed, offset),
-    the seed as its 64 bits in a signed int64; a tensor or None as (noise, None, 0)."""
+def noise_arguments(noise) -> tuple[torch.Tensor | None, int | None, int, torch.Tensor | None]:
+    """A schema has no NamedTuple: PhiloxNoise(seed, offset) travels as (None, seed, offset,
+    None), or (None, seed, 0, offset) when the offset is a device tensor, which then stays a
+    graph input instead of a constant; the seed as its 64 bits in a signed int64; a tensor or
+    None as (noise, None, 0, None)."""
     if isinstance(noise, PhiloxNoise):
-        return None, signed_seed(noise.seed), noise.offset
-    return noise, None, 0
+        if isinstance(noise.offset, torch.Tensor):
+            return None, signed_seed(noise.seed), 0, noise.offset
+        return None, signed_seed(noise.seed), noise.offset, None
+    return noise, None, 0, None
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -54,11 +58,12 @@ def fused_step_op(
     constant_values: list[float],
     philox_seed: Optional[int] = None,
     philox_offset: int = 0,
+    philox_base: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import run_backend
 
     if philox_seed is not None:
-        noise = PhiloxNoise(unsigned_seed(philox_seed), philox_offset)
+        noise = PhiloxNoise(unsigned_seed(philox_seed), philox_offset if philox_base is None else philox_base)
 
     prev, d, x0 = run_backend(sample, model_output, coefficients, tuple(history), noise, clip, clip_range,
                               threshold_ratio, threshold_max, out_dtype, history_dtype, x0_dtype, backend,
@@ -72,7 +77,7 @@ def fused_step_op(
 @fused_step_op.register_fake
 def _(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
       out_dtype, history_dtype, x0_dtype, backend, constant_columns, constant_values, philox_seed=None,
-      philox_offset=0):
+      philox_offset=0, philox_base=None):
     def like(dtype):
         return _empty(sample) if dtype is None else sample.new_empty(sample.shape, dtype=dtype)
 

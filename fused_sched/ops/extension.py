@@ -263,7 +263,7 @@ class CompiledBackend:
 
         out, d, x0 = empty(out_dtype), empty(history_dtype), empty(x0_dtype)
         # noise: None, a tensor, or PhiloxNoise (computed in the kernel from seed and offset)
-        noise, noise_mode, philox_seed, philox_offset = self._noise_arguments(noise)
+        noise, noise_mode, philox_seed, philox_offset, philox_base = self._noise_arguments(noise)
         self._fused_step(
             _contiguous(sample),
             _contiguous(model_output),
@@ -274,6 +274,7 @@ class CompiledBackend:
             noise_mode,
             philox_seed,
             philox_offset,
+            philox_base,
             _contiguous(scale) if clip == "threshold" else None,
             CLIP_CODES[clip],
             float(clip_range),

@@ -74,13 +74,16 @@ class PhiloxNoise(NamedTuple):
     """Counter-based normal noise computed inside the fused step (see the module docstring).
 
     seed: the key, an int in [0, 2**64). offset: the counter of the tensor's first element,
-    an int >= 0; element i uses counter ``offset + i``, and ``offset + numel`` must stay
-    below 2**63. Successive draws that must be independent use disjoint counter ranges,
-    e.g. offsets advanced by ``numel`` per draw (what the schedulers do).
+    an int >= 0, or a 0-dim int64 tensor on the sample's device that the kernel reads when
+    it runs (a scheduler's counter: a traced or captured step then sees its current value,
+    and no host read happens; its range cannot be checked without one). Element i uses
+    counter ``offset + i``, and ``offset + numel`` must stay below 2**63. Successive draws
+    that must be independent use disjoint counter ranges, e.g. offsets advanced by ``numel``
+    per draw (what the schedulers do).
     """
 
     seed: int
-    offset: int = 0
+    offset: int | torch.Tensor = 0
 
 
 def _as_int(name: str, value) -> int:
@@ -99,9 +102,18 @@ def check_seed(seed) -> int:
     return seed
 
 
-def check_noise(noise: PhiloxNoise, numel: int) -> PhiloxNoise:
-    """Validated ``PhiloxNoise`` for a tensor of ``numel`` elements (ints normalised)."""
+def check_noise(noise: PhiloxNoise, sample: torch.Tensor) -> PhiloxNoise:
+    """Validated ``PhiloxNoise`` for ``sample``'s elements (ints normalised)."""
     seed = check_seed(noise.seed)
+    numel = sample.numel()
+    if isinstance(noise.offset, torch.Tensor):
+        offset = noise.offset
+        if offset.dtype != torch.int64 or offset.dim() != 0 or offset.device != sample.device:
+            raise ValueError(
+                f"PhiloxNoise offset must be an int or a 0-dim int64 tensor on the sample's device {sample.device}, "
+                f"got a {offset.dtype} tensor of shape {tuple(offset.shape)} on {offset.device}"
+            )
+        return noise if type(seed) is type(noise.seed) is int else PhiloxNoise(seed, offset)
     offset = _as_int("offset", noise.offset)
     if offset < 0:
         raise ValueError(f"PhiloxNoise offset={offset} must be >= 0")
@@ -124,13 +136,16 @@ def unsigned_seed(seed: int) -> int:
     return seed + SEED_LIMIT if seed < 0 else seed
 
 
-def kernel_arguments(noise) -> tuple[torch.Tensor | None, int, int, int]:
-    """(noise tensor or None, noise code, signed int64 seed, offset) for the kernels."""
+def kernel_arguments(noise) -> tuple[torch.Tensor | None, int, int, int, torch.Tensor | None]:
+    """(noise tensor or None, noise code, signed int64 seed, int offset, offset tensor or None)
+    for the kernels: the first counter is the int offset plus the tensor's value if any."""
     if noise is None:
-        return None, NOISE_CODES["none"], 0, 0
+        return None, NOISE_CODES["none"], 0, 0, None
     if isinstance(noise, PhiloxNoise):
-        return None, NOISE_CODES["philox"], signed_seed(noise.seed), noise.offset
-    return noise, NOISE_CODES["tensor"], 0, 0
+        if isinstance(noise.offset, torch.Tensor):
+            return None, NOISE_CODES["philox"], signed_seed(noise.seed), 0, noise.offset.reshape(1)
+        return None, NOISE_CODES["philox"], signed_seed(noise.seed), noise.offset, None
+    return noise, NOISE_CODES["tensor"], 0, 0, None
 
 
 # ---- the reference generator, in int64 tensors

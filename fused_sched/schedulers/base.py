@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..coefficients.table import normalized_device
 from ..ops.philox import PhiloxNoise, check_seed
 
 
@@ -33,12 +34,14 @@ class FusedSchedulerMixin:
     _schedule_timesteps: torch.Tensor | None = None  # the tensor set_timesteps produced
     _host_timesteps: list[int] = []
     _philox_seed: int | None = None  # use_philox_noise: None draws as diffusers does
-    _philox_offset: int = 0  # counter of the next noisy draw's first element
+    # Counter of the next noisy draw's first element: a 0-dim int64 tensor on the data's
+    # device (made on first use), so a traced or captured step reads and advances it there.
+    _philox_counter: torch.Tensor | None = None
 
     def _remember_schedule(self) -> None:
         self._schedule_timesteps = self.timesteps
         self._host_timesteps = [int(v) for v in self.timesteps.cpu().tolist()]
-        self._philox_offset = 0  # a new trajectory replays the same noise
+        self._philox_counter = None  # a new trajectory replays the same noise
 
     def use_philox_noise(self, seed: int | None) -> None:
         """Opt in to in-kernel counter-based noise (None restores the default).
@@ -56,7 +59,7 @@ class FusedSchedulerMixin:
         raises ``ValueError``.
         """
         self._philox_seed = None if seed is None else check_seed(seed)
-        self._philox_offset = 0
+        self._philox_counter = None
 
     def _require_schedule(self) -> None:
         if self.num_inference_steps is None:
@@ -139,16 +142,15 @@ class FusedSchedulerMixin:
                 f"(use_philox_noise({self._philox_seed})); pass variance_noise=None, or call "
                 "use_philox_noise(None) to use it"
             )
-        # The counter is a host int and reaches the kernel as an argument: a captured CUDA
-        # graph would replay one draw's noise at every step.
-        if (getattr(device, "type", None) == "cuda" and not torch.compiler.is_compiling()
-                and torch.cuda.is_current_stream_capturing()):
-            raise ValueError(
-                f"{type(self).__name__}: in-kernel noise (use_philox_noise) cannot be captured in a CUDA graph: "
-                "its counter advances on the host, so every replay would repeat the captured step's noise"
-            )
-        noise = PhiloxNoise(self._philox_seed, self._philox_offset)
-        self._philox_offset += math.prod(shape)
+        counter = self._philox_counter
+        if counter is None or counter.device != normalized_device(torch.device(device)):
+            counter = torch.zeros((), dtype=torch.int64, device=device)
+            self._philox_counter = counter
+        # The step's kernel reads a snapshot; the counter then advances in place. Both are
+        # device work in stream order, so a traced step needs no new graph per step and a
+        # replayed CUDA graph draws fresh noise each time.
+        noise = PhiloxNoise(self._philox_seed, counter.clone())
+        counter.add_(math.prod(shape))
         return noise
 
 

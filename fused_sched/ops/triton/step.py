@@ -57,9 +57,10 @@ def _step_kernel(
     row_numel, row_start, coef_row_stride, clip_range,
     size_class,  # autotuning key only: log2 of the element count
     seed: tl.int64, noise_offset: tl.int64,  # NOISE_PHILOX only: the key's 64 bits, the first counter
+    offset_ptr,  # OFFSET_IN_MEMORY only: an int64 added to noise_offset (a scheduler's device counter)
     CLIP: tl.constexpr, HISTORY: tl.constexpr, NOISE: tl.constexpr,
     WRITE_D: tl.constexpr, WRITE_X0: tl.constexpr, WIDE_INDEX: tl.constexpr,
-    BLOCK: tl.constexpr,
+    OFFSET_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = row_start + tl.program_id(1)
     block = tl.program_id(0)
@@ -109,7 +110,10 @@ def _step_kernel(
         out = tl.fma(tl.load(coef + C.ON), z, out)
     elif NOISE == C.NOISE_PHILOX:
         # The element's flat index in the whole tensor keys its number: any split agrees.
-        z = tl.randn(seed, noise_offset + base + cols)
+        first = noise_offset
+        if OFFSET_IN_MEMORY:
+            first = first + tl.load(offset_ptr)
+        z = tl.randn(seed, first + base + cols)
         out = tl.fma(tl.load(coef + C.ON), z, out)
 
     C.store(out_ptr + base + cols, out, mask)
@@ -150,7 +154,7 @@ def launch_step(
     m = _dense(model_output)
     c = _dense(coefficients)
     hist = tuple(_dense(h) for h in history)
-    z, noise_code, seed, noise_offset = C.noise_arguments(noise)
+    z, noise_code, seed, noise_offset, offset_base = C.noise_arguments(noise)
     if z is not None:
         z = _dense(z)
     if clip == "threshold":
@@ -173,6 +177,7 @@ def launch_step(
     args = dict(
         CLIP=C.CLIP_CODES[clip], HISTORY=len(hist), NOISE=noise_code,
         WRITE_D=d is not None, WRITE_X0=x0 is not None, WIDE_INDEX=wide,
+        OFFSET_IN_MEMORY=offset_base is not None,
     )
     if C.INTERPRETED:
         args["BLOCK"] = INTERPRETER_BLOCK
@@ -187,7 +192,7 @@ def launch_step(
             x, m, h1, h2, z if z is not None else x, c, s,
             out, d if d is not None else out, x0 if x0 is not None else out,
             row_numel, row_start, coef_row_stride, clip_range, size_class, seed, noise_offset,
-            **args,
+            offset_base if offset_base is not None else c, **args,
         )
 
 
@@ -223,6 +228,7 @@ def fused_step_op(
     x0_dtype: Optional[torch.dtype],
     philox_seed: Optional[int] = None,
     philox_offset: int = 0,
+    philox_base: Optional[torch.Tensor] = None,
 ) -> list[torch.Tensor]:
     """[prev] + [d if history_dtype] + [x0 if x0_dtype]: a schema has no optional outputs.
 
@@ -230,7 +236,7 @@ def fused_step_op(
     64 bits as a signed int64) and ``philox_offset`` stand for it.
     """
     if philox_seed is not None:
-        noise = PhiloxNoise(philox.unsigned_seed(philox_seed), philox_offset)
+        noise = PhiloxNoise(philox.unsigned_seed(philox_seed), philox_offset if philox_base is None else philox_base)
     out, d, x0 = fused_step_impl(
         sample, model_output, coefficients, history, noise,
         clip, clip_range, scale, out_dtype, history_dtype, x0_dtype, torch.library.wrap_triton,
@@ -244,6 +250,6 @@ if C.INTERPRETED:
     # interpreted kernel and returns it as is, which would read fake data. State the shapes.
     @fused_step_op.register_fake
     def _(sample, model_output, coefficients, history, noise, clip, clip_range, scale,
-          out_dtype, history_dtype, x0_dtype, philox_seed=None, philox_offset=0):
+          out_dtype, history_dtype, x0_dtype, philox_seed=None, philox_offset=0, philox_base=None):
         dtypes = (out_dtype, history_dtype, x0_dtype)
         return [torch.empty(sample.shape, dtype=t, device=sample.device) for t in dtypes if t is not None]
