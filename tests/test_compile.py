@@ -137,12 +137,17 @@ def test_compiled_noisy_ddim_with_variance_noise(backend, config):
     assert not counters["graph_break"]
 
 
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 @pytest.mark.parametrize("kind", ["ddim-eta", "sde-dpm++2m"])
-def test_compiled_trajectory_with_in_kernel_noise(backend, kind):
-    """use_philox_noise: the counter is a device tensor read by the kernel and advanced in
-    place, so noisy steps trace once (no per-step recompiles) and match eager bit for bit."""
+def test_compiled_trajectory_with_in_kernel_noise(backend, kind, compiler):
+    """use_philox_noise: the counter is a device tensor the kernel reads (a snapshot) and the
+    step then advances in place, so noisy steps trace once: the graph count stops growing
+    after the first steps, there is no graph break, the results are eager's bit for bit
+    (aot_eager: also through functionalization, where the in-place advance becomes a
+    copy-back after the op), and set_timesteps restarts the same trajectory."""
     torch._dynamo.reset()
     counters.clear()
+    steps = 12
     if kind == "ddim-eta":
         pair, kwargs = [PAIRS["ddim"][1]() for _ in range(2)], dict(eta=1.0)
     else:
@@ -150,13 +155,32 @@ def test_compiled_trajectory_with_in_kernel_noise(backend, kind):
     eager, traced = pair
     for s in pair:
         s.use_philox_noise(11)
-        s.set_timesteps(12)
-    step = torch.compile(fullgraph=True, backend="eager")(
+        s.set_timesteps(steps)
+    step = torch.compile(fullgraph=True, backend=compiler)(
         lambda m, t, x: traced.step(m, t, x, return_dict=False, **kwargs)[0])
-    x_eager = x_traced = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    for i in range(12):
-        x_traced = step(torch.tanh(x_traced), traced.timesteps[i], x_traced)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def traced_trajectory():
+        x, samples = x0, []
+        for i in range(steps):
+            x = step(torch.tanh(x), traced.timesteps[i], x)
+            samples.append(x)
+            if i == 3:
+                graphs_after_4_steps.append(counters["stats"]["unique_graphs"])
+        return samples
+
+    graphs_after_4_steps = []
+    first = traced_trajectory()
+    x_eager = x0
+    for i in range(steps):
         x_eager = eager.step(torch.tanh(x_eager), eager.timesteps[i], x_eager, return_dict=False, **kwargs)[0]
-        assert torch.equal(x_traced, x_eager), f"step {i}"
-    assert counters["stats"]["unique_graphs"] <= 2
+        assert torch.equal(first[i], x_eager), f"step {i}"
+    assert counters["stats"]["unique_graphs"] == graphs_after_4_steps[0] <= 2
+    assert int(traced._philox_counter) == int(eager._philox_counter) == steps * x0.numel()
+
+    traced.set_timesteps(steps)
+    again = traced_trajectory()
+    for i in range(steps):
+        assert torch.equal(again[i], first[i]), f"re-run step {i}"
+    assert counters["stats"]["unique_graphs"] == graphs_after_4_steps[0]
     assert not counters["graph_break"]

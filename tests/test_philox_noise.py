@@ -349,21 +349,101 @@ def test_triton_library_op_takes_the_seed_as_ints():
     assert torch.equal(outs[0], ops.fused_step(x, m, c, noise=PhiloxNoise(seed, 40), backend="triton").prev_sample)
 
 
-def test_device_offset_is_the_int_offset(backend):
-    """A 0-dim int64 offset tensor (read by the kernel) gives the int offset's bits."""
+@pytest.mark.parametrize("case", ["plain", "history-threshold", "view"])
+def test_device_offset_is_the_int_offset(backend, case):
+    """A 0-dim int64 offset tensor, read by the kernel from device memory, gives the int
+    offset's bits: every output, with history and thresholding, and for a 0-dim view into
+    a larger tensor (the kernel reads at the view's storage offset)."""
     g = torch.Generator().manual_seed(5)
-    x, m = (torch.randn(3, 7, 129, generator=g).to(DEVICE) for _ in range(2))
+    x, m, h1, h2 = (torch.randn(3, 7, 129, generator=g).to(DEVICE) for _ in range(4))
     c = torch.randn(3, K, generator=g).to(DEVICE)
     offset = 2**40 + 17
-    by_int = ops.fused_step(x, m, c, noise=PhiloxNoise(9, offset), x0_dtype=torch.float32)
-    by_tensor = ops.fused_step(x, m, c, noise=PhiloxNoise(9, torch.tensor(offset, device=DEVICE)),
-                               x0_dtype=torch.float32)
-    assert torch.equal(by_int.prev_sample, by_tensor.prev_sample) and torch.equal(by_int.x0, by_tensor.x0)
+    kwargs = dict(x0_dtype=torch.float32)
+    if case == "history-threshold":
+        kwargs.update(history=(h1, h2), history_dtype=torch.float32, clip="threshold", threshold_ratio=0.9,
+                      threshold_max=2.0)
+    device_offset = torch.tensor(offset, device=DEVICE)
+    if case == "view":
+        device_offset = torch.tensor([-1, offset, -1], device=DEVICE)[1]
+        assert device_offset.dim() == 0 and device_offset.storage_offset() == 1
+    by_int = ops.fused_step(x, m, c, noise=PhiloxNoise(9, offset), **kwargs)
+    by_tensor = ops.fused_step(x, m, c, noise=PhiloxNoise(9, device_offset), **kwargs)
+    for a, b in zip(by_int, by_tensor):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a, b)
+    assert int(device_offset) == offset  # read, never written
 
 
-def test_torch_compile_with_a_device_offset_keeps_it_a_graph_input(backend):
-    """Offsets in device memory do not become graph constants: new values, same graph."""
+def test_device_offset_over_the_reference_cpu_pieces():
+    """The torch reference adds the offset tensor on the device, also where it computes a
+    large CPU tensor in cache-sized pieces; the cpu backend agrees bit for bit."""
+    zeros = torch.zeros(2, 40_000)
+    c = torch.zeros(1, K)
+    c[:, layout.ON] = 1.0
+    offset = 2**32 - 11
+    for backend in ("torch", "cpu"):
+        _require(backend, torch.device("cpu"))
+        by_int = ops.fused_step(zeros, zeros, c, noise=PhiloxNoise(3, offset), backend=backend).prev_sample
+        by_tensor = ops.fused_step(zeros, zeros, c, noise=PhiloxNoise(3, torch.tensor(offset)),
+                                   backend=backend).prev_sample
+        assert torch.equal(by_int, by_tensor), backend
+
+
+def test_device_offset_steps_read_no_value_on_the_host(backend):
+    """The offset tensor's value is never converted to a Python number (no sync on a GPU)."""
+    from test_no_host_sync import no_host_syncs
+
+    if _interpreted(backend):
+        pytest.skip("Triton's interpreter runs kernels on host copies of their arguments")
+    g = torch.Generator().manual_seed(6)
+    x, m = (torch.randn(2, 3, 50, generator=g).to(DEVICE) for _ in range(2))
+    c = torch.randn(1, K, generator=g).to(DEVICE)
+    offset = torch.tensor(123, device=DEVICE)
+    with no_host_syncs():
+        got = ops.fused_step(x, m, c, noise=PhiloxNoise(4, offset)).prev_sample
+    assert torch.equal(got, ops.fused_step(x, m, c, noise=PhiloxNoise(4, 123)).prev_sample)
+
+
+def test_triton_backend_traced_with_a_device_offset():
+    """The Triton backend called inside a traced function passes the offset tensor to its
+    registered op as the tensor argument philox_base, not as the int philox_offset (which
+    the dispatcher would fill by reading the tensor on the host)."""
+    _require("triton")
+    from fused_sched.ops.triton import BACKEND
+
     torch._dynamo.reset()
+    g = torch.Generator().manual_seed(7)
+    x, m = (torch.randn(2, 90, generator=g).to(DEVICE) for _ in range(2))
+    c = torch.randn(1, K, generator=g).to(DEVICE)
+
+    def step(x, m, c, offset):
+        return BACKEND.fused_step(x, m, c, (), PhiloxNoise(2**64 - 1, offset), "none", 1.0, None,
+                                  torch.float32, None, torch.float32)
+
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(step, fullgraph=True, backend=keep_graph)
+    for offset in (5, 2**33):
+        got = compiled(x, m, c, torch.tensor(offset, device=DEVICE))
+        expected = step(x, m, c, offset)
+        assert torch.equal(got[0], expected[0]) and got[1] is None and torch.equal(got[2], expected[2])
+    assert len(graphs) == 1
+    (call,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.fused_sched.triton_fused_step.default]
+    *_, philox_offset, philox_base = call.args
+    assert philox_offset == 0 and philox_base.op == "placeholder"
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_torch_compile_with_a_device_offset_keeps_it_a_graph_input(backend, compiler):
+    """Offsets in device memory do not become graph constants: new values, same graph, and
+    the custom op takes the tensor as its philox_base input (not as the int philox_offset,
+    which the dispatcher would fill by reading the tensor on the host)."""
+    torch._dynamo.reset()
+    from torch._dynamo.backends.registry import lookup_backend
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -374,11 +454,20 @@ def test_torch_compile_with_a_device_offset_keeps_it_a_graph_input(backend):
     def step(x, m, c, offset):
         return ops.fused_step(x, m, c, noise=PhiloxNoise(5, offset)).prev_sample
 
-    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend(compiler)(gm, example_inputs)
+
+    compiled = torch.compile(step, fullgraph=True, backend=keep_graph)
     for offset in (0, 300, 10**12):
         tensor = torch.tensor(offset, device=DEVICE)
         assert torch.equal(compiled(x, m, c, tensor), step(x, m, c, offset))
     assert counters["stats"]["unique_graphs"] == 1
+    (call,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.fused_sched.fused_step.default]
+    *_, philox_seed, philox_offset, philox_base = call.args
+    assert (philox_seed, philox_offset, philox_base.op) == (5, 0, "placeholder")
 
 
 def test_torch_compile(backend):
@@ -428,6 +517,9 @@ def test_invalid_philox_arguments_are_named():
         step(PhiloxNoise(1, torch.tensor([3])))
     with pytest.raises(ValueError, match="offset must be an int or a 0-dim int64 tensor"):
         step(PhiloxNoise(1, torch.tensor(3, dtype=torch.int32)))
+    with pytest.raises(ValueError, match=r"offset must be .* on the sample's device cpu, got .* on meta"):
+        step(PhiloxNoise(1, torch.tensor(3, device="meta")))
+    step(PhiloxNoise(1, torch.tensor(-1)))  # a tensor's range is not checked: that would read it
     # numpy-style integers are ints
     import numpy as np
 
@@ -577,3 +669,50 @@ def test_use_philox_noise_checks_the_seed():
         scheduler.use_philox_noise(0.5)
     scheduler.use_philox_noise(2**64 - 1)
     scheduler.use_philox_noise(None)
+
+
+def test_scheduler_counter_lives_on_the_device_and_advances_after_the_snapshot():
+    """The counter is a 0-dim int64 tensor on the schedule's device; each draw hands out a
+    snapshot of it (unchanged by later draws) and then advances it in place by the draw's
+    element count. set_timesteps and use_philox_noise zero it in place: a CUDA graph that
+    captured its storage restarts with it."""
+    scheduler = fused_sched.FusedDDIMScheduler()
+    scheduler.use_philox_noise(8)
+    scheduler.set_timesteps(6)
+    counter = scheduler._philox_counter
+    assert counter.dtype == torch.int64 and counter.dim() == 0 and counter.device == scheduler.timesteps.device
+    shape = (2, 4, 8, 8)
+    first = scheduler._draw_noise(shape, None, counter.device, torch.float32)
+    second = scheduler._draw_noise(shape, None, counter.device, torch.float32)
+    assert isinstance(first.offset, torch.Tensor) and first.offset is not counter
+    assert (int(first.offset), int(second.offset), int(counter)) == (0, 512, 1024)
+
+    x = torch.randn(shape)
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.tanh(x), t, x, eta=1.0).prev_sample
+    assert int(counter) == 1024 + 6 * 512
+    scheduler.set_timesteps(6)
+    assert scheduler._philox_counter is counter and int(counter) == 0
+    counter.fill_(99)
+    scheduler.use_philox_noise(9)
+    assert scheduler._philox_counter is counter and int(counter) == 0
+    scheduler.use_philox_noise(None)
+    assert scheduler._philox_counter is None
+
+
+def test_counter_is_not_created_during_cuda_graph_capture(monkeypatch):
+    """Made during capture, the counter would be re-made (at 0) by every replay: refused.
+    Off CUDA there is no capture; the check is exercised through its stream test."""
+    from fused_sched.schedulers import base
+
+    scheduler = fused_sched.FusedDDIMScheduler()
+    scheduler.use_philox_noise(1)  # no schedule yet: no counter yet
+    assert scheduler._philox_counter is None
+    monkeypatch.setattr(base, "_stream_capturing", lambda device: True)
+    with pytest.raises(ValueError, match=r"making it during CUDA-graph capture would reset it at every replay"):
+        scheduler._draw_noise((1, 4), None, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(base, "_stream_capturing", lambda device: False)
+    assert int(scheduler._draw_noise((1, 4), None, torch.device("cpu"), torch.float32).offset) == 0
+    # An existing counter on the device is captured as is: reads and in-place advances.
+    monkeypatch.setattr(base, "_stream_capturing", lambda device: True)
+    assert int(scheduler._draw_noise((1, 4), None, torch.device("cpu"), torch.float32).offset) == 4

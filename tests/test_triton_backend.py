@@ -429,12 +429,18 @@ def build(fn, types, consts, num_warps=4, aligned=()):
 ptrs = ["x_ptr", "m_ptr", "h1_ptr", "h2_ptr", "z_ptr", "coef_ptr", "scale_ptr", "out_ptr", "d_ptr", "x0_ptr"]
 types = {p: "*fp32" for p in ptrs}
 types.update(x_ptr="*bf16", d_ptr="*bf16", h2_ptr="*fp16", row_numel="i32", row_start="i32",
-             coef_row_stride="i32", clip_range="fp32", size_class="i32", seed="i64", noise_offset="i64")
-# noise: 0 none, 1 tensor, 2 philox (tl.randn in the kernel)
-for clip, history, noise, wide in [(0, 0, 0, False), (1, 1, 1, False), (2, 2, 1, True), (0, 1, 2, False),
-                                   (2, 0, 2, True)]:
+             coef_row_stride="i32", clip_range="fp32", size_class="i32", seed="i64", noise_offset="i64",
+             offset_ptr="*i64")
+# noise: 0 none, 1 tensor, 2 philox (tl.randn in the kernel); in_memory: the offset is loaded
+for clip, history, noise, wide, in_memory in [(0, 0, 0, False, False), (1, 1, 1, False, False),
+                                              (2, 2, 1, True, False), (0, 1, 2, False, False),
+                                              (2, 0, 2, True, False), (0, 1, 2, False, True),
+                                              (2, 2, 2, True, True)]:
     ptx = build(step._step_kernel, types, dict(CLIP=clip, HISTORY=history, NOISE=noise, WRITE_D=True,
-                WRITE_X0=True, WIDE_INDEX=wide, BLOCK=2048), 8, aligned=ptrs + ["row_numel"])
+                WRITE_X0=True, WIDE_INDEX=wide, OFFSET_IN_MEMORY=in_memory, BLOCK=2048), 8,
+                aligned=ptrs + ["row_numel"])
+    # The device-resident Philox offset: one 64-bit load, only where asked for.
+    assert bool(re.search(r"ld\\.global[\\w.:]*\\.b64", ptx)) == in_memory, "offset load"
     # Contiguous fast path: 16-byte vector loads and stores; IEEE division only.
     assert re.search(r"ld\\.global[\\w.:]*\\.v4\\.b32", ptx) and "st.global.v4.b32" in ptx, "no vector access"
     assert "div.full" not in ptx and "div.approx" not in ptx

@@ -24,11 +24,14 @@ struct StepLaunch {
   const void* noise;
   DType x_type, m_type, h1_type, h2_type, noise_type;
   // Where z comes from (fused_sched::NoiseSource): 0 none, 1 the `noise` tensor (non-null),
-  // 2 philox_normal(philox_seed, philox_offset + i) for the element with flat index i.
+  // 2 philox_normal(philox_seed, philox_offset [+ *philox_base] + i) for the element with flat
+  // index i.
   int noise_mode;
   uint64_t philox_seed;
   uint64_t philox_offset;
   // Device memory holding an int64 added to philox_offset (a scheduler's counter), or null.
+  // Each thread loads it when the kernel runs, so a captured graph's replays see the value
+  // the stream has written by then.
   const int64_t* philox_base;
   // Outputs: out always; history_out / x0_out null to skip them.
   void* out;

@@ -74,12 +74,15 @@ class PhiloxNoise(NamedTuple):
     """Counter-based normal noise computed inside the fused step (see the module docstring).
 
     seed: the key, an int in [0, 2**64). offset: the counter of the tensor's first element,
-    an int >= 0, or a 0-dim int64 tensor on the sample's device that the kernel reads when
-    it runs (a scheduler's counter: a traced or captured step then sees its current value,
-    and no host read happens; its range cannot be checked without one). Element i uses
-    counter ``offset + i``, and ``offset + numel`` must stay below 2**63. Successive draws
-    that must be independent use disjoint counter ranges, e.g. offsets advanced by ``numel``
-    per draw (what the schedulers do).
+    an int >= 0, or a 0-dim int64 tensor on the sample's device that every backend reads
+    from device memory when its kernel runs (a scheduler's counter: a step traced by
+    torch.compile takes it as a graph input, a captured CUDA graph reads its value at each
+    replay, and nothing reads it on the host). Element i uses counter ``offset + i``, and
+    ``offset + numel`` must stay below 2**63: checked for an int; for a tensor that check
+    would need a host read (a sync), so it is the caller's to keep. Successive draws that
+    must be independent use disjoint counter ranges, e.g. offsets advanced by ``numel`` per
+    draw (what the schedulers do). A tensor offset gives the same bits as the int offset of
+    the same value, on every backend.
     """
 
     seed: int
@@ -143,7 +146,7 @@ def kernel_arguments(noise) -> tuple[torch.Tensor | None, int, int, int, torch.T
         return None, NOISE_CODES["none"], 0, 0, None
     if isinstance(noise, PhiloxNoise):
         if isinstance(noise.offset, torch.Tensor):
-            return None, NOISE_CODES["philox"], signed_seed(noise.seed), 0, noise.offset.reshape(1)
+            return None, NOISE_CODES["philox"], signed_seed(noise.seed), 0, noise.offset
         return None, NOISE_CODES["philox"], signed_seed(noise.seed), noise.offset, None
     return noise, NOISE_CODES["tensor"], 0, 0, None
 
@@ -166,9 +169,11 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _CPU_PIECE = 1 << 15
 
 
-def philox_bits(seed: int, offset: int, numel: int, device=None) -> torch.Tensor:
+def philox_bits(seed: int, offset: int | torch.Tensor, numel: int, device=None) -> torch.Tensor:
     """The two Philox4x32-10 outputs that ``tl.randn`` uses, for counters offset + [0, numel):
-    an int64 tensor of shape (numel, 2) holding uint32 values."""
+    an int64 tensor of shape (numel, 2) holding uint32 values. A 0-dim int64 tensor
+    ``offset`` (on ``device``) is added to the counters on the device: its value is never
+    read on the host."""
     seed = check_seed(seed)
     device = torch.device("cpu") if device is None else torch.device(device)
     if device.type == "cpu" and numel > _CPU_PIECE:
@@ -180,8 +185,8 @@ def philox_bits(seed: int, offset: int, numel: int, device=None) -> torch.Tensor
     return _philox_bits(seed, offset, numel, device)
 
 
-def _philox_bits(seed: int, offset: int, numel: int, device) -> torch.Tensor:
-    counter = torch.arange(numel, dtype=torch.int64, device=device) + offset
+def _philox_bits(seed: int, offset: int | torch.Tensor, numel: int, device) -> torch.Tensor:
+    counter = torch.arange(numel, dtype=torch.int64, device=device) + offset  # a device add for a tensor
     c0 = counter & _MASK32
     c1 = (counter >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
@@ -204,8 +209,10 @@ def philox_uniform(bits: torch.Tensor) -> torch.Tensor:
     return as_float * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=bits.device)
 
 
-def philox_normal(seed: int, offset: int, numel: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``tl.randn(seed, offset + arange(numel))``: a 1-D float32 result cast to ``dtype``."""
+def philox_normal(seed: int, offset: int | torch.Tensor, numel: int, device=None,
+                  dtype=torch.float32) -> torch.Tensor:
+    """``tl.randn(seed, offset + arange(numel))``: a 1-D float32 result cast to ``dtype``
+    (``offset``: an int, or a 0-dim int64 tensor on ``device``, as in ``PhiloxNoise``)."""
     bits = philox_bits(seed, offset, numel, device)
     u = philox_uniform(bits)
     f32 = torch.float32

@@ -35,13 +35,26 @@ class FusedSchedulerMixin:
     _host_timesteps: list[int] = []
     _philox_seed: int | None = None  # use_philox_noise: None draws as diffusers does
     # Counter of the next noisy draw's first element: a 0-dim int64 tensor on the data's
-    # device (made on first use), so a traced or captured step reads and advances it there.
+    # device, so a traced or captured step reads and advances it there (never on the host).
     _philox_counter: torch.Tensor | None = None
+    _philox_fresh: bool = True  # no draw since the last reset: the counter holds 0
 
     def _remember_schedule(self) -> None:
         self._schedule_timesteps = self.timesteps
         self._host_timesteps = [int(v) for v in self.timesteps.cpu().tolist()]
-        self._philox_counter = None  # a new trajectory replays the same noise
+        self._reset_philox_counter()  # a new trajectory replays the same noise
+
+    def _reset_philox_counter(self) -> None:
+        """Counter back to 0: an existing one is zeroed in place (a CUDA graph captured
+        earlier reads that storage, so its replays restart too); else it is made on the
+        schedule's device, or, without a schedule yet, by the first draw on the sample's."""
+        self._philox_fresh = True
+        if self._philox_seed is None:
+            self._philox_counter = None
+        elif self._philox_counter is not None:
+            self._philox_counter.zero_()
+        elif self._schedule_timesteps is not None:
+            self._philox_counter = torch.zeros((), dtype=torch.int64, device=self._schedule_timesteps.device)
 
     def use_philox_noise(self, seed: int | None) -> None:
         """Opt in to in-kernel counter-based noise (None restores the default).
@@ -52,14 +65,17 @@ class FusedSchedulerMixin:
         is drawn, written or read. Each noisy draw advances ``offset`` by the draw's element
         count, so steps get fresh noise; ``set_timesteps`` (and this call) reset it to 0, so
         running the same trajectory again reproduces it exactly, on any backend to a few
-        float32 ulp. The numbers differ from ``torch.randn``'s: results are not
-        diffusers' for the same generator seed. While it is on, a ``generator`` passed to
-        ``step`` is not used (diffusers pipelines pass theirs to every step; opting in here
-        is the choice of noise source), and ``variance_noise``, which is explicit noise,
-        raises ``ValueError``.
+        float32 ulp. ``offset`` is a 0-dim int64 tensor on the data's device that the kernel
+        reads and the step advances there: traced steps share one graph, no step reads it
+        on the host, and the replays of a captured CUDA graph continue it (it must be on
+        the device before capture: ``set_timesteps(..., device=...)``). The numbers differ
+        from ``torch.randn``'s: results are not diffusers' for the same generator seed.
+        While it is on, a ``generator`` passed to ``step`` is not used (diffusers pipelines
+        pass theirs to every step; opting in here is the choice of noise source), and
+        ``variance_noise``, which is explicit noise, raises ``ValueError``.
         """
         self._philox_seed = None if seed is None else check_seed(seed)
-        self._philox_counter = None
+        self._reset_philox_counter()
 
     def _require_schedule(self) -> None:
         if self.num_inference_steps is None:
@@ -144,14 +160,40 @@ class FusedSchedulerMixin:
             )
         counter = self._philox_counter
         if counter is None or counter.device != normalized_device(torch.device(device)):
-            counter = torch.zeros((), dtype=torch.int64, device=device)
-            self._philox_counter = counter
-        # The step's kernel reads a snapshot; the counter then advances in place. Both are
-        # device work in stream order, so a traced step needs no new graph per step and a
-        # replayed CUDA graph draws fresh noise each time.
+            counter = self._philox_counter_on(torch.device(device))
+        # The kernel gets a snapshot (one 8-byte device copy), then the counter advances in
+        # place: both are device work in stream order, so the op reads the pre-increment
+        # value eagerly, traced (the clone is its own graph value) and in a CUDA graph, and
+        # the PhiloxNoise handed out never changes after the fact.
         noise = PhiloxNoise(self._philox_seed, counter.clone())
         counter.add_(math.prod(shape))
+        self._philox_fresh = False
         return noise
+
+    def _philox_counter_on(self, device: torch.device) -> torch.Tensor:
+        """The counter on the sample's device, where it is not there yet: zeros before the
+        trajectory's first draw, else the current count carried over (one copy; from a GPU
+        to the CPU a sync). Refused while a CUDA graph is being captured: the graph would
+        re-create the counter on every replay, and so repeat one step's noise."""
+        if _stream_capturing(device):
+            raise ValueError(
+                f"{type(self).__name__}: the in-kernel noise counter (use_philox_noise) is not on {device} yet, and "
+                "making it during CUDA-graph capture would reset it at every replay; call "
+                f"set_timesteps(..., device={str(device)!r}) (or run one noisy step) before capturing"
+            )
+        old = self._philox_counter
+        if old is None or self._philox_fresh:
+            counter = torch.zeros((), dtype=torch.int64, device=device)
+        else:
+            counter = old.to(device)
+        self._philox_counter = counter
+        return counter
+
+
+def _stream_capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is capturing a graph (False off CUDA and in tracing)."""
+    return (device.type == "cuda" and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing())
 
 
 def _refuse_tensor(name: str, value) -> None:

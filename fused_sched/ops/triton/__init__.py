@@ -64,7 +64,12 @@ class TritonBackend:
         if torch.compiler.is_compiling():
             philox_args = ()
             if isinstance(noise, philox.PhiloxNoise):  # a schema takes no NamedTuple
-                noise, philox_args = None, (philox.signed_seed(noise.seed), noise.offset)
+                # (seed, int offset, offset tensor): a device offset stays a graph input
+                offset = noise.offset
+                on_device = isinstance(offset, torch.Tensor)
+                philox_args = (philox.signed_seed(noise.seed), 0 if on_device else offset,
+                               offset if on_device else None)
+                noise = None
             outs = iter(step.fused_step_op(
                 sample, model_output, coefficients, list(history), noise, clip, clip_range, scale,
                 out_dtype, history_dtype, x0_dtype, *philox_args,

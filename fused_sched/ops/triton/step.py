@@ -233,7 +233,9 @@ def fused_step_op(
     """[prev] + [d if history_dtype] + [x0 if x0_dtype]: a schema has no optional outputs.
 
     A schema cannot take a ``PhiloxNoise``: with ``noise`` None, ``philox_seed`` (the seed's
-    64 bits as a signed int64) and ``philox_offset`` stand for it.
+    64 bits as a signed int64) and ``philox_offset`` stand for it, or ``philox_base`` (a
+    0-dim int64 tensor, which the kernel loads; ``philox_offset`` is then unused) for a
+    device-resident offset.
     """
     if philox_seed is not None:
         noise = PhiloxNoise(philox.unsigned_seed(philox_seed), philox_offset if philox_base is None else philox_base)
