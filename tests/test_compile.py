@@ -184,3 +184,72 @@ def test_compiled_trajectory_with_in_kernel_noise(backend, kind, compiler):
         assert torch.equal(again[i], first[i]), f"re-run step {i}"
     assert counters["stats"]["unique_graphs"] == graphs_after_4_steps[0]
     assert not counters["graph_break"]
+
+
+def _cogvideox_dpm_trajectory(step, timesteps, x):
+    """The CogVideoX pipeline's calls: history None at the first step, then the previous x0
+    and timestep."""
+    old, samples = None, []
+    for i in range(len(timesteps)):
+        x, old = step(torch.tanh(x), old, timesteps[i], timesteps[i - 1] if i > 0 else None, x)
+        samples.append(x)
+    return samples
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear"])
+def test_compiled_cogvideox_dpm_trajectory_with_in_kernel_noise(backend, beta_schedule, compiler):
+    """diffusers' CogVideoXDPM step cannot be traced (t_p >= 0 and 'old is None or t_p < 0'
+    read the timestep, randn takes a generator). The fused one, with in-kernel noise, picks
+    its order on the device: two graphs (without and with history), no graph break, eager's
+    results bit for bit (the last step is first order though history is passed)."""
+    torch._dynamo.reset()
+    counters.clear()
+    config = dict(prediction_type="v_prediction", timestep_spacing="trailing", beta_schedule=beta_schedule)
+    eager, traced = (PAIRS["cogvideox_dpm"][1](**config) for _ in range(2))
+    for s in (eager, traced):
+        s.use_philox_noise(7)
+        s.set_timesteps(10)
+    step = torch.compile(fullgraph=True, backend=compiler)(lambda *args: traced.step(*args))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = _cogvideox_dpm_trajectory(eager.step, eager.timesteps, x)
+    got = _cogvideox_dpm_trajectory(step, traced.timesteps, x)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b), f"step {i}"
+    assert int(traced._philox_counter) == int(eager._philox_counter)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"]
+
+
+def test_compiled_cogvideox_dpm_with_torch_default_generator(backend):
+    """generator=None: the traced step draws both noises and keeps the one eager would use.
+    Traced with backend='eager' the draws come from torch's global generator in that order,
+    so from the same seed the trajectory is eager's (the traced last step draws one unused
+    tensor more)."""
+    torch._dynamo.reset()
+    counters.clear()
+    config = dict(prediction_type="v_prediction", timestep_spacing="trailing")
+    eager, traced = (PAIRS["cogvideox_dpm"][1](**config) for _ in range(2))
+    for s in (eager, traced):
+        s.set_timesteps(8)
+    step = torch.compile(fullgraph=True, backend="eager")(lambda *args: traced.step(*args))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    expected = _cogvideox_dpm_trajectory(eager.step, eager.timesteps, x)
+    torch.manual_seed(3)
+    got = _cogvideox_dpm_trajectory(step, traced.timesteps, x)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b), f"step {i}"
+    assert not counters["graph_break"]
+
+
+def test_tracing_a_generator_names_the_remedy():
+    """A torch.Generator cannot be traced: the error says what to do instead."""
+    torch._dynamo.reset()
+    scheduler = PAIRS["ddim"][1]()
+    scheduler.set_timesteps(4)
+    step = torch.compile(fullgraph=True, backend="eager")(
+        lambda m, t, x, g: scheduler.step(m, t, x, eta=1.0, generator=g, return_dict=False)[0])
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(Exception, match="use_philox_noise"):
+        step(x, scheduler.timesteps[0], x, torch.Generator().manual_seed(0))

@@ -94,37 +94,38 @@ def _half_lambda(a: torch.Tensor) -> torch.Tensor:
     return ((a / (1 - a)) ** 0.5).log()
 
 
-def cogvideox_dpm_rows(
-    a_t: torch.Tensor,
-    a_p: torch.Tensor,
-    prediction_type: str,
-    a_back: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """CogVideoXDPM (SDE-DPM++ 2M midpoint in alpha-bar space) rows for matching a_t, a_p, a_back.
+# Columns of the per-timestep solver terms (see cogvideox_dpm_tables).
+LAMBDA, H, M2 = range(3)
 
-    First order (a_back None): prev = M1*x - M2*x0 + Mn*z.
-    Second order: prev = M1*x - M2*(M3*x0 - M4*old) + Mn*z, with old in history slot h1.
+
+def cogvideox_dpm_tables(
+    alphas_cumprod: torch.Tensor, step_gap: int, final_alpha_cumprod: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CogVideoXDPM (SDE-DPM++ 2M midpoint in alpha-bar space), indexed by training timestep t.
+
+    Returns (first-order rows, solver terms). A first-order row gives
+    prev = M1*x - M2*x0 + Mn*z. The second-order step, prev = M1*x - M2*(M3*x0 - M4*old)
+    with old in history slot h1, differs from it only in O0 and O1, which depend on the
+    previous timestep too: ``cogvideox_dpm_history_columns`` makes them from the solver
+    terms (lambda_t, h, M2) at t and lambda at the previous timestep, with + - * / only,
+    so host and device give the same bits.
     """
+    a_t, a_p = _previous_alphas(alphas_cumprod, step_gap, final_alpha_cumprod)
     x0 = x0_conversion(prediction_type, a_t**0.5, (1 - a_t) ** 0.5)
     lam, lam_next = _half_lambda(a_t), _half_lambda(a_p)
     h = lam_next - lam
     m1 = ((1 - a_p) / (1 - a_t)) ** 0.5 * (-h).exp()
     m2 = (-2 * h).expm1() * a_p**0.5
     mn = (1 - a_p) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
-    if a_back is None:
-        return assemble(a_t.shape[0], **x0, p0=1.0, ox=m1, o0=-m2, on=mn)
-    r = (lam - _half_lambda(a_back)) / h
-    m3 = 1 + 1 / (2 * r)
-    m4 = 1 / (2 * r)
-    m2_64 = m2.to(torch.float64)
-    return assemble(
-        a_t.shape[0], **x0, p0=1.0, ox=m1,
-        o0=-m2_64 * m3.to(torch.float64), o1=m2_64 * m4.to(torch.float64), on=mn,
-    )
+    rows = assemble(a_t.shape[0], **x0, p0=1.0, ox=m1, o0=-m2, on=mn)
+    return rows, torch.stack([lam, h, m2], dim=1)
 
 
-def cogvideox_dpm_first_order_table(
-    alphas_cumprod: torch.Tensor, step_gap: int, final_alpha_cumprod: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    a_t, a_p = _previous_alphas(alphas_cumprod, step_gap, final_alpha_cumprod)
-    return cogvideox_dpm_rows(a_t, a_p, prediction_type)
+def cogvideox_dpm_history_columns(terms_t: torch.Tensor, lambda_back: torch.Tensor):
+    """(O0, O1) in float64 of the second-order rows: ``terms_t`` (N, 3) solver terms at t,
+    ``lambda_back`` (N,) lambda at the previous timesteps. r, M3 and M4 are formed in the
+    terms' dtype, as diffusers forms them; only the products with M2 are float64."""
+    r = (terms_t[:, LAMBDA] - lambda_back) / terms_t[:, H]
+    half_inverse = 1 / (2 * r)
+    m2 = terms_t[:, M2].to(torch.float64)
+    return -m2 * (1 + half_inverse).to(torch.float64), m2 * half_inverse.to(torch.float64)

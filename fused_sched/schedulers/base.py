@@ -149,6 +149,13 @@ class FusedSchedulerMixin:
             return self._philox_draw(shape, generator, variance_noise, device)
         if variance_noise is not None:
             return variance_noise
+        if generator is not None and torch.compiler.is_compiling():
+            # dynamo's own message ("failed to convert args/kwargs to proxy") names no remedy
+            raise ValueError(
+                f"{type(self).__name__}: a torch.Generator cannot be traced by torch.compile; call "
+                "scheduler.use_philox_noise(seed) for in-kernel noise, pass variance_noise where the step takes it, "
+                "or pass generator=None (torch's default generator)"
+            )
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
     def _philox_draw(self, shape, generator, variance_noise, device) -> PhiloxNoise:

@@ -6,13 +6,15 @@ are float64 (scaled_linear) like diffusers' scalars; rows are rounded to float32
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from diffusers.schedulers.scheduling_ddim_cogvideox import DDIMSchedulerOutput
 
 from .. import ops
-from ..coefficients.ddim import cogvideox_ddim_table, cogvideox_dpm_first_order_table, cogvideox_dpm_rows
-from ..coefficients.table import PlacedTable
+from ..coefficients.ddim import LAMBDA, cogvideox_ddim_table, cogvideox_dpm_history_columns, cogvideox_dpm_tables
+from ..coefficients.table import PlacedTable, normalized_device
 from ..ops import layout as L
 from .base import validated_init
 from .ddim import _check_config
@@ -59,15 +61,24 @@ class FusedCogVideoXDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDDIMS
 
 class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMScheduler):
     """Second-order rows exist for the pipeline's pairs (timesteps[i], timesteps[i-1]); any
-    other (timestep, timestep_back) pair gets its row computed on the host for that call."""
+    other (timestep, timestep_back) pair gets its row computed on the host for that call.
+
+    Where the timesteps' values are not known on the host (traced by torch.compile, or
+    tensors that are not elements of ``scheduler.timesteps`` while in-kernel noise is on,
+    e.g. the static inputs of a captured CUDA graph), the step decides the order on the
+    device instead of reading them: see ``_device_step``.
+    """
 
     __init__ = validated_init(CogVideoXDPMScheduler.__init__, _check_config)
 
     def _build_tables(self, device) -> None:
         alphas, final = self._host_alphas
         gap = self._step_gap()
-        first = cogvideox_dpm_first_order_table(alphas, gap, final, self.config.prediction_type)
+        first, terms = cogvideox_dpm_tables(alphas, gap, final, self.config.prediction_type)
         self._install_table("first", first, device, clips=False)
+        self._solver_terms = terms
+        self._placed_terms = {}
+        self._terms_on(normalized_device(torch.device(device or "cpu")))  # placed before any step is traced
         # Steps with t - gap < 0 are first order whatever the history, so need no pair row.
         pairs = [p for p in zip(self._host_timesteps[1:], self._host_timesteps[:-1]) if p[0] - gap >= 0]
         self._pair_rows = {pair: i for i, pair in enumerate(pairs)}
@@ -75,12 +86,11 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         self._install_table("second", second, device)
 
     def _second_order_rows(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
-        alphas, final = self._host_alphas
         t = torch.tensor([p[0] for p in pairs])
         back = torch.tensor([p[1] for p in pairs])
-        t_prev = t - self._step_gap()
-        a_prev = torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)], final.to(alphas.dtype))
-        rows = cogvideox_dpm_rows(alphas[t], a_prev, self.config.prediction_type, alphas[back])
+        rows = self._tables["first"].host[t].clone()
+        rows[:, L.O0], rows[:, L.O1] = cogvideox_dpm_history_columns(
+            self._solver_terms[t], self._solver_terms[back, LAMBDA])
         bad = [pair for pair, row in zip(pairs, rows) if not bool(torch.isfinite(row).all())]
         if bad:
             raise ValueError(
@@ -97,6 +107,16 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             t = int(timestep)
         return self._check_training_timestep(t, argument)
 
+    def _decides_on_device(self, timestep, timestep_back) -> bool:
+        """Whether the step must choose its order without reading the timesteps: always when
+        traced; eagerly when a timestep's value is not host-known and in-kernel noise is on
+        (with a generator, the number of draws must match diffusers', so it is read)."""
+        if torch.compiler.is_compiling():
+            return True
+        if self._philox_seed is None:
+            return False
+        return any(isinstance(v, torch.Tensor) and self._host_timestep(v) is None for v in (timestep, timestep_back))
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -112,6 +132,9 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
     ) -> DDIMSchedulerOutput | tuple:
         self._require_schedule()
         self._check_model_io(model_output, sample)
+        if self._decides_on_device(timestep, timestep_back):
+            return self._device_step(model_output, old_pred_original_sample, timestep, timestep_back, sample,
+                                     generator, return_dict)
         t = self._resolve(timestep, "timestep")
         second_order = old_pred_original_sample is not None and t - self._step_gap() >= 0
         if second_order and timestep_back is None:
@@ -149,3 +172,73 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             return self._tables["second"], index
         known = self._tables["second"].constant_columns.only(L.ESTIMATE_COLUMNS)
         return PlacedTable(self._second_order_rows([(t, back)]), known=known), 0
+
+    def _device_step(self, model_output, old, timestep, timestep_back, sample, generator, return_dict):
+        """The step with the order chosen on the device, reading no timestep value.
+
+        Without history it is the first-order step. With history, the first-order row and
+        the second-order row (its O0, O1 made from the solver terms at both timesteps, the
+        same arithmetic as the eager table) are both formed, and ``t - gap >= 0`` selects
+        one; the history term is always passed (O1 = 0 in a first-order row). Noise follows
+        the eager draws: the second-order step uses the second draw, so with in-kernel noise
+        its offset and the counter's advance depend on that selection. Differences from the
+        eager step, which cannot be decided without the values: with history, the result is
+        a DDIMSchedulerOutput when ``return_dict`` even on the last (first-order) step, and
+        ``timestep_back`` is required; out-of-range timesteps fail in the gathers.
+        """
+        device = sample.device
+        dtype = self._coefficient_dtype(sample, model_output)
+        first = self._tables["first"]
+        t = self._device_index(timestep, "timestep", device)
+        rows = first.on(device, dtype).index_select(0, t)
+        noise = self._draw_noise(sample.shape, generator, device, sample.dtype)
+        history = ()
+        known = first.constant_columns
+        if old is not None:
+            if timestep_back is None:
+                raise ValueError(
+                    "old_pred_original_sample was given without timestep_back: a step that decides its order on "
+                    "the device (traced, or in-kernel noise with timesteps that are not elements of "
+                    "scheduler.timesteps) needs the previous timestep whenever history is given"
+                )
+            back = self._device_index(timestep_back, "timestep_back", device)
+            terms = self._terms_on(device)
+            o0, o1 = cogvideox_dpm_history_columns(terms.index_select(0, t), terms.index_select(0, back)[:, LAMBDA])
+            column = torch.arange(rows.shape[1], device=device)
+            second_rows = torch.where(column == L.O0, o0.to(dtype)[:, None],
+                                      torch.where(column == L.O1, o1.to(dtype)[:, None], rows))
+            second_order = (t - self._step_gap() >= 0)[:, None]
+            rows = torch.where(second_order, second_rows, rows)
+            noise = self._second_draw(noise, second_order, sample.shape, generator, device, sample.dtype)
+            history = (old,)
+            known = known.only(set(range(L.NUM_COEFFICIENTS)) - {L.O0, L.O1})
+        prev, _, x0 = ops.fused_step(sample, model_output, rows, history=history, noise=noise,
+                                     x0_dtype=_x0_dtype(self.config, sample, model_output), constant_columns=known)
+        if old is None or not return_dict:
+            return (prev, x0)
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _device_index(self, timestep, argument: str, device) -> torch.Tensor:
+        """(1,) int64 index on ``device`` for a Python int (range-checked here) or a tensor."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"{argument} must hold one value, got shape {tuple(timestep.shape)}")
+            return timestep.reshape(1).to(device=device, dtype=torch.int64)
+        t = self._check_training_timestep(self._host_timestep(timestep), argument)
+        return torch.full((1,), t, dtype=torch.int64, device=device)
+
+    def _terms_on(self, device) -> torch.Tensor:
+        device = torch.device(device)
+        terms = self._placed_terms.get(device)
+        if terms is None:
+            terms = self._placed_terms[device] = self._solver_terms.to(device)
+        return terms
+
+    def _second_draw(self, first_noise, second_order, shape, generator, device, dtype):
+        """The noise a second-order step uses, chosen by the device flag ``second_order``."""
+        if isinstance(first_noise, ops.PhiloxNoise):
+            skip = second_order.reshape(()).to(torch.int64) * math.prod(shape)
+            self._philox_counter.add_(skip)
+            return ops.PhiloxNoise(first_noise.seed, first_noise.offset + skip)
+        z2 = self._draw_noise(shape, generator, device, dtype)
+        return torch.where(second_order.reshape((1,) * len(shape)), z2, first_noise)
