@@ -80,6 +80,21 @@ class PlacedTable:
         if device is not None:
             self.on(torch.device(device), torch.float32)
 
+    def refill(self, table: torch.Tensor, device=None, known: L.ConstantColumns | None = None) -> bool:
+        """Take ``table``'s values into this table's placements, in place, when it has the same
+        shape and dtype: a CUDA graph captured over steps reads these tensors' memory, and
+        stays valid across ``set_timesteps`` calls that rebuild the same tables. False, and
+        nothing changed, otherwise (the caller then makes a new PlacedTable)."""
+        if table.shape != self.host.shape or table.dtype != self.host.dtype:
+            return False
+        self.host = table
+        self.constant_columns = constant_columns(table) if known is None else known
+        for placed in {id(t): t for t in self._placed.values()}.values():
+            placed.copy_(table.to(dtype=placed.dtype))
+        if device is not None:
+            self.on(torch.device(device), torch.float32)
+        return True
+
     def on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         placed = self._placed.get((device, dtype))  # the hot path: a tensor's own device
         if placed is None:

@@ -77,12 +77,25 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         first, terms = cogvideox_dpm_tables(alphas, gap, final, self.config.prediction_type)
         self._install_table("first", first, device, clips=False)
         self._solver_terms = terms
-        self._placed_terms = {}
+        # Refilled in place, like the tables, so captured graphs keep reading valid memory.
+        self._placed_terms = getattr(self, "_placed_terms", {})
+        for placed in self._placed_terms.values():
+            placed.copy_(terms)
         self._terms_on(normalized_device(torch.device(device or "cpu")))  # placed before any step is traced
-        # Steps with t - gap < 0 are first order whatever the history, so need no pair row.
-        pairs = [p for p in zip(self._host_timesteps[1:], self._host_timesteps[:-1]) if p[0] - gap >= 0]
-        self._pair_rows = {pair: i for i, pair in enumerate(pairs)}
-        second = self._second_order_rows(pairs) if pairs else torch.zeros(0, first.shape[1], dtype=torch.float64)
+        # The schedule's pairs (t, back) get their second-order row at row t (a table indexed by
+        # training timestep, like every other: same shape for any schedule, so refilled in
+        # place); other rows repeat the first-order ones and are never selected. Steps with
+        # t - gap < 0 are first order whatever the history, so need no pair row; a timestep
+        # scheduled twice with different predecessors keeps only its first pair here (the
+        # other is computed per call, as for any unscheduled pair).
+        pairs = {}
+        for t, back in zip(self._host_timesteps[1:], self._host_timesteps[:-1]):
+            if t - gap >= 0:
+                pairs.setdefault(t, (t, back))
+        second = first.clone()
+        if pairs:
+            second[list(pairs)] = self._second_order_rows(list(pairs.values()))
+        self._pair_rows = {pair: t for t, pair in pairs.items()}
         self._install_table("second", second, device)
 
     def _second_order_rows(self, pairs: list[tuple[int, int]]) -> torch.Tensor:

@@ -41,6 +41,10 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
     def _build_tables(self, device) -> None:
         table = self._build_table(*_BASE_KEY)
         self._check_schedule_rows(table, self._host_timesteps, clips=clip_options(self.config)["clip"] != "none")
+        # Tables of the step options used before are rebuilt now, in place: a captured graph
+        # may read them before any eager step would have rebuilt them.
+        for key in list(self._retired_tables):
+            self._build_table(*key)
 
     def _build_table(self, eta: float, use_clipped_model_output: bool) -> torch.Tensor:
         """Rows for one (eta, use_clipped_model_output): these are step arguments, so a table

@@ -12,10 +12,13 @@ from .base import FusedSchedulerMixin, check_finite_rows
 
 class DDIMFamilyMixin(FusedSchedulerMixin):
     _tables: dict
+    _retired_tables: dict  # tables of earlier schedules, by key, for refilling in place
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         super().set_timesteps(num_inference_steps, device=device)
         self._remember_schedule()
+        # Tables rebuilt with their old shapes are refilled in place (see _install_table).
+        self._retired_tables = {**getattr(self, "_retired_tables", {}), **getattr(self, "_tables", {})}
         self._tables = {}
         self._schedule_device = device
         self._host_alphas = (self.alphas_cumprod.cpu(), self._boundary_alpha().cpu())
@@ -34,7 +37,11 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         ``known``: its constant columns, for a table built inside a step (see PlacedTable)."""
         if clips is not None:
             self._check_schedule_rows(table, self._host_timesteps, clips)
-        placed = PlacedTable(table, device, known)
+        # The table a previous schedule had under this key keeps its storage when the new one
+        # fits it: a CUDA graph captured over steps then stays valid after set_timesteps.
+        placed = self._retired_tables.pop(key, None)
+        if placed is None or not placed.refill(table, device, known):
+            placed = PlacedTable(table, device, known)
         self._tables[key] = placed
         return placed
 

@@ -65,12 +65,18 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     def _build_schedule(self, device) -> None:
         self._remember_schedule()
         table = dpm_table(self.config, self.sigmas.cpu())
-        self._table = PlacedTable(table, device)
+        # Same shapes as the previous schedule (same number of steps): refilled in place, so a
+        # CUDA graph captured over traced steps stays valid after set_timesteps.
+        placed = getattr(self, "_table", None)
+        if placed is None or not placed.refill(table, device):
+            self._table = PlacedTable(table, device)
         n = len(self._host_timesteps)
-        self._cursor = DeviceStepCursor(
+        cursor = DeviceStepCursor(
             n, self.config.solver_order, lambda i, lower: row_index(i, self._order_at(i, n, lower)),
             self._table.on(torch.device(device or "cpu"), torch.float32).device,
         )
+        if not (hasattr(self, "_cursor") and self._cursor.take(cursor)):
+            self._cursor = cursor
         self._host_current, self._device_current = True, False
 
     @property
@@ -212,6 +218,12 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         gathered by the device cursor and always solver_order - 1 history terms (absent ones
         are zeros; their coefficients are 0 in every row of a lower order), so the graph is
         the same at every step. Stepping past the end fails in the cursor's gather."""
+        if self._cursor.step.device != sample.device:
+            raise ValueError(
+                f"{type(self).__name__}: a traced step keeps its position on the schedule's device "
+                f"({self._cursor.step.device}), but the sample is on {sample.device}; call "
+                f"set_timesteps(..., device={str(sample.device)!r}) as pipelines do"
+            )
         if not self._device_current:
             self._start_device_cursor(timestep)
         c = self.config

@@ -26,6 +26,18 @@ class DeviceStepCursor:
         self.step = torch.zeros((), dtype=torch.int64, device=self.row_lookup.device)
         self.lower = torch.zeros_like(self.step)
 
+    def take(self, other: "DeviceStepCursor") -> bool:
+        """Become ``other`` (a new schedule's cursor) in place, keeping this cursor's tensors,
+        which a captured CUDA graph reads; False, and nothing changed, where the lookup's
+        shape or device differ."""
+        same = (self.row_lookup.shape == other.row_lookup.shape and self.row_lookup.device == other.row_lookup.device)
+        if same:
+            self.num_steps, self.solver_order = other.num_steps, other.solver_order
+            self.row_lookup.copy_(other.row_lookup)
+            self.step.zero_()
+            self.lower.zero_()
+        return same
+
     def rows(self, table: torch.Tensor) -> torch.Tensor:
         """(1, K) row of ``table`` for the current position. Past the last step the index
         is out of range and the gather fails (there is no host check without a sync)."""

@@ -1,0 +1,182 @@
+"""Steps inside captured CUDA graphs.
+
+A captured graph replays kernels on the memory they used at capture: the coefficient
+tables, the DPM cursor, CogVideoX's solver terms and the in-kernel noise counter must keep
+their storage for as long as the graph is replayed, including across ``set_timesteps``
+(a new generation with the same graph). The first tests prove that storage stays put and
+holds the new schedule's values (they run anywhere); the rest capture real graphs and run
+only where CUDA exists.
+
+Which steps can be captured: the DDIM family (rows gathered from the timestep tensor on
+the device), with in-kernel noise for eta > 0, and CogVideoX DPM with in-kernel noise (its
+order chosen on the device; the caller passes the history, so it can be a static buffer).
+Not the multistep DPM-Solver: its history lives in a Python list a replay does not rotate.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drivers import PAIRS
+from fused_sched import ops
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+COGVIDEOX = dict(prediction_type="v_prediction", timestep_spacing="trailing")
+
+
+def _storage_read_by_steps(scheduler) -> list[int]:
+    """Addresses of every tensor a step reads besides its arguments."""
+    tensors = []
+    for placed in getattr(scheduler, "_tables", {}).values():
+        tensors += placed._placed.values()
+    if hasattr(scheduler, "_table"):
+        tensors += scheduler._table._placed.values()
+    if hasattr(scheduler, "_cursor"):
+        tensors += [scheduler._cursor.row_lookup, scheduler._cursor.step, scheduler._cursor.lower]
+    tensors += getattr(scheduler, "_placed_terms", {}).values()
+    if scheduler._philox_counter is not None:
+        tensors.append(scheduler._philox_counter)
+    return sorted({t.data_ptr() for t in tensors})
+
+
+def _ddim_eta_step(scheduler, m, t, x):
+    return scheduler.step(m, t, x, eta=1.0, return_dict=False)[0]
+
+
+def _trajectory(kind, scheduler, x, steps_taken=None):
+    old, samples = None, []
+    timesteps = scheduler.timesteps
+    for i in range(len(timesteps) if steps_taken is None else steps_taken):
+        m = torch.tanh(x)
+        if kind == "cogvideox_dpm":
+            x, old = scheduler.step(m, old, timesteps[i], timesteps[i - 1] if i > 0 else None, x)
+        elif kind == "ddim":
+            x = _ddim_eta_step(scheduler, m, timesteps[i], x)
+        else:
+            x = scheduler.step(m, timesteps[i], x, return_dict=False)[0]
+        samples.append(x)
+    return samples
+
+
+CASES = {
+    "ddim": dict(),
+    "ddim_inverse": dict(),
+    "cogvideox_ddim": COGVIDEOX,
+    "cogvideox_dpm": COGVIDEOX,
+    "dpm": dict(algorithm_type="sde-dpmsolver++"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+@pytest.mark.parametrize("second_steps", [10, 7], ids=["same-steps", "other-steps"])
+def test_set_timesteps_refills_the_storage_steps_read(kind, second_steps):
+    """After a trajectory, set_timesteps keeps every tensor steps read where it was (where
+    the new tables have the old shapes: always for the DDIM family, whose tables are indexed
+    by training timestep; for DPM with the same number of steps), and a trajectory from it
+    is exactly a fresh scheduler's."""
+    used = PAIRS[kind][1](**CASES[kind])
+    used.use_philox_noise(4)
+    used.set_timesteps(10)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    _trajectory(kind, used, x)
+    before = _storage_read_by_steps(used)
+    used.set_timesteps(second_steps)
+    reshaped = kind == "dpm" and second_steps != 10
+    assert (_storage_read_by_steps(used) == before) is not reshaped
+
+    fresh = PAIRS[kind][1](**CASES[kind])
+    fresh.use_philox_noise(4)
+    fresh.set_timesteps(second_steps)
+    for i, (a, b) in enumerate(zip(_trajectory(kind, used, x), _trajectory(kind, fresh, x))):
+        assert torch.equal(a, b), f"step {i}"
+
+
+def test_ddim_rebuilds_every_eta_table_in_set_timesteps():
+    """A graph captured over an eta > 0 step reads that eta's table: set_timesteps refills it
+    too, before any eager step with that eta would."""
+    scheduler = PAIRS["ddim"][1]()
+    scheduler.set_timesteps(10)
+    x = torch.randn(1, 4, 8, 8)
+    _ddim_eta_step(scheduler, x, scheduler.timesteps[0], x)
+    eta_table = scheduler._tables[(1.0, False)]
+    placed = eta_table.on(torch.device("cpu"), torch.float32)
+    scheduler.set_timesteps(7)
+    assert scheduler._tables[(1.0, False)] is eta_table
+    fresh = PAIRS["ddim"][1]()
+    fresh.set_timesteps(7)
+    fresh._build_table(1.0, False)
+    assert torch.equal(placed, fresh._tables[(1.0, False)].on(torch.device("cpu"), torch.float32))
+
+
+def _capture(fn, *static_inputs):
+    """A CUDA graph of fn(*static_inputs) after warm-up on a side stream, and its outputs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(*static_inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn(*static_inputs)
+    return graph, outputs
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend_name", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("kind", ["ddim", "cogvideox_dpm", "ddim_inverse"])
+def test_captured_step_replays_the_eager_trajectory(backend_name, kind):
+    """One captured step, replayed with the timestep, sample, model output (and CogVideoX's
+    history) copied into static buffers, gives the eager trajectory bit for bit: rows
+    gathered from the timestep on the device, fresh in-kernel noise per replay from the
+    device counter. After set_timesteps, the same graph replays the same trajectory again."""
+    device = torch.device("cuda")
+    with ops.use_backend(backend_name):
+        eager, captured = (PAIRS[kind][1](**CASES[kind]) for _ in range(2))
+        for s in (eager, captured):
+            s.use_philox_noise(21)
+            s.set_timesteps(10, device=device)
+        x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
+        expected = _trajectory(kind, eager, x0)
+
+        static_x, static_m = x0.clone(), x0.clone()
+        static_t = torch.zeros((), dtype=torch.int64, device=device)
+        static_back, static_old = static_t.clone(), x0.clone()
+        if kind == "cogvideox_dpm":
+            def step():
+                return captured.step(static_m, static_old, static_t, static_back, static_x)
+        elif kind == "ddim":
+            def step():
+                return (_ddim_eta_step(captured, static_m, static_t, static_x),)
+        else:
+            def step():
+                return (captured.step(static_m, static_t, static_x, return_dict=False)[0],)
+        graph, outputs = _capture(step)
+
+        def replayed_trajectory():
+            captured.set_timesteps(10, device=device)  # restarts the counter, refills tables in place
+            x, old, samples = x0, None, []
+            timesteps = captured.timesteps
+            for i in range(len(timesteps)):
+                if kind == "cogvideox_dpm" and i == 0:
+                    # the first step has no history: run it eagerly, as the pipeline's first call differs
+                    x, old = captured.step(torch.tanh(x), None, timesteps[0], None, x)
+                    samples.append(x)
+                    continue
+                static_t.copy_(timesteps[i])
+                static_x.copy_(x)
+                static_m.copy_(torch.tanh(x))
+                if kind == "cogvideox_dpm":
+                    static_back.copy_(timesteps[i - 1])
+                    static_old.copy_(old)
+                graph.replay()
+                x = outputs[0].clone()
+                if kind == "cogvideox_dpm":
+                    old = outputs[1].clone()
+                samples.append(x)
+            return samples
+
+        for attempt in range(2):
+            for i, (a, b) in enumerate(zip(replayed_trajectory(), expected)):
+                assert torch.equal(a, b), f"run {attempt} step {i}"
