@@ -17,15 +17,22 @@ from fused_sched.ops import backends  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def backend_device(name: str) -> torch.device:
+    """Where a backend's tests put their data: the GPU where there is one (CPU tensors are
+    covered on CPU machines), except for the ``cpu`` backend, which runs CPU tensors only."""
+    return torch.device("cpu") if name == "cpu" else DEVICE
+
+
 @pytest.fixture(scope="module", params=["torch", "cpu", "cuda", "triton"])
 def backend(request):
-    """Run a module's tests once per backend that can run on this machine.
+    """Run a module's tests once per backend that can run on this machine, on the device of
+    ``backend_device`` (tests take the ``device`` fixture for their tensors).
 
     A backend listed in FUSED_SCHED_REQUIRE_BACKENDS (CI lists every backend its machine
     can run) that turns out unavailable fails the run instead of being skipped.
     """
     name = request.param
-    reason = backends.why_unavailable(name, DEVICE, (torch.float32,))
+    reason = backends.why_unavailable(name, backend_device(name), (torch.float32,))
     if reason is not None:
         required = os.environ.get("FUSED_SCHED_REQUIRE_BACKENDS", "").split(",")
         if name in required:
@@ -33,3 +40,9 @@ def backend(request):
         pytest.skip(f"backend {name!r} unavailable: {reason}")
     with ops.use_backend(name):
         yield name
+
+
+@pytest.fixture
+def device(backend) -> torch.device:
+    """The device of the selected backend's data (see ``backend_device``)."""
+    return backend_device(backend)

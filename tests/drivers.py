@@ -12,6 +12,8 @@ import torch
 import fused_sched
 from fused_sched import verify
 
+CPU = torch.device("cpu")
+
 PAIRS = {
     "ddim": (diffusers.DDIMScheduler, fused_sched.FusedDDIMScheduler),
     "ddim_inverse": (diffusers.DDIMInverseScheduler, fused_sched.FusedDDIMInverseScheduler),
@@ -49,7 +51,7 @@ def _step(kind, scheduler, m, t, x, i, timesteps, state, args: StepArgs, generat
         kwargs = dict(eta=args.eta, use_clipped_model_output=args.use_clipped_model_output)
         if args.eta > 0:
             if args.noise == "variance_noise":
-                kwargs["variance_noise"] = torch.randn(m.shape, generator=generator, dtype=m.dtype)
+                kwargs["variance_noise"] = torch.randn(m.shape, generator=generator, dtype=m.dtype).to(m.device)
             else:
                 kwargs["generator"] = generator
         out = scheduler.step(m, t, x, **kwargs)
@@ -61,7 +63,7 @@ def _step(kind, scheduler, m, t, x, i, timesteps, state, args: StepArgs, generat
         kwargs = {}
         if scheduler.config.algorithm_type.startswith("sde"):
             if args.noise == "variance_noise":
-                kwargs["variance_noise"] = torch.randn(x.shape, generator=generator, dtype=dtype_noise)
+                kwargs["variance_noise"] = torch.randn(x.shape, generator=generator, dtype=dtype_noise).to(x.device)
             else:
                 kwargs["generator"] = generator
         return scheduler.step(m, t, x, **kwargs)[0], None
@@ -73,33 +75,36 @@ def _step(kind, scheduler, m, t, x, i, timesteps, state, args: StepArgs, generat
     raise ValueError(kind)
 
 
-def _initial_state(kind, config, shape, dtype):
+def _initial_state(kind, config, shape, dtype, device):
+    """x_T and the stand-in model's pattern, drawn on the CPU: the same values on every device."""
     init = torch.Generator().manual_seed(1234)
-    x = torch.randn(shape, generator=init).to(dtype)
-    pattern = torch.randn(shape, generator=init)
+    x = torch.randn(shape, generator=init).to(dtype).to(device)
+    pattern = torch.randn(shape, generator=init).to(device)
     learned = kind.startswith("dpm") and config.get("variance_type") in ("learned", "learned_range")
     factor = 2 if learned and config.get("prediction_type", "epsilon") == "epsilon" else 1
     return x, pattern, factor
 
 
-def _set_timesteps(scheduler, n, set_kwargs):
+def _set_timesteps(scheduler, n, set_kwargs, device):
+    """As pipelines call it: the schedule on the data's device."""
     if "timesteps" in set_kwargs:
-        scheduler.set_timesteps(**set_kwargs)
+        scheduler.set_timesteps(device=device, **set_kwargs)
     else:
-        scheduler.set_timesteps(n, **set_kwargs)
+        scheduler.set_timesteps(n, device=device, **set_kwargs)
 
 
 def run_trajectory(kind, scheduler, config, n, shape=(2, 4, 8, 8), dtype=torch.float32, args=None,
-                   set_kwargs=None, start_at_first_step=False):
-    """[(prev, x0)] per step from a fixed x_T, stand-in model and noise seed; stops at the
-    first exception and returns it as the second element (None if the trajectory completed)."""
+                   set_kwargs=None, start_at_first_step=False, device=CPU):
+    """[(prev, x0)] per step from a fixed x_T, stand-in model and noise seed, with data on
+    ``device``; stops at the first exception and returns it as the second element (None if
+    the trajectory completed)."""
     args = args or StepArgs()
     outputs = []
     try:
-        _set_timesteps(scheduler, n, set_kwargs or {})
+        _set_timesteps(scheduler, n, set_kwargs or {}, device)
         if start_at_first_step:
             scheduler._step_index = 0  # what set_begin_index(0) does, for classes without it
-        x, pattern, factor = _initial_state(kind, config, shape, dtype)
+        x, pattern, factor = _initial_state(kind, config, shape, dtype, device)
         generator, state = torch.Generator().manual_seed(args.seed), {}
         for i, t in enumerate(scheduler.timesteps):
             m = stand_in_model(x, t, pattern, factor).to(dtype)
@@ -112,14 +117,14 @@ def run_trajectory(kind, scheduler, config, n, shape=(2, 4, 8, 8), dtype=torch.f
 
 
 def trajectories(kind, config, num_inference_steps, shape=(2, 4, 8, 8), dtype=torch.float32, args=None,
-                 set_kwargs=None):
+                 set_kwargs=None, device=CPU):
     """Teacher-forced (prev, x0) pairs per step: both classes get diffusers' sample and the
     same model output at every step, which isolates each step's own error."""
     args = args or StepArgs()
     reference, fused = make_pair(kind, config)
     for scheduler in (reference, fused):
-        _set_timesteps(scheduler, num_inference_steps, set_kwargs or {})
-    x, pattern, factor = _initial_state(kind, config, shape, dtype)
+        _set_timesteps(scheduler, num_inference_steps, set_kwargs or {}, device)
+    x, pattern, factor = _initial_state(kind, config, shape, dtype, device)
     gens = [torch.Generator().manual_seed(args.seed) for _ in range(2)]
     states = [{}, {}]
     results = []

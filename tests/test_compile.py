@@ -21,20 +21,24 @@ KINDS = {"ddim": dict(), "ddim_inverse": dict(),
          "cogvideox_ddim": dict(prediction_type="v_prediction", timestep_spacing="trailing")}
 
 
+def _initial_sample(device):
+    return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_compiled_trajectory_has_no_graph_breaks_or_per_step_recompiles(backend, kind):
+def test_compiled_trajectory_has_no_graph_breaks_or_per_step_recompiles(backend, device, kind):
     torch._dynamo.reset()
     counters.clear()
     fused_cls = PAIRS[kind][1]
     eager, traced = fused_cls(**KINDS[kind]), fused_cls(**KINDS[kind])
     for s in (eager, traced):
-        s.set_timesteps(10)
+        s.set_timesteps(10, device=device)
 
     @torch.compile(fullgraph=True, backend="eager")
     def step(m, t, x):
         return traced.step(m, t, x, return_dict=False)[0]
 
-    x_eager = x_traced = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_eager = x_traced = _initial_sample(device)
     for i in range(10):
         x_eager = eager.step(torch.tanh(x_eager), eager.timesteps[i], x_eager, return_dict=False)[0]
         x_traced = step(torch.tanh(x_traced), traced.timesteps[i], x_traced)
@@ -54,11 +58,11 @@ DPM_CASES = {
 }
 
 
-def _dpm_pair(name, steps):
+def _dpm_pair(name, steps, device=torch.device("cpu")):
     kind, config, begin = DPM_CASES[name]
     pair = [PAIRS[kind][1](**config) for _ in range(2)]
     for s in pair:
-        s.set_timesteps(steps)
+        s.set_timesteps(steps, device=device)
         if begin:
             s.set_begin_index(0)
     return pair
@@ -70,16 +74,16 @@ def _dpm_step(scheduler, x, i, noise):
 
 
 @pytest.mark.parametrize("name", sorted(DPM_CASES))
-def test_compiled_dpm_trajectory_reuses_its_graphs(backend, name):
+def test_compiled_dpm_trajectory_reuses_its_graphs(backend, device, name):
     """20 traced steps give the eager results exactly, from at most solver_order graphs."""
     torch._dynamo.reset()
     counters.clear()
-    eager, traced = _dpm_pair(name, 20)
+    eager, traced = _dpm_pair(name, 20, device)
     step = torch.compile(fullgraph=True, backend="eager")(lambda x, i, z: _dpm_step(traced, x, i, z))
-    x_eager = x_traced = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_eager = x_traced = _initial_sample(device)
     noise = torch.Generator().manual_seed(1)
     for i in range(20):
-        z = torch.randn(2, 4, 8, 8, generator=noise)
+        z = torch.randn(2, 4, 8, 8, generator=noise).to(device)
         x_eager = _dpm_step(eager, x_eager, i, z)
         x_traced = step(x_traced, i, z)
         assert torch.equal(x_traced, x_eager), f"step {i}"
@@ -89,11 +93,11 @@ def test_compiled_dpm_trajectory_reuses_its_graphs(backend, name):
     assert (traced.step_index, traced.lower_order_nums) == (eager.step_index, eager.lower_order_nums) == (20, eager.config.solver_order)
 
 
-def test_dpm_switching_between_eager_and_traced_steps_keeps_the_trajectory(backend):
+def test_dpm_switching_between_eager_and_traced_steps_keeps_the_trajectory(backend, device):
     torch._dynamo.reset()
-    eager, mixed = _dpm_pair("dpm++3m-begin-index", 12)
+    eager, mixed = _dpm_pair("dpm++3m-begin-index", 12, device)
     traced_step = torch.compile(fullgraph=True, backend="eager")(lambda x, i: _dpm_step(mixed, x, i, None))
-    x_eager = x_mixed = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_eager = x_mixed = _initial_sample(device)
     for i in range(12):
         x_eager = _dpm_step(eager, x_eager, i, None)
         x_mixed = traced_step(x_mixed, i) if (i // 3) % 2 else _dpm_step(mixed, x_mixed, i, None)
@@ -115,20 +119,20 @@ def test_traced_dpm_step_past_the_end_fails():
 
 @pytest.mark.parametrize("config", [dict(thresholding=True), dict(prediction_type="sample", clip_sample=False)],
                          ids=["threshold", "sample-prediction"])
-def test_compiled_noisy_ddim_with_variance_noise(backend, config):
+def test_compiled_noisy_ddim_with_variance_noise(backend, device, config):
     """eta > 0 with the noise given as variance_noise (a torch.Generator cannot be traced),
     dynamic thresholding's two ops included: eager results, no per-step recompiles."""
     torch._dynamo.reset()
     counters.clear()
     eager, traced = (PAIRS["ddim"][1](**config) for _ in range(2))
     for s in (eager, traced):
-        s.set_timesteps(10)
+        s.set_timesteps(10, device=device)
     step = torch.compile(fullgraph=True, backend="eager")(
         lambda m, t, x, z: traced.step(m, t, x, eta=0.5, variance_noise=z, return_dict=False)[0])
     noise = torch.Generator().manual_seed(1)
-    x_eager = x_traced = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_eager = x_traced = _initial_sample(device)
     for i in range(10):
-        z = torch.randn(2, 4, 8, 8, generator=noise)
+        z = torch.randn(2, 4, 8, 8, generator=noise).to(device)
         x_traced = step(torch.tanh(x_traced), traced.timesteps[i], x_traced, z)
         x_eager = eager.step(torch.tanh(x_eager), eager.timesteps[i], x_eager, eta=0.5, variance_noise=z,
                              return_dict=False)[0]
@@ -139,7 +143,7 @@ def test_compiled_noisy_ddim_with_variance_noise(backend, config):
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 @pytest.mark.parametrize("kind", ["ddim-eta", "sde-dpm++2m"])
-def test_compiled_trajectory_with_in_kernel_noise(backend, kind, compiler):
+def test_compiled_trajectory_with_in_kernel_noise(backend, device, kind, compiler):
     """use_philox_noise: the counter is a device tensor the kernel reads (a snapshot) and the
     step then advances in place, so noisy steps trace once: the graph count stops growing
     after the first steps, there is no graph break, the results are eager's bit for bit
@@ -155,10 +159,10 @@ def test_compiled_trajectory_with_in_kernel_noise(backend, kind, compiler):
     eager, traced = pair
     for s in pair:
         s.use_philox_noise(11)
-        s.set_timesteps(steps)
+        s.set_timesteps(steps, device=device)
     step = torch.compile(fullgraph=True, backend=compiler)(
         lambda m, t, x: traced.step(m, t, x, return_dict=False, **kwargs)[0])
-    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x0 = _initial_sample(device)
 
     def traced_trajectory():
         x, samples = x0, []
@@ -178,7 +182,7 @@ def test_compiled_trajectory_with_in_kernel_noise(backend, kind, compiler):
     assert counters["stats"]["unique_graphs"] == graphs_after_4_steps[0] <= 2
     assert int(traced._philox_counter) == int(eager._philox_counter) == steps * x0.numel()
 
-    traced.set_timesteps(steps)
+    traced.set_timesteps(steps, device=device)
     again = traced_trajectory()
     for i in range(steps):
         assert torch.equal(again[i], first[i]), f"re-run step {i}"
@@ -198,7 +202,7 @@ def _cogvideox_dpm_trajectory(step, timesteps, x):
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 @pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear"])
-def test_compiled_cogvideox_dpm_trajectory_with_in_kernel_noise(backend, beta_schedule, compiler):
+def test_compiled_cogvideox_dpm_trajectory_with_in_kernel_noise(backend, device, beta_schedule, compiler):
     """diffusers' CogVideoXDPM step cannot be traced (t_p >= 0 and 'old is None or t_p < 0'
     read the timestep, randn takes a generator). The fused one, with in-kernel noise, picks
     its order on the device: two graphs (without and with history), no graph break, eager's
@@ -209,9 +213,9 @@ def test_compiled_cogvideox_dpm_trajectory_with_in_kernel_noise(backend, beta_sc
     eager, traced = (PAIRS["cogvideox_dpm"][1](**config) for _ in range(2))
     for s in (eager, traced):
         s.use_philox_noise(7)
-        s.set_timesteps(10)
+        s.set_timesteps(10, device=device)
     step = torch.compile(fullgraph=True, backend=compiler)(lambda *args: traced.step(*args))
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = _initial_sample(device)
     expected = _cogvideox_dpm_trajectory(eager.step, eager.timesteps, x)
     got = _cogvideox_dpm_trajectory(step, traced.timesteps, x)
     for i, (a, b) in enumerate(zip(got, expected)):
@@ -221,7 +225,7 @@ def test_compiled_cogvideox_dpm_trajectory_with_in_kernel_noise(backend, beta_sc
     assert not counters["graph_break"]
 
 
-def test_compiled_cogvideox_dpm_with_torch_default_generator(backend):
+def test_compiled_cogvideox_dpm_with_torch_default_generator(backend, device):
     """generator=None: the traced step draws both noises and keeps the one eager would use.
     Traced with backend='eager' the draws come from torch's global generator in that order,
     so from the same seed the trajectory is eager's (the traced last step draws one unused
@@ -231,9 +235,9 @@ def test_compiled_cogvideox_dpm_with_torch_default_generator(backend):
     config = dict(prediction_type="v_prediction", timestep_spacing="trailing")
     eager, traced = (PAIRS["cogvideox_dpm"][1](**config) for _ in range(2))
     for s in (eager, traced):
-        s.set_timesteps(8)
+        s.set_timesteps(8, device=device)
     step = torch.compile(fullgraph=True, backend="eager")(lambda *args: traced.step(*args))
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = _initial_sample(device)
     torch.manual_seed(3)
     expected = _cogvideox_dpm_trajectory(eager.step, eager.timesteps, x)
     torch.manual_seed(3)
@@ -253,3 +257,15 @@ def test_tracing_a_generator_names_the_remedy():
     x = torch.randn(1, 4, 8, 8)
     with pytest.raises(Exception, match="use_philox_noise"):
         step(x, scheduler.timesteps[0], x, torch.Generator().manual_seed(0))
+
+
+def test_traced_dpm_step_on_another_device_than_the_schedule_names_the_fix():
+    """The device cursor lives where set_timesteps put the schedule; a traced step on data
+    elsewhere says so (off GPU, a 'meta' sample stands in for another device)."""
+    torch._dynamo.reset()
+    (scheduler, _) = _dpm_pair("dpm++2m", 4)
+    step = torch.compile(fullgraph=True, backend="eager")(
+        lambda x, t: scheduler.step(x, t, x, return_dict=False)[0])
+    x = torch.empty(1, 4, 8, 8, device="meta")
+    with pytest.raises(Exception, match=r"set_timesteps\(\.\.\., device='meta'\)"):
+        step(x, scheduler.timesteps[0])

@@ -22,6 +22,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fused_sched import ops
+
+from conftest import backend_device
 from drivers import PAIRS, StepArgs, relative_error, run_trajectory, trajectories
 
 FP32_TOLERANCE = 1e-4
@@ -43,7 +46,7 @@ def property_test(backend, case, **strategies):
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(**strategies)
     def run(**drawn):
-        case(**drawn)
+        case(**drawn, device=backend_device(backend))
 
     run()
 
@@ -79,7 +82,7 @@ def _within_contract(fused, ref, truth) -> bool:
 DOCUMENTED_REFUSALS = ("use_flow_sigmas=True is not supported by the inverse scheduler",)
 
 
-def check_conformance(kind, config, n, shape, args=None, set_kwargs=None):
+def check_conformance(kind, config, n, shape, args=None, set_kwargs=None, *, device):
     args = args or StepArgs()
     set_kwargs = set_kwargs or {}
     reference_cls, fused_cls = PAIRS[kind]
@@ -90,7 +93,8 @@ def check_conformance(kind, config, n, shape, args=None, set_kwargs=None):
         with pytest.raises(type(error)):
             fused_cls(**config)
         return
-    run = functools.partial(run_trajectory, kind, config=config, n=n, shape=shape, args=args, set_kwargs=set_kwargs)
+    run = functools.partial(run_trajectory, kind, config=config, n=n, shape=shape, args=args, set_kwargs=set_kwargs,
+                            device=device)
     try:
         fused = fused_cls(**config)
     except ValueError as refusal:
@@ -126,19 +130,22 @@ def check_conformance(kind, config, n, shape, args=None, set_kwargs=None):
             if relative_error(fused_value, ref_value) <= FP32_TOLERANCE:
                 continue
             if truth is None:
-                truth, _ = run(fused_cls(**config), dtype=torch.float64)
+                with ops.use_backend("torch"):  # the float64 oracle is the reference op
+                    truth, truth_error = run(fused_cls(**config), dtype=torch.float64)
+                assert truth_error is None, f"the float64 evaluation failed: {truth_error!r}"
             assert _within_contract(fused_value, ref_value, truth[i][which].double()), (
                 f"step {i} {'x0' if which else 'prev'}: error {relative_error(fused_value, ref_value):.2e}")
 
 
 def _ddim_matches_diffusers_case(beta_schedule, prediction_type, clip_sample, clip_sample_range, thresholding, ratio,
                                 max_value, set_alpha_to_one, steps_offset, spacing, zero_snr, n, eta, clipped,
-                                noise, shape):
+                                noise, shape, device):
     config = dict(beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=clip_sample,
                   clip_sample_range=clip_sample_range, thresholding=thresholding, dynamic_thresholding_ratio=ratio,
                   sample_max_value=max_value, set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset,
                   timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr)
-    check_conformance("ddim", config, n, shape, StepArgs(eta=eta, use_clipped_model_output=clipped, noise=noise))
+    check_conformance("ddim", config, n, shape, StepArgs(eta=eta, use_clipped_model_output=clipped, noise=noise),
+                      device=device)
 
 
 def test_ddim_matches_diffusers(backend):
@@ -152,11 +159,11 @@ def test_ddim_matches_diffusers(backend):
 
 
 def _ddim_inverse_matches_diffusers_case(beta_schedule, prediction_type, clip_sample, set_alpha_to_one, steps_offset,
-                                        spacing, zero_snr, n, shape):
+                                        spacing, zero_snr, n, shape, device):
     config = dict(beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=clip_sample,
                   set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset, timestep_spacing=spacing,
                   rescale_betas_zero_snr=zero_snr)
-    check_conformance("ddim_inverse", config, n, shape)
+    check_conformance("ddim_inverse", config, n, shape, device=device)
 
 
 def test_ddim_inverse_matches_diffusers(backend):
@@ -166,10 +173,10 @@ def test_ddim_inverse_matches_diffusers(backend):
 
 
 def _cogvideox_matches_diffusers_case(kind, beta_schedule, prediction_type, set_alpha_to_one, spacing, zero_snr,
-                                     snr_shift_scale, n, shape):
+                                     snr_shift_scale, n, shape, device):
     config = dict(beta_schedule=beta_schedule, prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one,
                   timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr, snr_shift_scale=snr_shift_scale)
-    check_conformance(kind, config, n, shape)
+    check_conformance(kind, config, n, shape, device=device)
 
 
 def test_cogvideox_matches_diffusers(backend):
@@ -185,7 +192,7 @@ SIGMA_OPTIONS = st.sampled_from([{}, {"use_karras_sigmas": True}, {"use_exponent
 
 def _dpm_matches_diffusers_case(beta_schedule, order, prediction_type, algorithm, solver_type, thresholding, ratio,
                                max_value, lower_order_final, euler_at_final, sigmas, final_sigmas_type,
-                               lambda_min_clipped, learned, spacing, zero_snr, n, noise, four_d):
+                               lambda_min_clipped, learned, spacing, zero_snr, n, noise, four_d, device):
     config = dict(beta_schedule=beta_schedule, solver_order=order, prediction_type=prediction_type,
                   algorithm_type=algorithm, solver_type=solver_type, thresholding=thresholding,
                   dynamic_thresholding_ratio=ratio, sample_max_value=max_value, lower_order_final=lower_order_final,
@@ -193,7 +200,7 @@ def _dpm_matches_diffusers_case(beta_schedule, order, prediction_type, algorithm
                   lambda_min_clipped=lambda_min_clipped, variance_type="learned_range" if learned else None,
                   timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr, **sigmas)
     shape = (2, 3, 8, 8) if four_d else (2, 3, 3, 6, 6)  # learned variance keeps 3 channels of dim 1
-    check_conformance("dpm", config, n, shape, StepArgs(noise=noise))
+    check_conformance("dpm", config, n, shape, StepArgs(noise=noise), device=device)
 
 
 def test_dpm_matches_diffusers(backend):
@@ -210,12 +217,12 @@ def test_dpm_matches_diffusers(backend):
 
 
 def _dpm_inverse_matches_diffusers_case(beta_schedule, order, prediction_type, algorithm, solver_type, thresholding,
-                                       lower_order_final, euler_at_final, sigmas, spacing, n, shape):
+                                       lower_order_final, euler_at_final, sigmas, spacing, n, shape, device):
     config = dict(beta_schedule=beta_schedule, solver_order=order, prediction_type=prediction_type,
                   algorithm_type=algorithm, solver_type=solver_type, thresholding=thresholding,
                   lower_order_final=lower_order_final, euler_at_final=euler_at_final, timestep_spacing=spacing,
                   **sigmas)
-    check_conformance("dpm_inverse", config, n, shape)
+    check_conformance("dpm_inverse", config, n, shape, device=device)
 
 
 def test_dpm_inverse_matches_diffusers(backend):
@@ -231,28 +238,28 @@ def test_dpm_inverse_matches_diffusers(backend):
 @pytest.mark.parametrize("algorithm", ["dpmsolver++", "sde-dpmsolver++"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 @pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
-def test_dpm_custom_timesteps(backend, algorithm, prediction_type, final_sigmas_type):
+def test_dpm_custom_timesteps(backend, device, algorithm, prediction_type, final_sigmas_type):
     config = dict(algorithm_type=algorithm, prediction_type=prediction_type, final_sigmas_type=final_sigmas_type)
     timesteps = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
     check_conformance("dpm", config, None, (2, 4, 8, 8), StepArgs(noise="variance_noise"),
-                      set_kwargs=dict(timesteps=timesteps))
+                      set_kwargs=dict(timesteps=timesteps), device=device)
 
 
-def test_dpm_dynamic_shifting_mu(backend):
+def test_dpm_dynamic_shifting_mu(backend, device):
     config = dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True)
-    check_conformance("dpm", config, 12, (2, 4, 8, 8), set_kwargs=dict(mu=0.8))
+    check_conformance("dpm", config, 12, (2, 4, 8, 8), set_kwargs=dict(mu=0.8), device=device)
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
-def test_each_step_matches_to_float32_rounding(backend, kind):
+def test_each_step_matches_to_float32_rounding(backend, device, kind):
     """Teacher forcing: fed the same inputs, each step differs only by float32 rounding."""
     config = {"dpm": dict(solver_order=3, final_sigmas_type="sigma_min"), "dpm_inverse": dict(solver_order=3)}
-    _, _, results = trajectories(kind, config.get(kind, {}), 12)
+    _, _, results = trajectories(kind, config.get(kind, {}), 12, device=device)
     for i, ((ref_prev, _), (fused_prev, _), _) in enumerate(results):
         assert relative_error(fused_prev, ref_prev) <= TEACHER_FORCED_TOLERANCE, f"step {i}"
 
 
-def test_trained_betas(backend):
+def test_trained_betas(backend, device):
     betas = torch.linspace(1e-4, 0.02, 1000).tolist()
-    check_conformance("ddim", dict(trained_betas=betas), 10, (2, 4, 8, 8))
-    check_conformance("dpm", dict(trained_betas=betas), 10, (2, 4, 8, 8))
+    check_conformance("ddim", dict(trained_betas=betas), 10, (2, 4, 8, 8), device=device)
+    check_conformance("dpm", dict(trained_betas=betas), 10, (2, 4, 8, 8), device=device)

@@ -14,8 +14,12 @@ accurate result; there the fused step must instead be within 1e-2 of the float64
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+
+from fused_sched import ops
 
 from drivers import PAIRS, StepArgs, _step, relative_error, stand_in_model
 
@@ -36,14 +40,16 @@ STOCHASTIC = {
 }
 
 
-def _teacher_forced(kind, config, dtype, model_dtype, args, with_truth):
+def _teacher_forced(kind, config, dtype, model_dtype, args, with_truth, device):
+    """Per step [diffusers, fused (the selected backend), truth (float64 reference op)] from
+    the same inputs, with data on ``device``."""
     reference_cls, fused_cls = PAIRS[kind]
     schedulers = [reference_cls(**config), fused_cls(**config)] + ([fused_cls(**config)] if with_truth else [])
     for s in schedulers:
-        s.set_timesteps(12)
+        s.set_timesteps(12, device=device)
     shape = (2, 4, 8, 8)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(dtype)
-    pattern = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(dtype).to(device)
+    pattern = torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(device)
     gens = [torch.Generator().manual_seed(0) for _ in schedulers]
     states = [{} for _ in schedulers]
     steps = []
@@ -52,8 +58,9 @@ def _teacher_forced(kind, config, dtype, model_dtype, args, with_truth):
         outs = []
         for j, s in enumerate(schedulers):
             xi, mi = (x.double(), m.double()) if j == 2 else (x, m)
-            outs.append(_step(kind, s, mi, s.timesteps[i], xi, i, s.timesteps, states[j], args, gens[j],
-                              torch.float32)[0])
+            with ops.use_backend("torch") if j == 2 else contextlib.nullcontext():
+                outs.append(_step(kind, s, mi, s.timesteps[i], xi, i, s.timesteps, states[j], args, gens[j],
+                                  torch.float32)[0])
         steps.append(outs)
         x = outs[0].to(dtype)
     return steps
@@ -61,8 +68,9 @@ def _teacher_forced(kind, config, dtype, model_dtype, args, with_truth):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", sorted(DETERMINISTIC))
-def test_low_precision_is_no_farther_from_float64_than_diffusers(kind, dtype):
-    for i, (ref, fused, truth) in enumerate(_teacher_forced(kind, DETERMINISTIC[kind], dtype, dtype, StepArgs(), True)):
+def test_low_precision_is_no_farther_from_float64_than_diffusers(backend, device, kind, dtype):
+    steps = _teacher_forced(kind, DETERMINISTIC[kind], dtype, dtype, StepArgs(), True, device)
+    for i, (ref, fused, truth) in enumerate(steps):
         assert fused.dtype == ref.dtype
         assert (relative_error(fused, ref) <= LOW_PRECISION_TOLERANCE
                 or relative_error(fused.double(), truth) <= ACCURATE_TOLERANCE), f"step {i}"
@@ -74,17 +82,18 @@ def test_low_precision_is_no_farther_from_float64_than_diffusers(kind, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", sorted(STOCHASTIC))
-def test_low_precision_with_noise_matches_diffusers(kind, dtype):
+def test_low_precision_with_noise_matches_diffusers(backend, device, kind, dtype):
     config, args = STOCHASTIC[kind]
-    for i, (ref, fused) in enumerate(_teacher_forced(kind, config, dtype, dtype, args, False)):
+    for i, (ref, fused) in enumerate(_teacher_forced(kind, config, dtype, dtype, args, False, device)):
         assert fused.dtype == ref.dtype
         assert relative_error(fused, ref) <= LOW_PRECISION_TOLERANCE, f"step {i}"
 
 
 @pytest.mark.parametrize("kind", ["cogvideox_ddim", "cogvideox_dpm", "dpm"])
-def test_bf16_sample_with_fp32_model_output(kind):
+def test_bf16_sample_with_fp32_model_output(backend, device, kind):
     """The CogVideoX pipeline steps a bf16 latent with noise_pred.float()."""
     config = dict(prediction_type="v_prediction", timestep_spacing="trailing") if kind != "dpm" else {}
-    for i, (ref, fused) in enumerate(_teacher_forced(kind, config, torch.bfloat16, torch.float32, StepArgs(), False)):
+    steps = _teacher_forced(kind, config, torch.bfloat16, torch.float32, StepArgs(), False, device)
+    for i, (ref, fused) in enumerate(steps):
         assert fused.dtype == ref.dtype == torch.float32
         assert relative_error(fused, ref) <= LOW_PRECISION_TOLERANCE, f"step {i}"
