@@ -38,11 +38,22 @@ from fused_sched import ops
 from fused_sched.ops import PhiloxNoise, backends, layout, philox
 from fused_sched.verify import stand_in_model
 
+from conftest import backend_device
+
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 K = layout.NUM_COEFFICIENTS
 Z_RTOL = 2.0**-19  # 16 float32 ulp of z between any two backends (see the module docstring)
 FALSE_ALARM = 1e-6
+
+
+@pytest.fixture(scope="module")
+def backend(backend):
+    """conftest's backend, for this module's data on DEVICE: on a GPU machine the cpu backend
+    (CPU tensors only) is skipped here; CPU machines (CI) run its philox tests."""
+    if backend_device(backend) != DEVICE:
+        pytest.skip(f"backend {backend!r} runs on {backend_device(backend)}; this module's data is on {DEVICE}")
+    return backend
 
 
 def _interpreted(backend: str) -> bool:
