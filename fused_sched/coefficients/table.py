@@ -68,7 +68,9 @@ class PlacedTable:
     """A float64 host table with lazily made copies per (device, dtype).
 
     The float32 copy for the schedule's device is made in ``set_timesteps``; any other
-    placement is made once, on first use, and reused for the rest of the schedule.
+    placement is made once, on first use, and reused for the rest of the schedule. Single
+    rows are handed out as the same view object each time (``row``): a step then pays no
+    slicing, and the reference op recognises the row it has already split into columns.
     """
 
     def __init__(self, table: torch.Tensor, device=None, known: L.ConstantColumns | None = None):
@@ -77,6 +79,7 @@ class PlacedTable:
         self.host = table
         self.constant_columns = constant_columns(table) if known is None else known
         self._placed: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._rows: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
         if device is not None:
             self.on(torch.device(device), torch.float32)
 
@@ -105,6 +108,15 @@ class PlacedTable:
                 self._placed[key] = placed
             self._placed[(device, dtype)] = placed
         return placed
+
+    def row(self, index: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Row ``index`` as a (1, K) view of the placement on (device, dtype). The views alias
+        the placements, so a refill is seen through them; ``index`` must be in range."""
+        key = (device, dtype, index)
+        view = self._rows.get(key)
+        if view is None:
+            view = self._rows[key] = self.on(device, dtype)[index : index + 1]
+        return view
 
     def __len__(self) -> int:
         return self.host.shape[0]

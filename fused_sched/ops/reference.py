@@ -37,27 +37,37 @@ class _ColumnViews:
     """Column views of recently used coefficient rows, reused across steps.
 
     Splitting a row into twelve views costs more than the step's arithmetic on a small
-    latent, and a schedule passes the same few rows again and again. The key is the memory
-    a row occupies (address, shape, strides, dtype, device): two live tensors with the same
-    key view the same memory, and a cached view keeps that memory allocated, so a key can
-    never name other values. In-place writes to a table are seen, as views see them.
+    latent, and a schedule passes the same few rows again and again. Schedulers pass the
+    same row object for the same row (``PlacedTable.row``), found by identity; other rows
+    are found by the memory they occupy (address, shape, strides, dtype, device): two live
+    tensors with that key view the same memory, and a cached view keeps that memory
+    allocated, so a key can never name other values. In-place writes to a table are seen,
+    as views see them.
     """
 
     capacity = 512
 
     def __init__(self):
-        self._views: dict = {}
+        self._by_object: dict = {}  # id(row) -> (row, views); the row is held, so ids stay unique
+        self._by_memory: dict = {}
 
     def get(self, coefficients: torch.Tensor, ndim: int, dtype: torch.dtype):
         if torch.compiler.is_compiling() or coefficients.dtype != dtype:
             return _rows(coefficients, ndim, dtype)  # traced tensors have no address
+        batched = coefficients.shape[0] > 1
+        known = self._by_object.get(id(coefficients))
+        if known is not None and known[0] is coefficients and (not batched or known[1] == ndim):
+            return known[2]
         key = (coefficients.data_ptr(), coefficients.shape, coefficients.stride(), dtype, coefficients.device,
-               ndim if coefficients.shape[0] > 1 else 0)
-        views = self._views.get(key)
+               ndim if batched else 0)
+        views = self._by_memory.get(key)
         if views is None:
-            if len(self._views) >= self.capacity:
-                self._views.clear()
-            views = self._views[key] = _rows(coefficients, ndim, dtype)
+            if len(self._by_memory) >= self.capacity:
+                self._by_memory.clear()
+            views = self._by_memory[key] = _rows(coefficients, ndim, dtype)
+        if len(self._by_object) >= self.capacity:
+            self._by_object.clear()
+        self._by_object[id(coefficients)] = (coefficients, ndim, views)
         return views
 
 

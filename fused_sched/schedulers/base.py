@@ -33,6 +33,7 @@ class FusedSchedulerMixin:
 
     _schedule_timesteps: torch.Tensor | None = None  # the tensor set_timesteps produced
     _host_timesteps: list[int] = []
+    _schedule_address: tuple[int, int] | None = None
     _philox_seed: int | None = None  # use_philox_noise: None draws as diffusers does
     # Counter of the next noisy draw's first element: a 0-dim int64 tensor on the data's
     # device, so a traced or captured step reads and advances it there (never on the host).
@@ -40,8 +41,12 @@ class FusedSchedulerMixin:
     _philox_fresh: bool = True  # no draw since the last reset: the counter holds 0
 
     def _remember_schedule(self) -> None:
-        self._schedule_timesteps = self.timesteps
-        self._host_timesteps = [int(v) for v in self.timesteps.cpu().tolist()]
+        self._schedule_timesteps = schedule = self.timesteps
+        self._host_timesteps = [int(v) for v in schedule.cpu().tolist()]
+        # (address of element 0, bytes between elements): what _schedule_position needs
+        # (an expanded schedule, stride 0, gives no position per address: None)
+        stride = schedule.stride(0) if schedule.dim() == 1 and schedule.numel() > 1 else 1
+        self._schedule_address = (schedule.data_ptr(), stride * schedule.element_size()) if stride else None
         self._reset_philox_counter()  # a new trajectory replays the same noise
 
     def _reset_philox_counter(self) -> None:
@@ -86,29 +91,30 @@ class FusedSchedulerMixin:
     def _schedule_position(self, timestep) -> int | None:
         """Index into the schedule of a tensor that is an element of ``scheduler.timesteps``.
 
-        Such a tensor (``for t in scheduler.timesteps``, ``timesteps[i]``, slices of it) is a
-        view into the schedule's storage, so its position follows from its storage offset
-        without reading device memory. None for anything else.
+        Such a tensor (``for t in scheduler.timesteps``, ``timesteps[i]``, slices of it) views
+        the schedule's memory, so its position follows from its address without reading
+        device memory. The schedule is kept alive, so no other tensor can occupy that memory:
+        a same-dtype tensor at one of its element addresses holds that element. None for
+        anything else.
         """
         schedule = self._schedule_timesteps
         if (
             schedule is None
+            or self._schedule_address is None
             or not isinstance(timestep, torch.Tensor)
-            # torch.compile cannot trace storage pointers; a traced step gathers its row on
-            # the device instead, which is also what keeps a captured graph's arguments fixed.
+            # torch.compile cannot trace addresses; a traced step gathers its row on the
+            # device instead, which is also what keeps a captured graph's arguments fixed.
             or torch.compiler.is_compiling()
             or timestep.dim() != 0
             or timestep.dtype != schedule.dtype
             or timestep.device != schedule.device
-            or timestep.untyped_storage().data_ptr() != schedule.untyped_storage().data_ptr()
         ):
             return None
-        offset = timestep.storage_offset() - schedule.storage_offset()
-        stride = schedule.stride(0) if schedule.dim() == 1 and schedule.numel() > 1 else 1
-        if offset % stride or not 0 <= offset // stride < len(self._host_timesteps):
+        start, step = self._schedule_address
+        offset = timestep.data_ptr() - start
+        if offset % step or not 0 <= offset // step < len(self._host_timesteps):
             return None
-        return offset // stride
-
+        return offset // step
     def _host_timestep(self, timestep) -> int | None:
         """The timestep's value known on the host without reading device memory, else None.
 

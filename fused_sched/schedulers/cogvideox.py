@@ -19,6 +19,7 @@ from ..ops import layout as L
 from .base import validated_init
 from .ddim import _check_config
 from .ddim_family import AddNoiseMixin, DDIMFamilyMixin
+from .step_output import step_output
 
 
 def _x0_dtype(config, sample, model_output):
@@ -56,7 +57,7 @@ class FusedCogVideoXDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDDIMS
         )
         if not return_dict:
             return (prev, x0)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return step_output(DDIMSchedulerOutput, prev, x0)
 
 
 class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMScheduler):
@@ -160,7 +161,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         x0_dtype = _x0_dtype(self.config, sample, model_output)
         if not second_order:
             placed = self._tables["first"]
-            rows = placed.on(sample.device, dtype)[t : t + 1]
+            rows = placed.row(t, sample.device, dtype)
             prev, _, x0 = ops.fused_step(sample, model_output, rows, noise=noise, x0_dtype=x0_dtype,
                                          constant_columns=placed.constant_columns)
             return prev, x0  # diffusers returns a tuple here whatever return_dict says
@@ -169,14 +170,14 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         # The first-order result is discarded, but its noise draw still advances the generator.
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
         placed, index = self._second_order_row(t, back)
-        rows = placed.on(sample.device, dtype)[index : index + 1]
+        rows = placed.row(index, sample.device, dtype)
         prev, _, x0 = ops.fused_step(
             sample, model_output, rows, history=(old_pred_original_sample,), noise=noise, x0_dtype=x0_dtype,
             constant_columns=placed.constant_columns,
         )
         if not return_dict:
             return (prev, x0)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return step_output(DDIMSchedulerOutput, prev, x0)
 
     def _second_order_row(self, t: int, back: int) -> tuple[PlacedTable, int]:
         """(table, row index) of the second-order row for the pair (t, back)."""
@@ -229,7 +230,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
                                      x0_dtype=_x0_dtype(self.config, sample, model_output), constant_columns=known)
         if old is None or not return_dict:
             return (prev, x0)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return step_output(DDIMSchedulerOutput, prev, x0)
 
     def _device_index(self, timestep, argument: str, device) -> torch.Tensor:
         """(1,) int64 index on ``device`` for a Python int (range-checked here) or a tensor."""

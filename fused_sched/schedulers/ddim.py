@@ -13,6 +13,7 @@ from ..ops import layout as L
 from ..coefficients.ddim import ddim_table
 from .base import validated_init
 from .ddim_family import AddNoiseMixin, DDIMFamilyMixin
+from .step_output import step_output
 
 
 _BASE_KEY = (0.0, False)  # (eta, use_clipped_model_output) of the table set_timesteps builds
@@ -104,4 +105,4 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         )
         if not return_dict:
             return (prev, x0)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return step_output(DDIMSchedulerOutput, prev, x0)

@@ -67,11 +67,11 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
     def _row(self, placed: PlacedTable, timestep, device, dtype) -> torch.Tensor:
         """(1, K) coefficients for ``timestep``: a view when its value is host-known, else a
         device-side gather (no sync; an out-of-range tensor timestep fails in the gather)."""
-        table = placed.on(device, dtype)
         t = self._host_timestep(timestep)
         if t is not None:
             self._check_training_timestep(t)
-            return table[t : t + 1]
+            return placed.row(t, device, dtype)
+        table = placed.on(device, dtype)
         index = timestep.reshape(-1).to(device=table.device, dtype=torch.int64)
         if index.numel() != 1:
             raise ValueError(f"timestep must hold one value, got shape {tuple(timestep.shape)}")

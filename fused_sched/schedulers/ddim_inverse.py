@@ -11,6 +11,7 @@ from ..coefficients.ddim import ddim_inverse_table
 from .base import validated_init
 from .ddim import _check_config
 from .ddim_family import DDIMFamilyMixin
+from .step_output import step_output
 
 
 class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
@@ -42,4 +43,4 @@ class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
                                      constant_columns=placed.constant_columns, **clip)
         if not return_dict:
             return (prev, x0)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return step_output(DDIMSchedulerOutput, prev, x0)

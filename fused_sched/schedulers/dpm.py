@@ -12,6 +12,7 @@ from ..coefficients.dpm import DATA_PREDICTION_ALGORITHMS, SDE_ALGORITHMS, dpm_t
 from ..coefficients.table import PlacedTable
 from .base import FusedSchedulerMixin, validated_init
 from .step_cursor import DeviceStepCursor
+from .step_output import step_output
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
@@ -172,9 +173,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
 
         order = self._order_at(i, n, self._lower_order_nums)
         coefficient_dtype = self._coefficient_dtype(sample, model_output)
-        rows = self._table.on(sample.device, coefficient_dtype)
-        row = row_index(i, order)
-        rows = rows[row : row + 1]
+        rows = self._table.row(row_index(i, order), sample.device, coefficient_dtype)
 
         noise = self._sde_noise(model_output, generator, variance_noise)
         history = tuple(self.model_outputs[-1 : -order : -1]) if order > 1 else ()
@@ -191,7 +190,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         self._step_index += 1
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return step_output(SchedulerOutput, prev)
 
     def _sde_noise(self, model_output, generator, variance_noise):
         """z for the SDE solvers (fp32, as diffusers draws it), None for the ODE ones."""
@@ -246,7 +245,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         self._host_current = False
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return step_output(SchedulerOutput, prev)
 
     def _start_device_cursor(self, timestep) -> None:
         """Load the position into the device cursor: from the host ints after eager steps

@@ -1,0 +1,88 @@
+"""How a step finds its coefficient row without reading device memory: elements of
+``scheduler.timesteps`` are recognised by address, everything else falls back to a
+device-side gather, and the row handed to the op is one reused view of the placed table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drivers import PAIRS
+from fused_sched.coefficients.table import PlacedTable
+
+
+def _scheduled(kind="ddim", n=10):
+    scheduler = PAIRS[kind][1]()
+    scheduler.set_timesteps(n)
+    return scheduler
+
+
+def test_schedule_elements_resolve_to_their_values():
+    scheduler = _scheduled()
+    host = scheduler.timesteps.tolist()
+    assert [scheduler._host_timestep(t) for t in scheduler.timesteps] == host
+    assert scheduler._host_timestep(scheduler.timesteps[3]) == host[3]
+    assert scheduler._host_timestep(scheduler.timesteps[2:][1]) == host[3]  # a slice's element
+    assert scheduler._host_timestep(scheduler.timesteps[::2][2]) == host[4]  # a strided view's element
+
+
+@pytest.mark.parametrize("other", [
+    lambda ts: ts.clone()[3],  # same values, other memory
+    lambda ts: ts[3].to(torch.int32),  # other dtype
+    lambda ts: ts[3:5],  # not 0-dim
+    lambda ts: torch.tensor(int(ts[3])),
+])
+def test_other_tensors_are_not_taken_for_schedule_elements(other):
+    scheduler = _scheduled()
+    assert scheduler._host_timestep(other(scheduler.timesteps)) is None
+
+
+def test_a_previous_schedules_element_is_not_taken_for_the_new_one():
+    scheduler = _scheduled()
+    old = scheduler.timesteps[3]  # keeps the old schedule's memory alive
+    scheduler.set_timesteps(25)
+    assert scheduler._host_timestep(old) is None
+    assert scheduler._host_timestep(scheduler.timesteps[3]) == scheduler.timesteps.tolist()[3]
+
+
+def test_an_element_of_a_larger_tensor_outside_the_schedule_is_not_matched():
+    scheduler = _scheduled()
+    full = torch.arange(30, dtype=scheduler.timesteps.dtype).flip(0)
+    scheduler.timesteps = full[5:15]  # pipelines slice schedules (img2img strength)
+    scheduler._remember_schedule()
+    assert scheduler._host_timestep(full[4]) is None and scheduler._host_timestep(full[15]) is None
+    assert scheduler._host_timestep(full[5]) == int(full[5])
+
+
+def test_an_expanded_schedule_matches_nothing():
+    scheduler = _scheduled()
+    scheduler.timesteps = torch.tensor([7]).expand(4)
+    scheduler._remember_schedule()
+    assert scheduler._host_timestep(scheduler.timesteps[1]) is None
+
+
+def test_steps_reuse_one_row_view_that_sees_refills():
+    table = torch.arange(24, dtype=torch.float64).reshape(2, 12)
+    placed = PlacedTable(table, "cpu")
+    row = placed.row(1, torch.device("cpu"), torch.float32)
+    assert row is placed.row(1, torch.device("cpu"), torch.float32)
+    assert row.shape == (1, 12) and torch.equal(row, table[1:2].float())
+    assert placed.refill(table + 100)
+    assert torch.equal(row, table[1:2].float() + 100)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim"])
+def test_ddim_family_step_passes_the_cached_row(kind, monkeypatch):
+    """The op receives the very row object PlacedTable.row hands out for that timestep."""
+    from fused_sched import ops
+
+    scheduler = _scheduled(kind)
+    seen = []
+    original = ops.fused_step
+    monkeypatch.setattr(ops, "fused_step", lambda *a, **k: seen.append(a[2]) or original(*a, **k))
+    x = torch.randn(1, 4, 8, 8)
+    for _ in range(2):
+        scheduler.step(x, scheduler.timesteps[4], x)
+    t = scheduler.timesteps.tolist()[4]
+    placed = next(iter(scheduler._tables.values()))
+    assert seen[0] is seen[1] is placed.row(t, x.device, torch.float32)
