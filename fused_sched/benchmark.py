@@ -127,6 +127,18 @@ def stepper(kind: str, scheduler, x: torch.Tensor, m: torch.Tensor, steps_before
     return lambda: scheduler.step(m, t, x)
 
 
+def make_step(kind: str, fused: bool, shape, dtype, device, steps: int = 20):
+    """The mid-trajectory step of ``kind`` (diffusers' class, or the fused one), as a
+    zero-argument callable on fixed random inputs: the same inputs for either class."""
+    reference_cls, fused_cls, config = SCHEDULERS[kind]
+    scheduler = (fused_cls if fused else reference_cls)(**config)
+    scheduler.set_timesteps(steps, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    m = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    return stepper(kind, scheduler, x, m, steps // 2)
+
+
 def time_step(kind: str, which: str, shape, dtype, device, backend: str | None = None,
               repeats: int = 50, warmup: int = 5, steps: int = 20) -> Timing:
     """Time one step of ``kind`` for ``which`` = "diffusers", "fused" (on ``backend``, else the
@@ -134,13 +146,7 @@ def time_step(kind: str, which: str, shape, dtype, device, backend: str | None =
     :class:`BaselineUnavailable` where it does not compile)."""
     if which not in ("diffusers", "fused", "compiled"):
         raise ValueError(f"which={which!r}; expected 'diffusers', 'fused' or 'compiled'")
-    reference_cls, fused_cls, config = SCHEDULERS[kind]
-    scheduler = (reference_cls if which == "diffusers" else fused_cls)(**config)
-    scheduler.set_timesteps(steps, device=device)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-    m = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-    step = stepper(kind, scheduler, x, m, steps // 2)
+    step = make_step(kind, which != "diffusers", shape, dtype, device, steps)
     if which == "compiled":
         with compiled_reference() as op:
             compile_s = compile_step(step, op, device)

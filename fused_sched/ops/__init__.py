@@ -48,20 +48,16 @@ class StepOutputs(NamedTuple):
     x0: torch.Tensor | None
 
 
-def _check_like(name: str, tensor, sample: torch.Tensor) -> None:
+def _check_like(name: str, tensor, shape: torch.Size, device: torch.device) -> None:
+    """``tensor`` must match the sample's shape and device (passed in: read once per step)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.shape != sample.shape:
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected the sample's shape {tuple(sample.shape)}")
-    if tensor.device != sample.device:
-        raise ValueError(f"{name} is on {tensor.device}; expected the sample's device {sample.device}")
+    if tensor.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected the sample's shape {tuple(shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}; expected the sample's device {device}")
     if tensor.dtype not in STORAGE_DTYPES:
         raise TypeError(f"{name} has dtype {tensor.dtype}; expected one of {[str(d) for d in STORAGE_DTYPES]}")
-
-
-def _check_output_dtype(name: str, dtype) -> None:
-    if dtype is not None and dtype not in STORAGE_DTYPES:
-        raise TypeError(f"{name}={dtype} is not a supported storage dtype {[str(d) for d in STORAGE_DTYPES]}")
 
 
 def fused_step(
@@ -106,38 +102,44 @@ def fused_step(
     """
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
-    if sample.dim() < 1 or sample.shape[0] < 1:
-        raise ValueError(f"sample must have a leading batch dimension of size >= 1, got shape {tuple(sample.shape)}")
-    if sample.dtype not in STORAGE_DTYPES:
-        raise TypeError(f"sample has dtype {sample.dtype}; expected one of {[str(d) for d in STORAGE_DTYPES]}")
-    _check_like("model_output", model_output, sample)
-    history = tuple(history)
-    if len(history) > 2:
-        raise ValueError(f"history holds at most 2 tensors, got {len(history)}")
-    for i, h in enumerate(history):
-        _check_like(f"history[{i}]", h, sample)
+    # Each attribute read makes a Python object: read the sample's once (this runs every step).
+    shape, device, dtype = sample.shape, sample.device, sample.dtype
+    if not shape or shape[0] < 1:
+        raise ValueError(f"sample must have a leading batch dimension of size >= 1, got shape {tuple(shape)}")
+    if dtype not in STORAGE_DTYPES:
+        raise TypeError(f"sample has dtype {dtype}; expected one of {[str(d) for d in STORAGE_DTYPES]}")
+    _check_like("model_output", model_output, shape, device)
+    wide = dtype == torch.float64 or model_output.dtype == torch.float64
+    if type(history) is not tuple:
+        if isinstance(history, torch.Tensor):  # tuple() would split it along dim 0
+            raise TypeError("history must be a sequence of tensors, got a single tensor; pass (h1,) or (h1, h2), most recent first")
+        history = tuple(history)
+    if history:
+        if len(history) > 2:
+            raise ValueError(f"history holds at most 2 tensors, got {len(history)}")
+        for i, h in enumerate(history):
+            _check_like(f"history[{i}]", h, shape, device)
+        wide = wide or any(h.dtype == torch.float64 for h in history)
     if noise is not None:
         if isinstance(noise, PhiloxNoise):
             noise = _check_philox_noise(noise, sample)
         elif isinstance(noise, torch.Tensor):
-            _check_like("noise", noise, sample)
+            _check_like("noise", noise, shape, device)
         else:
             raise TypeError(f"noise must be a torch.Tensor, a PhiloxNoise or None, got {type(noise).__name__}")
 
-    wide = torch.float64 in (sample.dtype, model_output.dtype) or (
-        bool(history) and any(h.dtype == torch.float64 for h in history)
-    )
     expected = torch.float64 if wide else torch.float32
     if not isinstance(coefficients, torch.Tensor) or coefficients.dtype != expected:
         got = coefficients.dtype if isinstance(coefficients, torch.Tensor) else type(coefficients).__name__
         raise TypeError(f"coefficients must be a {expected} tensor for these inputs, got {got}")
-    if coefficients.dim() != 2 or coefficients.shape[1] != NUM_COEFFICIENTS or coefficients.shape[0] not in (1, sample.shape[0]):
+    rows_shape = coefficients.shape
+    if len(rows_shape) != 2 or rows_shape[1] != NUM_COEFFICIENTS or rows_shape[0] not in (1, shape[0]):
         raise ValueError(
-            f"coefficients has shape {tuple(coefficients.shape)}; expected (1, {NUM_COEFFICIENTS}) "
-            f"or ({sample.shape[0]}, {NUM_COEFFICIENTS})"
+            f"coefficients has shape {tuple(rows_shape)}; expected (1, {NUM_COEFFICIENTS}) "
+            f"or ({shape[0]}, {NUM_COEFFICIENTS})"
         )
-    if coefficients.device != sample.device:
-        raise ValueError(f"coefficients are on {coefficients.device}; expected the sample's device {sample.device}")
+    if coefficients.device != device:
+        raise ValueError(f"coefficients are on {coefficients.device}; expected the sample's device {device}")
 
     if clip not in CLIP_MODES:
         raise ValueError(f"clip={clip!r}; expected one of {CLIP_MODES}")
@@ -157,10 +159,10 @@ def fused_step(
         constant_columns = ConstantColumns(constant_columns)
 
     if out_dtype is None:
-        out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
-    _check_output_dtype("out_dtype", out_dtype)
-    _check_output_dtype("history_dtype", history_dtype)
-    _check_output_dtype("x0_dtype", x0_dtype)
+        out_dtype = torch.promote_types(dtype, model_output.dtype)
+    for name, value in (("out_dtype", out_dtype), ("history_dtype", history_dtype), ("x0_dtype", x0_dtype)):
+        if value is not None and value not in STORAGE_DTYPES:
+            raise TypeError(f"{name}={value} is not a supported storage dtype {[str(d) for d in STORAGE_DTYPES]}")
 
     if torch.compiler.is_compiling():
         # Traced as one opaque node (see compiled.py): no graph break into backend code.

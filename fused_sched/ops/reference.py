@@ -127,20 +127,27 @@ def threshold_scale(sample, model_output, coefficients, ratio: float, max_value:
     """Per-batch-row dynamic-thresholding scale s_b, shape (B,), float32 (float64 for fp64).
 
     s_b = clamp(quantile(|x0_b|, ratio), min=1, max=max_value), exactly as torch.quantile
-    would give it, but by selection (kthvalue) so rows above 2**24 elements work too.
-    A row containing NaN gives NaN, as torch.quantile does.
+    would give it, but by selection (topk, from whichever end of the row is nearer the
+    quantile): no 2**24 limit, and one pass finds both order statistics. A row containing
+    NaN gives NaN, as torch.quantile does.
     """
     dtype = compute_dtype(sample, model_output)
     x0 = data_estimate(sample, model_output, coefficients, dtype)
     flat = x0.reshape(x0.shape[0], -1).abs()
-    lo, hi, weight = quantile_rank(ratio, flat.shape[1])
-    s = torch.kthvalue(flat, lo + 1, dim=1).values
-    if hi != lo:
-        v_hi = torch.kthvalue(flat, hi + 1, dim=1).values
-        # Equal order statistics are the quantile; torch.lerp(inf, inf, w) would be NaN (x0 is
-        # +-inf for epsilon prediction where alphas_cumprod is 0, and torch.quantile gives NaN).
-        s = torch.where(s == v_hi, s, torch.lerp(s, v_hi, weight))
-    s = s.masked_fill(torch.isnan(flat).any(dim=1), float("nan"))
+    n = flat.shape[1]
+    lo, hi, weight = quantile_rank(ratio, n)
+    if n - lo <= hi + 1:  # the usual case (ratio near 1): the n - lo largest, descending
+        largest = torch.topk(flat, n - lo, dim=1).values
+        s, v_hi = largest[:, -1], largest[:, -1 if hi == lo else -2]
+        has_nan = torch.isnan(largest[:, 0])  # NaN ranks above every number
+    else:  # the hi + 1 smallest, ascending
+        smallest = torch.topk(flat, hi + 1, dim=1, largest=False).values
+        s, v_hi = smallest[:, lo], smallest[:, hi]
+        has_nan = torch.isnan(flat).any(dim=1)
+    # Equal order statistics are the quantile; torch.lerp(inf, inf, w) would be NaN (x0 is
+    # +-inf for epsilon prediction where alphas_cumprod is 0, and torch.quantile gives NaN).
+    s = torch.where(s == v_hi, s, torch.lerp(s, v_hi, weight))
+    s = s.masked_fill(has_nan, float("nan"))
     return torch.clamp(s, min=1.0, max=max_value)
 
 
