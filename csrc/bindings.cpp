@@ -45,8 +45,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_use_portable_kernels_only",
       [](bool only) { fused_sched::cpu::portable_kernels_only.store(only); },
-      "Tests/benchmarks: run the baseline-ISA CPU loops even on AVX2+FMA CPUs (same results).",
+      "Tests/benchmarks: run the baseline-ISA CPU loops even on AVX2+FMA CPUs (same results, except in-kernel "
+      "noise where cpu_vector_box_muller: libm's log/cos instead of libmvec's, within a few ulp).",
       pybind11::arg("only"));
+  m.attr("cpu_vector_box_muller") = fused_sched::cpu::vector_box_muller;
 #if defined(FUSED_SCHED_WITH_CUDA)
   def_fused_step(m, "cuda_fused_step", &fused_sched::cuda::fused_step,
                  "One fused scheduler step on CUDA tensors, on the current stream.");

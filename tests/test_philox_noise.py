@@ -312,7 +312,9 @@ def test_identical_across_thread_counts(backend):
 
 
 def test_cpu_vectorised_and_portable_loops_agree():
-    """The cpu backend's AVX2 clone of the Philox loop and its baseline build give the same bits."""
+    """The cpu backend's AVX2 loops and its baseline build give the same bits, except that
+    where it is built with libmvec (x86-64 Linux) the AVX2 Box-Muller takes log and cos from
+    it: then z agrees within the stated tolerance (the Philox stage is exact either way)."""
     cpu = torch.device("cpu")
     _require("cpu", cpu)
     from fused_sched.ops import extension
@@ -330,8 +332,13 @@ def test_cpu_vectorised_and_portable_loops_agree():
         portable = z()
     finally:
         ext.cpu_use_portable_kernels_only(False)
-    assert torch.equal(vectorised, portable)
-    _assert_close_z(vectorised, philox.philox_normal(6, 2**32 - 7, zeros.numel()).reshape(zeros.shape))
+    if ext.cpu_vector_box_muller:
+        _assert_close_z(vectorised, portable)
+    else:
+        assert torch.equal(vectorised, portable)
+    expected = philox.philox_normal(6, 2**32 - 7, zeros.numel()).reshape(zeros.shape)
+    _assert_close_z(vectorised, expected)
+    _assert_close_z(portable, expected)
 
 
 def test_identical_across_triton_block_sizes(monkeypatch):

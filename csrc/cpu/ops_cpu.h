@@ -12,6 +12,8 @@ namespace fused_sched::cpu {
 // Tests and benchmarks only: true forces the baseline-ISA kernels even where the CPU has
 // AVX2+FMA (results are bit-identical; this checks that and measures the difference).
 extern std::atomic<bool> portable_kernels_only;
+// Built to take in-kernel noise's log and cos from glibc's libmvec on AVX2 CPUs.
+extern const bool vector_box_muller;
 
 // Writes prev into `out` and, when given, the history value into `history_out` and the
 // clipped x0 into `x0_out`. All tensors contiguous, on the CPU, with the sample's shape.

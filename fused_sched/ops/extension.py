@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import platform
 import sys
 import threading
 from pathlib import Path
@@ -87,8 +88,23 @@ def _openmp_flags() -> list[str]:
     return []
 
 
+def _libmvec_available() -> bool:
+    """glibc's vector math library (x86-64 Linux): the cpu kernels' in-kernel noise takes
+    log and cos from it, eight lanes at a time (csrc/cpu/ops_cpu.cpp, FS_HAVE_LIBMVEC)."""
+    import ctypes.util
+
+    return (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+            and ctypes.util.find_library("mvec") is not None)
+
+
+def _link_flags() -> list[str]:
+    return _openmp_flags() + (["-lmvec"] if _libmvec_available() else [])
+
+
 def _compile_args(with_cuda: bool) -> dict[str, list[str]]:
     defines = [CUDA_DEFINE] if with_cuda else []
+    if _libmvec_available():
+        defines = defines + ["-DFS_HAVE_LIBMVEC"]
     return {"cxx": CXX_FLAGS + _openmp_flags() + defines, "nvcc": NVCC_FLAGS + defines}
 
 
@@ -109,7 +125,7 @@ def aot_extension():
         # Absolute: BuildExtension compiles with ninja from the build folder.
         include_dirs=[str(CSRC / "include")],
         extra_compile_args=args if with_cuda else args["cxx"],
-        extra_link_args=_openmp_flags(),
+        extra_link_args=_link_flags(),
     )
 
 
@@ -175,7 +191,7 @@ def _jit_build(with_cuda: bool):
             extra_cflags=args["cxx"],
             extra_cuda_cflags=args["nvcc"],
             extra_include_paths=[str(CSRC / "include")],
-            extra_ldflags=_openmp_flags(),
+            extra_ldflags=_link_flags(),
             build_directory=str(directory),
             with_cuda=with_cuda,
             verbose=verbose,

@@ -5,8 +5,9 @@
 // Philox4x32-10 and the uint32 -> uniform conversion are exact integer / IEEE operations
 // and give the same bits everywhere. The Box-Muller step calls log, sqrt and cos: sqrt is
 // correctly rounded on the host and on the device (__fsqrt_rn); logf / cosf are those of
-// the host libm and of CUDA's math library, each within a few ulp, so z may differ from
-// the other backends' by a few float32 ulp (tests/test_philox_noise.py states the bound).
+// the host libm (or, in the CPU kernels' AVX2 loops, glibc's libmvec: csrc/cpu/ops_cpu.cpp)
+// and of CUDA's math library, each within a few ulp, so z may differ from the other
+// backends' by a few float32 ulp (tests/test_philox_noise.py states the bound).
 //
 // Products are explicitly rounded (step_math.h's mul) so that nvcc cannot contract them.
 // No torch and no CUDA header: g++ compiles this on its own.
