@@ -157,6 +157,25 @@ def test_philox_bits_identical_to_reference(backend, seed, offset):
     assert torch.equal(got.cpu(), philox.philox_bits(seed, offset, n))
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_cpu_philox_bits_on_both_loops(portable):
+    """The cpu backend's AVX2 Philox (eight counters per vector, the 64-bit counter's carry
+    done by hand) and its baseline loop give the reference's bits, across a 2**32 boundary of
+    the counter, with counts that leave partial groups of eight in every task."""
+    _require("cpu", torch.device("cpu"))
+    from fused_sched.ops import extension
+
+    ext = extension.load_extension()
+    offset, n = 2**32 - 1003, 70_001
+    ext.cpu_use_portable_kernels_only(portable)
+    try:
+        got = backends.select_backend(torch.device("cpu"), (torch.float32,), "cpu").philox_bits(
+            77, offset, n, torch.device("cpu"))
+    finally:
+        ext.cpu_use_portable_kernels_only(False)
+    assert torch.equal(got, philox.philox_bits(77, offset, n))
+
+
 def test_uniforms_are_in_the_unit_interval():
     bits = torch.tensor([[0, 1], [2**31 - 1, 2**31], [2**32 - 1, 2**31 + 1]])
     u = philox.philox_uniform(bits)
