@@ -8,9 +8,10 @@ holds the new schedule's values (they run anywhere); the rest capture real graph
 only where CUDA exists.
 
 Which steps can be captured: the DDIM family (rows gathered from the timestep tensor on
-the device), with in-kernel noise for eta > 0, and CogVideoX DPM with in-kernel noise (its
-order chosen on the device; the caller passes the history, so it can be a static buffer).
-Not the multistep DPM-Solver: its history lives in a Python list a replay does not rotate.
+the device), with in-kernel noise for eta > 0; CogVideoX DPM with in-kernel noise (its
+order chosen on the device; the caller passes the history, so it can be a static buffer);
+the multistep DPM-Solver after ``prepare_cuda_graph`` (history in fixed buffers, position
+in the device cursor: tests/test_dpm_static_history.py checks that mode on any machine).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ CASES = {
     "cogvideox_ddim": COGVIDEOX,
     "cogvideox_dpm": COGVIDEOX,
     "dpm": dict(algorithm_type="sde-dpmsolver++"),
+    "dpm_inverse": dict(solver_order=3),
 }
 
 
@@ -83,7 +85,7 @@ def test_set_timesteps_refills_the_storage_steps_read(kind, second_steps):
     _trajectory(kind, used, x)
     before = _storage_read_by_steps(used)
     used.set_timesteps(second_steps)
-    reshaped = kind == "dpm" and second_steps != 10
+    reshaped = kind in ("dpm", "dpm_inverse") and second_steps != 10
     assert (_storage_read_by_steps(used) == before) is not reshaped
 
     fresh = PAIRS[kind][1](**CASES[kind])
@@ -125,12 +127,13 @@ def _capture(fn, *static_inputs):
 
 @requires_cuda
 @pytest.mark.parametrize("backend_name", ["cuda", "triton", "torch"])
-@pytest.mark.parametrize("kind", ["ddim", "cogvideox_dpm", "ddim_inverse"])
+@pytest.mark.parametrize("kind", ["ddim", "cogvideox_dpm", "ddim_inverse", "dpm", "dpm_inverse"])
 def test_captured_step_replays_the_eager_trajectory(backend_name, kind):
     """One captured step, replayed with the timestep, sample, model output (and CogVideoX's
     history) copied into static buffers, gives the eager trajectory bit for bit: rows
-    gathered from the timestep on the device, fresh in-kernel noise per replay from the
-    device counter. After set_timesteps, the same graph replays the same trajectory again."""
+    gathered from the timestep (DPM-Solver: from its device cursor) on the device, fresh
+    in-kernel noise per replay from the device counter, DPM-Solver's history rotated in its
+    buffers. After set_timesteps, the same graph replays the same trajectory again."""
     device = torch.device("cuda")
     with ops.use_backend(backend_name):
         eager, captured = (PAIRS[kind][1](**CASES[kind]) for _ in range(2))
@@ -143,6 +146,8 @@ def test_captured_step_replays_the_eager_trajectory(backend_name, kind):
         static_x, static_m = x0.clone(), x0.clone()
         static_t = torch.zeros((), dtype=torch.int64, device=device)
         static_back, static_old = static_t.clone(), x0.clone()
+        if kind.startswith("dpm"):
+            captured.prepare_cuda_graph(static_x, static_m)
         if kind == "cogvideox_dpm":
             def step():
                 return captured.step(static_m, static_old, static_t, static_back, static_x)

@@ -188,7 +188,7 @@ class FusedSchedulerMixin:
         trajectory's first draw, else the current count carried over (one copy; from a GPU
         to the CPU a sync). Refused while a CUDA graph is being captured: the graph would
         re-create the counter on every replay, and so repeat one step's noise."""
-        if _stream_capturing(device):
+        if stream_capturing(device):
             raise ValueError(
                 f"{type(self).__name__}: the in-kernel noise counter (use_philox_noise) is not on {device} yet, and "
                 "making it during CUDA-graph capture would reset it at every replay; call "
@@ -203,7 +203,7 @@ class FusedSchedulerMixin:
         return counter
 
 
-def _stream_capturing(device: torch.device) -> bool:
+def stream_capturing(device: torch.device) -> bool:
     """Whether the current CUDA stream is capturing a graph (False off CUDA and in tracing)."""
     return (device.type == "cuda" and not torch.compiler.is_compiling()
             and torch.cuda.is_current_stream_capturing())

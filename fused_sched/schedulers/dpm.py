@@ -10,7 +10,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from .. import ops
 from ..coefficients.dpm import DATA_PREDICTION_ALGORITHMS, SDE_ALGORITHMS, dpm_table, row_index
 from ..coefficients.table import PlacedTable
-from .base import FusedSchedulerMixin, validated_init
+from .base import FusedSchedulerMixin, stream_capturing, validated_init
 from .step_cursor import DeviceStepCursor
 from .step_output import step_output
 
@@ -62,6 +62,8 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     _host_current = True  # the Python ints hold the position
     _device_current = False  # the device cursor holds the position
     _lower_order_nums = 0
+    # prepare_cuda_graph: the history h1, h2 in fixed buffers, the position on the device
+    _static_history: list[torch.Tensor] | None = None
 
     def _build_schedule(self, device) -> None:
         self._remember_schedule()
@@ -79,6 +81,60 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         if not (hasattr(self, "_cursor") and self._cursor.take(cursor)):
             self._cursor = cursor
         self._host_current, self._device_current = True, False
+        if self._static_history is not None:
+            # A new trajectory from step 0, in place: a captured graph replays it from here.
+            for buffer in self._static_history:
+                buffer.zero_()
+            self._cursor.start_at(0, 0)
+            self._point_model_outputs_at_buffers()
+            self._host_current, self._device_current = False, True
+
+    def prepare_cuda_graph(self, sample: torch.Tensor, model_output: torch.Tensor | None = None) -> None:
+        """Make this scheduler's steps capturable in a CUDA graph (call after ``set_timesteps``
+        and before capture, with tensors like the ones the captured step will get).
+
+        From then on every step, captured or not, keeps the solver history in fixed buffers
+        (rotated by device copies after the fused op: one or two extra passes over the
+        latent per step) and its position in the device cursor, as traced steps do; so a
+        graph captured over one step replays the next step each time. ``set_timesteps``
+        (same number of steps) restarts both in place at step 0, ``set_begin_index`` moves
+        the start. Reading ``step_index`` / ``lower_order_nums`` then reads the device.
+        """
+        self._require_schedule()
+        model_output = sample if model_output is None else model_output
+        self._check_model_io(model_output, sample)
+        if stream_capturing(sample.device):
+            raise ValueError(f"{type(self).__name__}.prepare_cuda_graph must be called before capture, not during it")
+        if self._cursor.step.device != sample.device:
+            raise ValueError(
+                f"{type(self).__name__}: the schedule is on {self._cursor.step.device}, the sample on "
+                f"{sample.device}; call set_timesteps(..., device={str(sample.device)!r}) first"
+            )
+        self._make_host_current()
+        dtype = self._history_dtype(sample, model_output)
+        buffers = [torch.zeros(sample.shape, dtype=dtype, device=sample.device)
+                   for _ in range(self.config.solver_order - 1)]
+        # the history so far, newest first, as the buffers hold it
+        for buffer, h in zip(buffers, self.model_outputs[-1: -self.config.solver_order: -1]):
+            if h is not None:
+                buffer.copy_(h)
+        self._static_history = buffers
+        begin = getattr(self, "_begin_index", None)
+        step = self._step_index if self._step_index is not None else (begin or 0)
+        self._cursor.start_at(step, self._lower_order_nums)
+        self._point_model_outputs_at_buffers()
+        self._host_current, self._device_current = False, True
+
+    def _point_model_outputs_at_buffers(self) -> None:
+        """``model_outputs`` as diffusers lays it out (newest last), viewing the buffers."""
+        for j, buffer in enumerate(self._static_history):
+            self.model_outputs[-1 - j] = buffer
+
+    def set_begin_index(self, begin_index: int = 0):
+        super().set_begin_index(begin_index)
+        if self._static_history is not None:
+            self._cursor.start_at(begin_index, 0)
+            self._host_current, self._device_current = False, True
 
     @property
     def step_index(self):
@@ -155,7 +211,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     ) -> SchedulerOutput | tuple:
         self._require_schedule()
         self._check_model_io(model_output, sample)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self._static_history is not None:
             return self._traced_step(model_output, timestep, sample, generator, variance_noise, return_dict)
         self._make_host_current()
         self._device_current = False
@@ -213,10 +269,11 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         self.model_outputs[-1] = d
 
     def _traced_step(self, model_output, timestep, sample, generator, variance_noise, return_dict):
-        """The step as torch.compile traces it: the same op and rows as eager, with the row
-        gathered by the device cursor and always solver_order - 1 history terms (absent ones
-        are zeros; their coefficients are 0 in every row of a lower order), so the graph is
-        the same at every step. Stepping past the end fails in the cursor's gather."""
+        """The step as torch.compile traces it, and as every step runs after
+        ``prepare_cuda_graph``: the same op and rows as eager, with the row gathered by the
+        device cursor and always solver_order - 1 history terms (absent ones are zeros; their
+        coefficients are 0 in every row of a lower order), so the graph is the same at every
+        step. Stepping past the end fails in the cursor's gather (on CUDA, a device assert)."""
         if self._cursor.step.device != sample.device:
             raise ValueError(
                 f"{type(self).__name__}: a traced step keeps its position on the schedule's device "
@@ -224,6 +281,12 @@ class DPMFamilyMixin(FusedSchedulerMixin):
                 f"set_timesteps(..., device={str(sample.device)!r}) as pipelines do"
             )
         if not self._device_current:
+            if stream_capturing(sample.device):
+                # loading it would be captured too, and every replay would restart there
+                raise ValueError(
+                    f"{type(self).__name__}: the step position is not on the device yet; call "
+                    "scheduler.prepare_cuda_graph(sample, model_output) before capturing"
+                )
             self._start_device_cursor(timestep)
         c = self.config
         if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
@@ -231,21 +294,42 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         rows = self._cursor.rows(self._table.on(sample.device, self._coefficient_dtype(sample, model_output)))
         noise = self._sde_noise(model_output, generator, variance_noise)
         history_dtype = self._history_dtype(sample, model_output)
-        history = tuple(
-            h if h is not None else torch.zeros(sample.shape, dtype=history_dtype, device=sample.device)
-            for h in self.model_outputs[-1 : -c.solver_order : -1]
-        )
+        if self._static_history is not None:
+            history = self._checked_static_history(sample, history_dtype)
+        else:
+            history = tuple(
+                h if h is not None else torch.zeros(sample.shape, dtype=history_dtype, device=sample.device)
+                for h in self.model_outputs[-1 : -c.solver_order : -1]
+            )
         out_dtype = torch.promote_types(sample.dtype, history_dtype) if self._inverse else history_dtype
         prev, d, _ = ops.fused_step(
             sample, model_output, rows, history=history, noise=noise, out_dtype=out_dtype,
             history_dtype=history_dtype, constant_columns=self._table.constant_columns, **self._clip_options(),
         )
-        self._remember_history(d)
+        if self._static_history is not None:
+            for newer, older in zip(history, history[1:]):  # (h1, h2): h2 <- h1 before h1 <- d
+                older.copy_(newer)
+            if history:
+                history[0].copy_(d)
+        else:
+            self._remember_history(d)
         self._cursor.advance()
         self._host_current = False
         if not return_dict:
             return (prev,)
         return step_output(SchedulerOutput, prev)
+
+    def _checked_static_history(self, sample, dtype) -> tuple[torch.Tensor, ...]:
+        """The history buffers, newest first, refusing inputs unlike the ones they were made for."""
+        history = self._static_history
+        if history and (history[0].shape != sample.shape or history[0].dtype != dtype
+                        or history[0].device != sample.device):
+            raise ValueError(
+                f"{type(self).__name__}: prepare_cuda_graph made the history for shape {tuple(history[0].shape)}, "
+                f"{history[0].dtype} on {history[0].device}; this step has shape {tuple(sample.shape)}, {dtype} on "
+                f"{sample.device}: call prepare_cuda_graph again with these inputs"
+            )
+        return tuple(history)
 
     def _start_device_cursor(self, timestep) -> None:
         """Load the position into the device cursor: from the host ints after eager steps

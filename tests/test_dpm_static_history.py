@@ -1,0 +1,122 @@
+"""Multistep DPM-Solver steps after ``prepare_cuda_graph``: the history in fixed buffers, the
+position in the device cursor, so that a CUDA graph captured over one step replays the
+next step each time (tests/test_cuda_graphs.py captures real graphs on a GPU).
+
+Here, on any machine: such steps give the ordinary eager trajectory bit for bit, from the
+start or from the middle of a trajectory, read nothing on the host, keep every tensor they
+read or write between steps at one address, and restart in place with set_timesteps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drivers import PAIRS
+from test_no_host_sync import no_host_syncs
+
+CONFIGS = {
+    "2m": ("dpm", dict()),
+    "3m-threshold-sample": ("dpm", dict(solver_order=3, thresholding=True, prediction_type="sample")),
+    "3m-lower-order-final": ("dpm", dict(solver_order=3, lower_order_final=True, euler_at_final=True)),
+    "sde-2m": ("dpm", dict(algorithm_type="sde-dpmsolver++")),
+    "dpmsolver-1": ("dpm", dict(algorithm_type="dpmsolver", solver_order=1, final_sigmas_type="sigma_min")),
+    "inverse-3m": ("dpm_inverse", dict(solver_order=3)),
+}
+N = 9
+
+
+def _scheduler(case):
+    kind, config = CONFIGS[case]
+    scheduler = PAIRS[kind][1](**config)
+    scheduler.use_philox_noise(5)  # SDE noise that a graph can replay
+    scheduler.set_timesteps(N)
+    return scheduler
+
+
+def _x():
+    return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _run(scheduler, x, steps, guard=False):
+    samples = []
+    for i in steps:
+        m = torch.tanh(x) * 0.9 + 0.05 * i
+        if guard:
+            with no_host_syncs():
+                x = scheduler.step(m, scheduler.timesteps[i], x).prev_sample
+        else:
+            x = scheduler.step(m, scheduler.timesteps[i], x).prev_sample
+        samples.append(x)
+    return samples
+
+
+def _assert_same(got, expected):
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b), f"step {i}"
+
+
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+@pytest.mark.parametrize("prepared_at", [0, 4])
+def test_static_steps_give_the_eager_trajectory(case, prepared_at):
+    expected = _run(_scheduler(case), _x(), range(N))
+    scheduler = _scheduler(case)
+    first = _run(scheduler, _x(), range(prepared_at))
+    x = first[-1] if first else _x()
+    scheduler.prepare_cuda_graph(x)
+    rest = _run(scheduler, x, range(prepared_at, N), guard=True)
+    _assert_same(first + rest, expected)
+    assert scheduler.step_index == N  # read back from the device cursor
+    assert scheduler.lower_order_nums == min(N, scheduler.config.solver_order)
+
+
+@pytest.mark.parametrize("case", ["3m-threshold-sample", "sde-2m"])
+def test_set_timesteps_restarts_in_place(case):
+    """What a graph reads and writes across steps keeps its address; set_timesteps (same
+    number of steps) zeroes the history and rewinds the position in place, so the same
+    steps replay the same trajectory."""
+    scheduler = _scheduler(case)
+    scheduler.prepare_cuda_graph(_x())
+
+    def addresses():
+        tensors = list(scheduler._static_history) + [scheduler._cursor.step, scheduler._cursor.lower,
+                                                     scheduler._cursor.row_lookup, scheduler._philox_counter]
+        tensors += list(scheduler._table._placed.values())
+        return [t.data_ptr() for t in tensors]
+
+    before = addresses()
+    first = _run(scheduler, _x(), range(N))
+    assert addresses() == before
+    scheduler.set_timesteps(N)
+    assert addresses() == before
+    assert all(not bool(h.any()) for h in scheduler._static_history)
+    _assert_same(_run(scheduler, _x(), range(N)), first)
+    assert [h.data_ptr() for h in scheduler.model_outputs[1:]] == before[: len(scheduler._static_history)][::-1]
+
+
+def test_set_begin_index_moves_the_start():
+    expected = _run(_scheduler("2m"), _x(), range(N))
+    reference = _scheduler("2m")
+    reference.set_begin_index(3)
+    expected = _run(reference, _x(), range(3, N))
+    scheduler = _scheduler("2m")
+    scheduler.prepare_cuda_graph(_x())
+    scheduler.set_begin_index(3)
+    _assert_same(_run(scheduler, _x(), range(3, N)), expected)
+
+
+def test_inputs_unlike_the_prepared_ones_are_refused():
+    scheduler = _scheduler("2m")
+    scheduler.prepare_cuda_graph(_x())
+    other = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="prepare_cuda_graph made the history for shape"):
+        scheduler.step(other, scheduler.timesteps[0], other)
+    half = _x().half()
+    with pytest.raises(ValueError, match="call prepare_cuda_graph again"):
+        scheduler.step(half, scheduler.timesteps[0], half)
+
+
+def test_prepare_needs_a_schedule():
+    scheduler = PAIRS["dpm"][1]()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        scheduler.prepare_cuda_graph(_x())
