@@ -37,7 +37,10 @@ class StepArgs:
 
     eta: float = 0.0
     use_clipped_model_output: bool = False
-    noise: str = "generator"  # "generator" | "variance_noise"
+    # "generator" | "variance_noise" | "float32_variance_noise": the generator's float32
+    # draws handed over as variance_noise in the data's dtype, so that a float64 oracle run
+    # sees the very noise values a float32 run drew (a float64 draw would give others)
+    noise: str = "generator"
     seed: int = 0
 
 
@@ -50,8 +53,9 @@ def _step(kind, scheduler, m, t, x, i, timesteps, state, args: StepArgs, generat
     if kind == "ddim":
         kwargs = dict(eta=args.eta, use_clipped_model_output=args.use_clipped_model_output)
         if args.eta > 0:
-            if args.noise == "variance_noise":
-                kwargs["variance_noise"] = torch.randn(m.shape, generator=generator, dtype=m.dtype).to(m.device)
+            if args.noise in ("variance_noise", "float32_variance_noise"):
+                draw_dtype = torch.float32 if args.noise == "float32_variance_noise" else m.dtype
+                kwargs["variance_noise"] = torch.randn(m.shape, generator=generator, dtype=draw_dtype).to(m)
             else:
                 kwargs["generator"] = generator
         out = scheduler.step(m, t, x, **kwargs)
@@ -62,8 +66,9 @@ def _step(kind, scheduler, m, t, x, i, timesteps, state, args: StepArgs, generat
     if kind in ("dpm", "dpm_inverse"):
         kwargs = {}
         if scheduler.config.algorithm_type.startswith("sde"):
-            if args.noise == "variance_noise":
-                kwargs["variance_noise"] = torch.randn(x.shape, generator=generator, dtype=dtype_noise).to(x.device)
+            if args.noise in ("variance_noise", "float32_variance_noise"):
+                draw_dtype = torch.float32 if args.noise == "float32_variance_noise" else dtype_noise
+                kwargs["variance_noise"] = torch.randn(x.shape, generator=generator, dtype=draw_dtype).to(x.device)
             else:
                 kwargs["generator"] = generator
         return scheduler.step(m, t, x, **kwargs)[0], None

@@ -120,3 +120,20 @@ def test_prepare_needs_a_schedule():
     scheduler = PAIRS["dpm"][1]()
     with pytest.raises(ValueError, match="set_timesteps"):
         scheduler.prepare_cuda_graph(_x())
+
+
+def test_capture_without_preparation_is_refused_before_anything_is_recorded(monkeypatch):
+    """During capture, loading the position would be recorded and rerun by every replay:
+    the step refuses instead, naming prepare_cuda_graph; preparing during capture is refused
+    too. (Capture itself is simulated: this runs on any machine.)"""
+    from fused_sched.schedulers import dpm
+
+    scheduler = _scheduler("2m")
+    scheduler.prepare_cuda_graph(_x())
+    scheduler.lower_order_nums = 0  # a host-side change: the device position is stale now
+    monkeypatch.setattr(dpm, "stream_capturing", lambda device: True)
+    x = _x()
+    with pytest.raises(ValueError, match="prepare_cuda_graph"):
+        scheduler.step(x, scheduler.timesteps[0], x)
+    with pytest.raises(ValueError, match="before capture"):
+        scheduler.prepare_cuda_graph(x)

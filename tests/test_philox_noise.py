@@ -745,11 +745,11 @@ def test_counter_is_not_created_during_cuda_graph_capture(monkeypatch):
     scheduler = fused_sched.FusedDDIMScheduler()
     scheduler.use_philox_noise(1)  # no schedule yet: no counter yet
     assert scheduler._philox_counter is None
-    monkeypatch.setattr(base, "_stream_capturing", lambda device: True)
+    monkeypatch.setattr(base, "stream_capturing", lambda device: True)
     with pytest.raises(ValueError, match=r"making it during CUDA-graph capture would reset it at every replay"):
         scheduler._draw_noise((1, 4), None, torch.device("cpu"), torch.float32)
-    monkeypatch.setattr(base, "_stream_capturing", lambda device: False)
+    monkeypatch.setattr(base, "stream_capturing", lambda device: False)
     assert int(scheduler._draw_noise((1, 4), None, torch.device("cpu"), torch.float32).offset) == 0
     # An existing counter on the device is captured as is: reads and in-place advances.
-    monkeypatch.setattr(base, "_stream_capturing", lambda device: True)
+    monkeypatch.setattr(base, "stream_capturing", lambda device: True)
     assert int(scheduler._draw_noise((1, 4), None, torch.device("cpu"), torch.float32).offset) == 4
