@@ -307,14 +307,13 @@ void philox_chunk(uint64_t seed, uint64_t first_counter, float* __restrict dst, 
     philox_uniforms_avx2(seed, first_counter, u1, u2, padded);
 #if FS_VECTOR_BOX_MULLER
     box_muller_avx2(u1, u2, dst, padded);
-    return;
-#endif
-  } else {
-    philox_uniforms_portable(seed, first_counter, u1, u2, n);
-  }
 #else
-  philox_uniforms_portable(seed, first_counter, u1, u2, n);
+    for (int64_t i = 0; i < n; ++i) dst[i] = box_muller(u1[i], u2[i]);
 #endif
+    return;
+  }
+#endif
+  philox_uniforms_portable(seed, first_counter, u1, u2, n);
   for (int64_t i = 0; i < n; ++i) dst[i] = box_muller(u1[i], u2[i]);
 }
 

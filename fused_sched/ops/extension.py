@@ -19,6 +19,7 @@ can load it by path (without importing fused_sched) to get the ahead-of-time bui
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import platform
@@ -88,6 +89,7 @@ def _openmp_flags() -> list[str]:
     return []
 
 
+@functools.cache  # find_library runs ldconfig; the answer does not change in a process
 def _libmvec_available() -> bool:
     """glibc's vector math library (x86-64 Linux): the cpu kernels' in-kernel noise takes
     log and cos from it, eight lanes at a time (csrc/cpu/ops_cpu.cpp, FS_HAVE_LIBMVEC)."""

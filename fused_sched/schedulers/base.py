@@ -115,6 +115,7 @@ class FusedSchedulerMixin:
         if offset % step or not 0 <= offset // step < len(self._host_timesteps):
             return None
         return offset // step
+
     def _host_timestep(self, timestep) -> int | None:
         """The timestep's value known on the host without reading device memory, else None.
 
