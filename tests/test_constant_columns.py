@@ -112,8 +112,8 @@ def test_outputs_never_alias_inputs_or_each_other(prediction_type):
 def test_a_hint_is_checked():
     x = torch.randn(1, 8)
     rows = torch.zeros(1, L.NUM_COEFFICIENTS)
-    with pytest.raises(ValueError, match="constant_columns has key 12"):
-        ops.fused_step(x, x, rows, constant_columns={12: 0.0})
+    with pytest.raises(ValueError, match=f"constant_columns has key {L.NUM_COEFFICIENTS}"):
+        ops.fused_step(x, x, rows, constant_columns={L.NUM_COEFFICIENTS: 0.0})
     with pytest.raises(TypeError, match=r"constant_columns\[3\]"):
         ops.fused_step(x, x, rows, constant_columns={3: "one"})
     with pytest.raises(TypeError, match="constant_columns must be a mapping"):

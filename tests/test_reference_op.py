@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
+from conftest import backend_device
 from drivers import quantile_rows
 from fused_sched import ops
 from fused_sched.ops import backends, layout as L, reference
@@ -42,11 +45,33 @@ def test_reference_formula_in_float64():
         for j in range(33):
             e0 = min(max(k[L.AS] * (k[L.AX] * x[b, j].item() + k[L.AM] * m[b, j].item()), -0.5), 0.5)
             ed = k[L.PX] * x[b, j].item() + k[L.P0] * e0 + k[L.PM] * m[b, j].item()
-            eo = (k[L.OX] * x[b, j].item() + k[L.O0] * ed + k[L.OM] * m[b, j].item() + k[L.O1] * h1[b, j].item()
-                  + k[L.O2] * h2[b, j].item() + k[L.ON] * z[b, j].item())
+            eo = (k[L.OX] * x[b, j].item() + k[L.OC] * e0 + k[L.O0] * ed + k[L.OM] * m[b, j].item()
+                  + k[L.O1] * h1[b, j].item() + k[L.O2] * h2[b, j].item() + k[L.ON] * z[b, j].item())
             assert x0[b, j].item() == pytest.approx(e0, rel=1e-12, abs=1e-12)
             assert d[b, j].item() == pytest.approx(ed, rel=1e-12, abs=1e-12)
             assert prev[b, j].item() == pytest.approx(eo, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda", "triton"])
+def test_clipped_x0_enters_the_output_only_when_clipping(backend):
+    """OC multiplies the clipped x0. Unclipped, x0 may be +-inf (AS = inf: zero-SNR epsilon
+    prediction at t = T-1) and a table folds any x0 term into OX and OM, so OC is not read:
+    prev = OX*x + O0*d stays +-inf where 0*inf would make it NaN."""
+    device = backend_device(backend)
+    reason = backends.why_unavailable(backend, device, (torch.float32,))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0]], device=device)
+    m = torch.tensor([[0.5, 1.0, 0.25, -1.0]], device=device)
+    rows = torch.zeros(1, L.NUM_COEFFICIENTS, device=device)
+    rows[0, L.AX], rows[0, L.AM], rows[0, L.AS] = 1.0, -1.0, math.inf  # x0 = inf*(x - m)
+    rows[0, L.P0], rows[0, L.OX], rows[0, L.O0], rows[0, L.OC] = 1.0, 2.0, 3.0, 0.0  # d = x0
+    prev = ops.fused_step(x, m, rows, backend=backend).prev_sample
+    assert torch.equal(prev, torch.tensor([[math.inf, -math.inf, math.inf, math.inf]], device=device))
+    rows[0, L.AS], rows[0, L.OC] = 1.0, 5.0
+    clamped = ops.fused_step(x, m, rows, clip="clamp", clip_range=1.0, backend=backend).prev_sample
+    x0 = (x - m).clamp(-1.0, 1.0)
+    assert torch.equal(clamped, torch.addcmul(torch.addcmul(2.0 * x, rows[0, L.OC], x0), rows[0, L.O0], x0))
 
 
 @pytest.mark.parametrize("kind", ["random", "wide_range", "ties", "constant", "nan", "signed_zeros"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import layout as L
-from .table import assemble, eps_conversion, x0_conversion
+from .table import assemble, eps_conversion, fold_history_value, x0_conversion
 
 MAX_ORDER = 3
 DATA_PREDICTION_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
@@ -158,6 +158,8 @@ def dpm_table(config, sigmas: torch.Tensor) -> torch.Tensor:
         k = [v.double() for v in (k0, k1, k2)]
         history = [k[0] * D0[j] + k[1] * D1[j] + k[2] * D2[j] for j in range(3)]
         table = assemble(steps, ox=ox, o0=history[0], o1=history[1], o2=history[2], on=on, **conversion)
+        if config.algorithm_type not in DATA_PREDICTION_ALGORITHMS:
+            table = fold_history_value(table)  # d = eps cancels against x where alpha is small
         if order > 1:
             table[: order - 1, L.OX:] = float("nan")  # needs history that cannot exist yet
         flat = h == 0

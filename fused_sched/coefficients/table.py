@@ -20,6 +20,23 @@ def assemble(rows: int, **columns) -> torch.Tensor:
     return table
 
 
+def fold_history_value(table: torch.Tensor) -> torch.Tensor:
+    """The table with the current step's history value d = PX*x + P0*x0 + PM*m folded into
+    the output's own columns (OX += O0*PX, OC += O0*P0, OM += O0*PM, O0 = 0), in float64.
+
+    For solvers whose d is eps recomputed from x (dpmsolver, sde-dpmsolver), OX and O0*PX can
+    be ~1e3 and nearly opposite where alpha is small; folded here, the step never forms the
+    two large terms in fp32 (layout.py). d itself is unchanged: the history still stores it.
+    """
+    folded = table.clone()
+    o0 = table[:, L.O0]
+    folded[:, L.OX] += o0 * table[:, L.PX]
+    folded[:, L.OC] += o0 * table[:, L.P0]
+    folded[:, L.OM] += o0 * table[:, L.PM]
+    folded[:, L.O0] = 0.0
+    return folded
+
+
 def x0_conversion(prediction_type: str, alpha, sigma):
     """Columns ax, am, as with x0 = as*(ax*x + am*m), for x = alpha*x0 + sigma*eps."""
     one = torch.ones_like(alpha)

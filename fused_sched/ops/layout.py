@@ -5,9 +5,9 @@ Every step of every scheduler is, per element and in fp32 (fp64 for fp64 storage
     x0  = AS*(AX*x + AM*m)                  # model output m -> data estimate
     x0  = clip(x0)                          # none | clamp(+-r) | clamp(x0, -s_b, s_b) / s_b
     d   = PX*x + P0*x0 + PM*m               # the history value (D for ++, eps for dpmsolver)
-    out = OX*x + O0*d + OM*m + O1*h1 + O2*h2 + ON*z
+    out = OX*x + OC*x0 + O0*d + OM*m + O1*h1 + O2*h2 + ON*z    # OC*x0 only when clipping
 
-A row holds these twelve scalars; a coefficient tensor has shape (1, K) or (B, K) and is
+A row holds these thirteen scalars; a coefficient tensor has shape (1, K) or (B, K) and is
 read per batch row. Kernels index columns by these constants, never by position literals.
 
 Why the separate scale AS: epsilon prediction is x0 = (x - sqrt(1-a)*m) / sqrt(a). Folding
@@ -15,18 +15,28 @@ Why the separate scale AS: epsilon prediction is x0 = (x - sqrt(1-a)*m) / sqrt(a
 inf*x - inf*m = NaN, where diffusers gets +-inf that clipping then bounds, and (2) round the
 large terms x/sqrt(a) and m*sqrt(1-a)/sqrt(a) separately before they cancel, where diffusers
 cancels first and scales after. With AS the step rounds as diffusers does.
+
+Why OC, the clipped x0 straight into the output: the noise-prediction solvers (dpmsolver,
+sde-dpmsolver) store d = eps = (x - alpha*x0)/sigma, and their update adds O0*d to OX*x.
+Where alpha is small (cosine schedules at t ~ T) OX and O0*PX are large and nearly opposite:
+evaluated as written, the fp32 rounding of two terms ~1e3 times the result decides it. A
+table folds them in float64 instead (OX + O0*PX on x, O0*PM on m, O0*P0 on the clipped x0,
+O0 = 0) and d is still formed for the history. Without clipping, x0 is linear in x and m and
+needs no column of its own (a table folds it into OX and OM), so kernels add OC*x0 only
+when clipping: an unclipped x0 can be +-inf (AS = inf on zero-SNR schedules) and 0*inf
+would turn a column nobody uses into NaN.
 """
 
 from collections.abc import Mapping
 
-AX, AM, PX, P0, PM, OX, O0, OM, O1, O2, ON, AS = range(12)
-NUM_COEFFICIENTS = 12
+AX, AM, PX, P0, PM, OX, O0, OM, O1, O2, ON, AS, OC = range(13)
+NUM_COEFFICIENTS = 13
 
 # The columns forming x0 and the history value d: they follow from the prediction type and
 # the solver, never from per-call step options such as DDIM's eta.
 ESTIMATE_COLUMNS = (AX, AM, AS, PX, P0, PM)
 
-COLUMN_NAMES = ("ax", "am", "px", "p0", "pm", "ox", "o0", "om", "o1", "o2", "on", "as")
+COLUMN_NAMES = ("ax", "am", "px", "p0", "pm", "ox", "o0", "om", "o1", "o2", "on", "as", "oc")
 
 CLIP_MODES = ("none", "clamp", "threshold")
 

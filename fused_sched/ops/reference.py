@@ -36,7 +36,7 @@ def _rows(coefficients: torch.Tensor, ndim: int, dtype: torch.dtype):
 class _ColumnViews:
     """Column views of recently used coefficient rows, reused across steps.
 
-    Splitting a row into twelve views costs more than the step's arithmetic on a small
+    Splitting a row into thirteen views costs more than the step's arithmetic on a small
     latent, and a schedule passes the same few rows again and again. Schedulers pass the
     same row object for the same row (``PlacedTable.row``), found by identity; other rows
     are found by the memory they occupy (address, shape, strides, dtype, device): two live
@@ -189,7 +189,7 @@ def fused_step(
     d = _combination(c, ((L.PX, x), (L.P0, x0), (L.PM, m)), known)
     if d is None:
         d = torch.zeros_like(x)
-    terms = [(L.OX, x), (L.O0, d), (L.OM, m)]
+    terms = [(L.OX, x)] + ([] if clip == "none" else [(L.OC, x0)]) + [(L.O0, d), (L.OM, m)]
     terms += [(column, _as(h, dtype)) for column, h in zip((L.O1, L.O2), history)]
     if isinstance(noise, PhiloxNoise):
         if known.get(L.ON) != 0.0:  # a known-zero term would be skipped: draw nothing

@@ -8,7 +8,7 @@ from . import reference
 class TorchBackend:
     name = "torch"
     # Skipping known-zero terms is what makes eager torch cheap on small latents; the
-    # kernels read twelve scalars per row either way and need no such hint.
+    # kernels read every scalar of a row either way and need no such hint.
     uses_constant_columns = True
 
     @staticmethod

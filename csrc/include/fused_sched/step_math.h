@@ -38,14 +38,15 @@ enum Column : int {
   kO2 = 9,
   kON = 10,
   kAS = 11,
-  kNumCoefficients = 12,
+  kOC = 12,
+  kNumCoefficients = 13,
 };
 
 // Values match layout.CLIP_MODES' positions; the bindings pass them as ints.
 enum class Clip : int { kNone = 0, kClamp = 1, kThreshold = 2 };
 
 struct Coefficients {
-  float ax, am, px, p0, pm, ox, o0, om, o1, o2, on, as;
+  float ax, am, px, p0, pm, ox, o0, om, o1, o2, on, as, oc;
 };
 
 FS_HD Coefficients load_coefficients(const float* row) {
@@ -62,6 +63,7 @@ FS_HD Coefficients load_coefficients(const float* row) {
   c.o2 = row[kO2];
   c.on = row[kON];
   c.as = row[kAS];
+  c.oc = row[kOC];
   return c;
 }
 
@@ -121,15 +123,20 @@ FS_HD float history_value(const Coefficients& c, float x, float x0, float m) {
   return fmadd(c.pm, m, fmadd(c.p0, x0, mul(c.px, x)));
 }
 
-// out = OX*x + O0*d + OM*m (+ O1*h1) (+ O2*h2) (+ ON*z), terms added left to right, each
-// after the first by an addcmul in the reference.
-template <int kHistory, bool kNoise>
-FS_HD float combine(const Coefficients& c, float x, float d, float m, float h1, float h2, float z) {
+// out = OX*x (+ OC*x0) + O0*d + OM*m (+ O1*h1) (+ O2*h2) (+ ON*z), terms added left to
+// right, each after the first by an addcmul in the reference. The clipped x0 enters only
+// when clipping: unclipped, it is linear in x and m (tables fold it into OX and OM) and
+// may be +-inf, where 0*x0 would be NaN (see layout.py).
+template <Clip kClip, int kHistory, bool kNoise>
+FS_HD float combine(const Coefficients& c, float x, float x0, float d, float m, float h1, float h2, float z) {
   static_assert(kHistory >= 0 && kHistory <= 2, "at most two history terms");
-  float out = fmadd(c.om, m, fmadd(c.o0, d, mul(c.ox, x)));
+  float out = mul(c.ox, x);
+  if constexpr (kClip != Clip::kNone) out = fmadd(c.oc, x0, out);
+  out = fmadd(c.om, m, fmadd(c.o0, d, out));
   if constexpr (kHistory >= 1) out = fmadd(c.o1, h1, out);
   if constexpr (kHistory >= 2) out = fmadd(c.o2, h2, out);
   if constexpr (kNoise) out = fmadd(c.on, z, out);
+  (void)x0;
   (void)h1;
   (void)h2;
   (void)z;
@@ -148,7 +155,7 @@ FS_HD StepValues step(const Coefficients& c, float x, float m, float h1, float h
   StepValues v;
   v.x0 = apply_clip<kClip>(data_estimate(c, x, m), clip_range, scale);
   v.d = history_value(c, x, v.x0, m);
-  v.out = combine<kHistory, kNoise>(c, x, v.d, m, h1, h2, z);
+  v.out = combine<kClip, kHistory, kNoise>(c, x, v.x0, v.d, m, h1, h2, z);
   return v;
 }
 

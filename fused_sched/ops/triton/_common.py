@@ -36,10 +36,12 @@ O1 = tl.constexpr(L.O1)
 O2 = tl.constexpr(L.O2)
 ON = tl.constexpr(L.ON)
 AS = tl.constexpr(L.AS)
+OC = tl.constexpr(L.OC)
 NUM_COEFFICIENTS = L.NUM_COEFFICIENTS
 
 # Clip modes as kernel constants; positions of layout.CLIP_MODES.
 CLIP_CODES = {name: code for code, name in enumerate(L.CLIP_MODES)}
+CLIP_NONE = tl.constexpr(CLIP_CODES["none"])
 CLIP_CLAMP = tl.constexpr(CLIP_CODES["clamp"])
 CLIP_THRESHOLD = tl.constexpr(CLIP_CODES["threshold"])
 

@@ -98,7 +98,10 @@ def _step_kernel(
         x0 = tl.math.div_rn(x0, s)
 
     d = tl.fma(pm, m, tl.fma(p0, x0, px * x))
-    out = tl.fma(om, m, tl.fma(o0, d, ox * x))
+    out = ox * x
+    if CLIP != C.CLIP_NONE:  # unclipped, x0 is folded into OX and OM and may be +-inf (layout.py)
+        out = tl.fma(tl.load(coef + C.OC), x0, out)
+    out = tl.fma(om, m, tl.fma(o0, d, out))
     if HISTORY >= 1:
         h1 = tl.load(h1_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
         out = tl.fma(tl.load(coef + C.O1), h1, out)
