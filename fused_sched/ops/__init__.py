@@ -99,10 +99,48 @@ def fused_step(
         backend: a backend name overriding the process-wide selection.
 
     Inputs are never modified. Returns ``StepOutputs(prev_sample, history_value, x0)``.
+
+    Checks and backend choice are made once per call signature (shapes, dtypes, devices,
+    options, backend request) and reused by later calls with the same one (``_plans``):
+    a scheduler calls this with one signature per trajectory, and on a small latent the
+    checks cost as much as the arithmetic.
     """
+    if type(history) is not tuple:
+        if isinstance(history, torch.Tensor):  # tuple() would split it along dim 0
+            raise TypeError("history must be a sequence of tensors, got a single tensor; pass (h1,) or (h1, h2), most recent first")
+        history = tuple(history)
+    if not torch.compiler.is_compiling():
+        key = _signature(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
+                         threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
+        plan = _plans.get(key) if key is not None else None
+        if plan is None or plan.constant_columns is not constant_columns:
+            plan = _plan(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
+                         threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
+            if key is not None:
+                _plans.store(key, plan)
+        if isinstance(noise, PhiloxNoise):  # its values differ per call
+            noise = _check_philox_noise(noise, sample)
+        return plan.run(sample, model_output, coefficients, history, noise)
+
+    plan = _plan(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
+                 threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
+    if isinstance(noise, PhiloxNoise):
+        noise = _check_philox_noise(noise, sample)
+    # Traced as one opaque node (see compiled.py): no graph break into backend code.
+    noise_tensor, philox_seed, philox_offset, philox_base = compiled.noise_arguments(noise)
+    prev, d, x0 = compiled.fused_step_op(
+        sample, model_output, coefficients, list(history), noise_tensor, plan.clip, plan.clip_range,
+        plan.threshold_ratio, plan.threshold_max, plan.out_dtype, history_dtype, x0_dtype, backend,
+        *compiled.constant_columns_arguments(plan.constant_columns), philox_seed, philox_offset, philox_base,
+    )
+    return StepOutputs(prev, d if history_dtype is not None else None, x0 if x0_dtype is not None else None)
+
+
+def _plan(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
+          out_dtype, history_dtype, x0_dtype, constant_columns, backend) -> "StepPlan":
+    """Every check of fused_step's arguments; the backend chosen for them (not under tracing)."""
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
-    # Each attribute read makes a Python object: read the sample's once (this runs every step).
     shape, device, dtype = sample.shape, sample.device, sample.dtype
     if not shape or shape[0] < 1:
         raise ValueError(f"sample must have a leading batch dimension of size >= 1, got shape {tuple(shape)}")
@@ -110,10 +148,6 @@ def fused_step(
         raise TypeError(f"sample has dtype {dtype}; expected one of {[str(d) for d in STORAGE_DTYPES]}")
     _check_like("model_output", model_output, shape, device)
     wide = dtype == torch.float64 or model_output.dtype == torch.float64
-    if type(history) is not tuple:
-        if isinstance(history, torch.Tensor):  # tuple() would split it along dim 0
-            raise TypeError("history must be a sequence of tensors, got a single tensor; pass (h1,) or (h1, h2), most recent first")
-        history = tuple(history)
     if history:
         if len(history) > 2:
             raise ValueError(f"history holds at most 2 tensors, got {len(history)}")
@@ -122,7 +156,7 @@ def fused_step(
         wide = wide or any(h.dtype == torch.float64 for h in history)
     if noise is not None:
         if isinstance(noise, PhiloxNoise):
-            noise = _check_philox_noise(noise, sample)
+            _check_philox_noise(noise, sample)
         elif isinstance(noise, torch.Tensor):
             _check_like("noise", noise, shape, device)
         else:
@@ -164,37 +198,110 @@ def fused_step(
         if value is not None and value not in STORAGE_DTYPES:
             raise TypeError(f"{name}={value} is not a supported storage dtype {[str(d) for d in STORAGE_DTYPES]}")
 
-    if torch.compiler.is_compiling():
-        # Traced as one opaque node (see compiled.py): no graph break into backend code.
-        noise_tensor, philox_seed, philox_offset, philox_base = compiled.noise_arguments(noise)
-        prev, d, x0 = compiled.fused_step_op(
-            sample, model_output, coefficients, list(history), noise_tensor, clip, float(clip_range),
-            float(threshold_ratio), float(threshold_max), out_dtype, history_dtype, x0_dtype, backend,
-            *compiled.constant_columns_arguments(constant_columns), philox_seed, philox_offset, philox_base,
-        )
-        return StepOutputs(prev, d if history_dtype is not None else None, x0 if x0_dtype is not None else None)
-    return run_backend(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
-                       threshold_max, out_dtype, history_dtype, x0_dtype, backend, constant_columns=constant_columns)
+    impl = None
+    if not torch.compiler.is_compiling():  # traced, the custom op selects when it runs
+        impl = _select(sample, model_output, history, noise, backend)
+    return StepPlan(impl, clip, float(clip_range), float(threshold_ratio), float(threshold_max), out_dtype,
+                    history_dtype, x0_dtype, constant_columns)
 
 
-def run_backend(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
-                out_dtype, history_dtype, x0_dtype, backend, *, constant_columns=None) -> StepOutputs:
-    """Select the backend and run the (already validated) step on it."""
+def _select(sample, model_output, history, noise, backend):
     dtypes = (sample.dtype, model_output.dtype)
     if history:
         dtypes += tuple(h.dtype for h in history)
     if noise is not None and not isinstance(noise, PhiloxNoise):
         dtypes += (noise.dtype,)
-    impl = select_backend(sample.device, dtypes, backend)
-    scale = None
-    if clip == "threshold":
-        scale = impl.threshold_scale(sample, model_output, coefficients, float(threshold_ratio), float(threshold_max))
-    structure = {"constant_columns": constant_columns} if constant_columns and getattr(impl, "uses_constant_columns", False) else {}
-    prev, d, x0 = impl.fused_step(
-        sample, model_output, coefficients, history, noise,
-        clip, float(clip_range), scale, out_dtype, history_dtype, x0_dtype, **structure,
-    )
-    return StepOutputs(prev, d, x0)
+    return select_backend(sample.device, dtypes, backend)
+
+
+class StepPlan:
+    """What the checks decided for one call signature: the backend and the normalised options."""
+
+    __slots__ = ("impl", "clip", "clip_range", "threshold_ratio", "threshold_max", "out_dtype", "history_dtype",
+                 "x0_dtype", "constant_columns", "_structure")
+
+    def __init__(self, impl, clip, clip_range, threshold_ratio, threshold_max, out_dtype, history_dtype, x0_dtype,
+                 constant_columns):
+        self.impl = impl
+        self.clip, self.clip_range = clip, clip_range
+        self.threshold_ratio, self.threshold_max = threshold_ratio, threshold_max
+        self.out_dtype, self.history_dtype, self.x0_dtype = out_dtype, history_dtype, x0_dtype
+        self.constant_columns = constant_columns
+        hint = constant_columns and impl is not None and getattr(impl, "uses_constant_columns", False)
+        self._structure = {"constant_columns": constant_columns} if hint else {}
+
+    def run(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
+        impl = self.impl
+        scale = None
+        if self.clip == "threshold":
+            scale = impl.threshold_scale(sample, model_output, coefficients, self.threshold_ratio, self.threshold_max)
+        prev, d, x0 = impl.fused_step(sample, model_output, coefficients, history, noise, self.clip, self.clip_range,
+                                      scale, self.out_dtype, self.history_dtype, self.x0_dtype, **self._structure)
+        return StepOutputs(prev, d, x0)
+
+
+def run_backend(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
+                out_dtype, history_dtype, x0_dtype, backend, *, constant_columns=None) -> StepOutputs:
+    """Select the backend and run the (already validated) step on it."""
+    impl = _select(sample, model_output, history, noise, backend)
+    return StepPlan(impl, clip, float(clip_range), float(threshold_ratio), float(threshold_max), out_dtype,
+                    history_dtype, x0_dtype, constant_columns).run(sample, model_output, coefficients, history, noise)
+
+
+def _tensor_signature(t):
+    return (t.shape, t.dtype, t.device)
+
+
+def _signature(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
+               out_dtype, history_dtype, x0_dtype, constant_columns, backend):
+    """Everything the checks and the backend choice depend on, or None where an argument is
+    not of a type whose checks this fully describes (those calls are checked every time).
+
+    Tensors must be plain ``torch.Tensor`` (a subclass may change what its attributes mean);
+    ``constant_columns`` is keyed by identity, and the plan keeps the object, so its id is not
+    reused while the plan lives; the backend request is read now (set_backend / the
+    environment may change between calls).
+    """
+    Tensor = torch.Tensor
+    if type(sample) is not Tensor or type(model_output) is not Tensor or type(coefficients) is not Tensor:
+        return None
+    if constant_columns is not None and type(constant_columns) is not ConstantColumns:
+        return None
+    if not history:
+        history_key = ()
+    elif len(history) == 1 and type(history[0]) is Tensor:
+        history_key = _tensor_signature(history[0])
+    elif len(history) == 2 and type(history[0]) is Tensor and type(history[1]) is Tensor:
+        history_key = (_tensor_signature(history[0]), _tensor_signature(history[1]))
+    else:
+        return None
+    if noise is None:
+        noise_key = None
+    elif type(noise) is Tensor:
+        noise_key = _tensor_signature(noise)
+    elif type(noise) is PhiloxNoise:
+        noise_key = PhiloxNoise  # checked per call: its seed and offset are values
+    else:
+        return None
+    return (sample.shape, sample.dtype, sample.device, model_output.shape, model_output.dtype, model_output.device,
+            coefficients.shape, coefficients.dtype, coefficients.device, history_key, noise_key, clip, clip_range,
+            threshold_ratio, threshold_max, out_dtype, history_dtype, x0_dtype, id(constant_columns),
+            requested_backend(backend))
+
+
+class _PlanCache(dict):
+    """Signature -> StepPlan, bounded: a process steps with few signatures, but nothing
+    stops a caller from cycling through many."""
+
+    capacity = 256
+
+    def store(self, key, plan) -> None:
+        if len(self) >= self.capacity:
+            self.clear()
+        self[key] = plan
+
+
+_plans = _PlanCache()
 
 
 from . import compiled  # noqa: E402  (registers fused_sched::fused_step; needs run_backend)
