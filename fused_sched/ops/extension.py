@@ -276,14 +276,15 @@ class CompiledBackend:
         if len(history) > 2:
             raise ValueError(f"history holds at most 2 tensors, got {len(history)}")
 
-        def empty(dtype):
-            return None if dtype is None else torch.empty(sample.shape, dtype=dtype, device=sample.device)
-
-        out, d, x0 = empty(out_dtype), empty(history_dtype), empty(x0_dtype)
+        x = sample.contiguous()
+        # empty_like of a contiguous tensor is contiguous, and costs half of torch.empty(shape, ...)
+        out = torch.empty_like(x, dtype=out_dtype)
+        d = None if history_dtype is None else torch.empty_like(x, dtype=history_dtype)
+        x0 = None if x0_dtype is None else torch.empty_like(x, dtype=x0_dtype)
         # noise: None, a tensor, or PhiloxNoise (computed in the kernel from seed and offset)
         noise, noise_mode, philox_seed, philox_offset, philox_base = self._noise_arguments(noise)
         self._fused_step(
-            _contiguous(sample),
+            x,
             _contiguous(model_output),
             _contiguous(coefficients),
             _contiguous(history[0]) if len(history) > 0 else None,

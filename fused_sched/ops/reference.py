@@ -6,6 +6,7 @@ results are cast once, at the end, to the requested storage dtypes.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import numpy as np
@@ -74,6 +75,7 @@ class _ColumnViews:
 _column_views = _ColumnViews()
 
 
+@functools.lru_cache(maxsize=256)  # numpy scalar arithmetic costs microseconds; a schedule asks the same few
 def quantile_rank(q: float, n: int) -> tuple[int, int, float]:
     """The order statistics torch.quantile interpolates, with its float32 rank arithmetic.
 

@@ -40,8 +40,9 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
     __init__ = validated_init(DDIMScheduler.__init__, _check_config)
 
     def _build_tables(self, device) -> None:
+        self._clip = clip_options(self.config)  # made per schedule, with the tables: steps read no config
         table = self._build_table(*_BASE_KEY)
-        self._check_schedule_rows(table, self._host_timesteps, clips=clip_options(self.config)["clip"] != "none")
+        self._check_schedule_rows(table, self._host_timesteps, clips=self._clip["clip"] != "none")
         # Tables of the step options used before are rebuilt now, in place: a captured graph
         # may read them before any eager step would have rebuilt them.
         for key in list(self._retired_tables):
@@ -101,7 +102,7 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         x0_dtype = model_output.dtype if self.config.prediction_type == "sample" else promoted
         prev, _, x0 = ops.fused_step(
             sample, model_output, rows, noise=noise, out_dtype=promoted, x0_dtype=x0_dtype,
-            constant_columns=placed.constant_columns, **clip_options(self.config),
+            constant_columns=placed.constant_columns, **self._clip,
         )
         if not return_dict:
             return (prev, x0)

@@ -22,6 +22,8 @@ class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
 
     def _build_tables(self, device) -> None:
         alphas, initial = self._host_alphas
+        # made per schedule, with the tables: steps read no config
+        self._clip = dict(clip="clamp", clip_range=self.config.clip_sample_range) if self.config.clip_sample else {}
         table = ddim_inverse_table(alphas, self._step_gap(), initial, self.config.prediction_type)
         self._install_table("step", table, device, clips=self.config.clip_sample)
 
@@ -38,9 +40,8 @@ class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
         rows = self._row(placed, timestep, sample.device, self._coefficient_dtype(sample, model_output))
         promoted = torch.promote_types(sample.dtype, model_output.dtype)
         x0_dtype = model_output.dtype if self.config.prediction_type == "sample" else promoted
-        clip = dict(clip="clamp", clip_range=self.config.clip_sample_range) if self.config.clip_sample else {}
         prev, _, x0 = ops.fused_step(sample, model_output, rows, out_dtype=promoted, x0_dtype=x0_dtype,
-                                     constant_columns=placed.constant_columns, **clip)
+                                     constant_columns=placed.constant_columns, **self._clip)
         if not return_dict:
             return (prev, x0)
         return step_output(DDIMSchedulerOutput, prev, x0)
