@@ -122,23 +122,37 @@ def run_trajectory(kind, scheduler, config, n, shape=(2, 4, 8, 8), dtype=torch.f
 
 
 def trajectories(kind, config, num_inference_steps, shape=(2, 4, 8, 8), dtype=torch.float32, args=None,
-                 set_kwargs=None, device=CPU):
-    """Teacher-forced (prev, x0) pairs per step: both classes get diffusers' sample and the
-    same model output at every step, which isolates each step's own error."""
+                 set_kwargs=None, device=CPU, oracle=False, start_at_first_step=False):
+    """Teacher-forced steps: both classes get diffusers' sample and the same model output at
+    every step, which isolates each step's own error. Returns (reference, fused, results),
+    results[i] = ((prev, x0) of diffusers, (prev, x0) of fused, (x, m), truth), where truth
+    is, with ``oracle``, the float64 evaluation of the same step from the same inputs (the
+    fused class on the torch backend, given the float32 runs' noise values), else None.
+    ``start_at_first_step``: diffusers starts at step 0 (see ``run_trajectory``)."""
     args = args or StepArgs()
     reference, fused = make_pair(kind, config)
-    for scheduler in (reference, fused):
+    schedulers = [reference, fused] + ([PAIRS[kind][1](**config)] if oracle else [])
+    for scheduler in schedulers:
         _set_timesteps(scheduler, num_inference_steps, set_kwargs or {}, device)
+    if start_at_first_step:
+        reference._step_index = 0
     x, pattern, factor = _initial_state(kind, config, shape, dtype, device)
-    gens = [torch.Generator().manual_seed(args.seed) for _ in range(2)]
-    states = [{}, {}]
+    gens = [torch.Generator().manual_seed(args.seed) for _ in schedulers]
+    states = [{} for _ in schedulers]
+    oracle_args = dataclasses.replace(args, noise="float32_variance_noise")  # ignored by steps drawing their own
     results = []
     for i, t in enumerate(reference.timesteps):
         m = stand_in_model(x, t, pattern, factor).to(dtype)
         ref = _step(kind, reference, m, t, x, i, reference.timesteps, states[0], args, gens[0], torch.float32)
         out = _step(kind, fused, m, fused.timesteps[i], x, i, fused.timesteps, states[1], args, gens[1],
                     torch.float32)
-        results.append((ref, out, (x, m)))
+        truth = None
+        if oracle:
+            exact = schedulers[2]
+            with fused_sched.use_backend("torch"):
+                truth = _step(kind, exact, m.double(), exact.timesteps[i], x.double(), i, exact.timesteps, states[2],
+                              oracle_args, gens[2], torch.float32)
+        results.append((ref, out, (x, m), truth))
         x = ref[0]
     return reference, fused, results
 
