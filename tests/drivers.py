@@ -121,14 +121,24 @@ def run_trajectory(kind, scheduler, config, n, shape=(2, 4, 8, 8), dtype=torch.f
     return outputs, None
 
 
+MULTISTEP = ("dpm", "dpm_inverse")
+
+
 def trajectories(kind, config, num_inference_steps, shape=(2, 4, 8, 8), dtype=torch.float32, args=None,
-                 set_kwargs=None, device=CPU, oracle=False, start_at_first_step=False):
+                 set_kwargs=None, device=CPU, oracle=False, start_at_first_step=False, share_history=False):
     """Teacher-forced steps: both classes get diffusers' sample and the same model output at
     every step, which isolates each step's own error. Returns (reference, fused, results),
-    results[i] = ((prev, x0) of diffusers, (prev, x0) of fused, (x, m), truth), where truth
-    is, with ``oracle``, the float64 evaluation of the same step from the same inputs (the
-    fused class on the torch backend, given the float32 runs' noise values), else None.
-    ``start_at_first_step``: diffusers starts at step 0 (see ``run_trajectory``)."""
+    results[i] = ((prev, x0) of diffusers, (prev, x0) of fused, (x, m), truth, history),
+    where truth is, with ``oracle``, the float64 evaluation of the same step from the same
+    inputs (the fused class on the torch backend, given the float32 runs' noise values),
+    else None. ``start_at_first_step``: diffusers starts at step 0 (see ``run_trajectory``).
+
+    ``share_history`` (multistep DPM-Solver): before each step the fused and float64
+    schedulers also get diffusers' history (the latter its float64 upcast), so a step is
+    judged from identical inputs, history included (a third-order step can weight its history
+    by ~100, and each scheduler's own rounding of it would decide a comparison); history is
+    then the history value each scheduler stored at this step [diffusers, fused, truth or
+    None], judged like the step's outputs. Else history is None."""
     args = args or StepArgs()
     reference, fused = make_pair(kind, config)
     schedulers = [reference, fused] + ([PAIRS[kind][1](**config)] if oracle else [])
@@ -152,9 +162,23 @@ def trajectories(kind, config, num_inference_steps, shape=(2, 4, 8, 8), dtype=to
             with fused_sched.use_backend("torch"):
                 truth = _step(kind, exact, m.double(), exact.timesteps[i], x.double(), i, exact.timesteps, states[2],
                               oracle_args, gens[2], torch.float32)
-        results.append((ref, out, (x, m), truth))
+        history = None
+        if share_history and kind in MULTISTEP:
+            history = share_reference_history(schedulers) + [None] * (3 - len(schedulers))
+        results.append((ref, out, (x, m), truth, history))
         x = ref[0]
     return reference, fused, results
+
+
+def share_reference_history(schedulers) -> list:
+    """[diffusers, fused, float64 oracle (optional)] multistep schedulers after a step: the
+    history value each stored; then the others get diffusers' history (the oracle its
+    float64 upcast), so that the next step starts from identical inputs."""
+    stored = [s.model_outputs[-1] for s in schedulers]
+    shared = schedulers[0].model_outputs
+    for j, s in enumerate(schedulers[1:], start=1):
+        s.model_outputs = [None if h is None else h.double() if j == 2 else h.clone() for h in shared]
+    return stored
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

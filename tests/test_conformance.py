@@ -83,7 +83,8 @@ def _within_contract(fused, ref, truth, tolerance=FP32_TOLERANCE) -> bool:
 
 
 def _first_step_outside_contract(kind, config, n, shape, args, set_kwargs, device, start_at_first_step) -> str | None:
-    """The contract step by step, each step fed the same inputs (teacher forcing): within
+    """The contract step by step, each step fed the same inputs, history included (teacher
+    forcing, ``trajectories(share_history=True)``): its outputs and stored history value within
     1e-5 of diffusers (a few float32 ulps, see TEACHER_FORCED_TOLERANCE) or no farther from
     the float64 evaluation of that step from those inputs than diffusers' step is (+ one
     ulp). None when every step keeps it, else what broke it.
@@ -97,13 +98,16 @@ def _first_step_outside_contract(kind, config, n, shape, args, set_kwargs, devic
     less accurate than diffusers', still fails here.
     """
     _, _, results = trajectories(kind, config, n, shape, args=args, set_kwargs=set_kwargs, device=device, oracle=True,
-                                 start_at_first_step=start_at_first_step)
-    for i, ((ref_prev, ref_x0), (fused_prev, fused_x0), _, truth) in enumerate(results):
+                                 start_at_first_step=start_at_first_step, share_history=True)
+    for i, ((ref_prev, ref_x0), (fused_prev, fused_x0), _, truth, history) in enumerate(results):
         if not torch.isfinite(ref_prev).all():
             return None  # diffusers' own broken path from here on (handled by the caller)
         pairs = [(fused_prev, ref_prev, truth[0], "prev")]
         if ref_x0 is not None:
             pairs.append((fused_x0, ref_x0, truth[1], "x0"))
+        if history is not None:
+            ref_h, fused_h, exact_h = history
+            pairs.append((fused_h, ref_h, exact_h, "history value"))
         for fused_value, ref_value, exact, name in pairs:
             if not _within_contract(fused_value, ref_value, exact.double(), TEACHER_FORCED_TOLERANCE):
                 return (f"teacher-forced step {i} {name}: {relative_error(fused_value, ref_value):.2e} from diffusers, "
@@ -304,7 +308,7 @@ def test_each_step_matches_to_float32_rounding(backend, device, kind):
     """Teacher forcing: fed the same inputs, each step differs only by float32 rounding."""
     config = {"dpm": dict(solver_order=3, final_sigmas_type="sigma_min"), "dpm_inverse": dict(solver_order=3)}
     _, _, results = trajectories(kind, config.get(kind, {}), 12, device=device)
-    for i, ((ref_prev, _), (fused_prev, _), _, _) in enumerate(results):
+    for i, ((ref_prev, _), (fused_prev, _), *_) in enumerate(results):
         assert relative_error(fused_prev, ref_prev) <= TEACHER_FORCED_TOLERANCE, f"step {i}"
 
 
@@ -361,5 +365,5 @@ def test_ill_conditioned_trajectories_are_judged_from_identical_inputs(backend, 
     shape = (2, 3, 3, 6, 6)
     check_conformance("dpm", config, 10, shape, device=device)
     _, _, results = trajectories("dpm", config, 10, shape, device=device, oracle=True, start_at_first_step=True)
-    (ref_prev, _), (fused_prev, _), _, (exact_prev, _) = results[8]
+    (ref_prev, _), (fused_prev, _), _, (exact_prev, _), _ = results[8]
     assert relative_error(fused_prev, exact_prev) <= relative_error(ref_prev, exact_prev)
