@@ -113,7 +113,7 @@ def fused_step(
         key = _signature(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
                          threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
         plan = _plans.get(key) if key is not None else None
-        if plan is None or plan.constant_columns is not constant_columns:
+        if plan is None:  # the key holds constant_columns' id, and the plan keeps the object alive
             plan = _plan(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
                          threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
             if key is not None:
