@@ -74,6 +74,32 @@ def test_clipped_x0_enters_the_output_only_when_clipping(backend):
     assert torch.equal(clamped, torch.addcmul(torch.addcmul(2.0 * x, rows[0, L.OC], x0), rows[0, L.O0], x0))
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns with every NaN made one pattern (payloads are not compared)."""
+    integer = {torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype]
+    return torch.where(torch.isnan(t), float("nan"), t).view(integer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_threshold_clip_as_one_clamp_equals_the_spec_form_bit_for_bit(dtype):
+    """The reference clips thresholded x0 as clamp(x0 / s, -1, 1), one op shorter than the
+    spec's clamp(x0, -s, s) / s that diffusers and the kernels compute. Equal for every
+    s > 0, inf and NaN (the scales a step can have: threshold_max > 0 is checked): division
+    by s > 0 is monotone and s / s == 1. Checked on the values where they could part:
+    signed zeros, the clamp boundary and its neighbours, infinities, NaN."""
+    tiny = torch.finfo(dtype).tiny
+    scales = torch.tensor([1.0, 1.0 + torch.finfo(dtype).eps, 1.5, 3.0, 0.5, tiny, 1e30, math.inf, math.nan],
+                          dtype=dtype)
+    for s in scales:
+        edges = [s, torch.nextafter(s, s.new_tensor(math.inf)), torch.nextafter(s, s.new_tensor(0.0))]
+        values = torch.tensor([0.0, -0.0, tiny, 1.0, 2.5, 1e38, math.inf, math.nan], dtype=dtype)
+        values = torch.cat([values, torch.stack(edges)])
+        values = torch.cat([values, -values])
+        spec = torch.minimum(torch.maximum(values, -s), s) / s
+        short = torch.clamp(values / s, -1.0, 1.0)
+        assert torch.equal(_bits(short), _bits(spec)), s
+
+
 @pytest.mark.parametrize("kind", ["random", "wide_range", "ties", "constant", "nan", "signed_zeros"])
 @pytest.mark.parametrize("n", [1, 2, 17, 1000, 4099])
 @pytest.mark.parametrize("ratio", [0.995, 0.87, 0.5, 0.1, 1.0])  # 0.1: selection from the low end

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fused_sched
 from fused_sched import ops
-from fused_sched.ops import layout as L
+from fused_sched.ops import layout as L, reference
 
 X = torch.randn(2, 3, 4, 4)
 M = torch.randn(2, 3, 4, 4)
@@ -77,7 +78,8 @@ def test_the_backend_request_is_part_of_the_signature(checks, monkeypatch):
     _step(backend=None)
     ran = []
     torch_backend = ops.backends.load_backend("torch")
-    monkeypatch.setattr(torch_backend, "fused_step", lambda *a, **k: ran.append("torch") or (X, None, X))
+    monkeypatch.setattr(torch_backend, "step_program",
+                        lambda *structure: lambda *tensors: ran.append("torch") or (X, None, X))
     with ops.use_backend("torch"):
         _step(backend=None)
     assert ran == ["torch"] and len(checks) == 2
@@ -109,3 +111,51 @@ def test_the_cache_is_bounded(checks, monkeypatch):
     for n in range(1, 6):
         _step(sample=torch.randn(n, 3), model_output=torch.randn(n, 3))
     assert len(ops._plans) <= 3
+
+
+def test_the_torch_backend_specialises_a_step_once_per_signature(checks, monkeypatch):
+    """The plan keeps the reference's program for its signature (``reference.step_program``):
+    a trajectory of one signature decides the step's structure once, not every step."""
+    made = []
+    backend = ops.backends.load_backend("torch")
+    original_step, original_threshold = backend.step_program, backend.threshold_program
+    monkeypatch.setattr(backend, "step_program", lambda *s: made.append("step") or original_step(*s))
+    monkeypatch.setattr(backend, "threshold_program", lambda *s: made.append("threshold") or original_threshold(*s))
+    scheduler = fused_sched.FusedDDIMScheduler(thresholding=True)
+    scheduler.set_timesteps(10)
+    x = torch.randn(2, 3, 4, 4)
+    with ops.use_backend("torch"):
+        for t in scheduler.timesteps:
+            x = scheduler.step(torch.tanh(x), t, x).prev_sample
+    assert sorted(made) == ["step", "threshold"] and len(checks) == 1
+
+
+def _bits(t):
+    return None if t is None else torch.where(torch.isnan(t), float("nan"), t).view(torch.int32)
+
+
+@pytest.mark.parametrize("ratio", [0.995, 0.1])  # the order statistics from the top, from the bottom
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_a_thresholded_step_finds_x0_once_with_the_same_bits(ratio, prediction_type):
+    """On the torch backend a thresholded step computes x0 once, for the scale and the step
+    (``StepPlan.run``); the result is the two-pass form the kernels compute
+    (``reference.threshold_scale``, then ``reference.fused_step``), bit for bit, including a
+    row holding NaN."""
+    scheduler = fused_sched.FusedDDIMScheduler(thresholding=True, dynamic_thresholding_ratio=ratio,
+                                               prediction_type=prediction_type)
+    scheduler.set_timesteps(10)
+    placed = scheduler._tables[(0.0, False)]
+    rows = placed.row(int(scheduler.timesteps[3]), torch.device("cpu"), torch.float32)
+    x, m = torch.randn(3, 4, 5, 7) * 3, torch.randn(3, 4, 5, 7) * 3
+    m[1, 2, 3, 4] = float("nan")
+    options = dict(clip="threshold", threshold_ratio=ratio, threshold_max=1.5, x0_dtype=torch.float32,
+                   constant_columns=placed.constant_columns)
+    once = ops.fused_step(x, m, rows, backend="torch", **options)
+    scale = reference.threshold_scale(x, m, rows, ratio, 1.5)
+    two_pass = reference.fused_step(x, m, rows, (), None, "threshold", 1.0, scale, torch.float32, None,
+                                    torch.float32, placed.constant_columns)
+    assert torch.isnan(once.prev_sample[1]).all() and not torch.isnan(once.prev_sample[0]).any()
+    for got, want in zip(once, two_pass):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(_bits(got), _bits(want))

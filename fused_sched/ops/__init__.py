@@ -6,11 +6,12 @@ Schedulers call :func:`fused_step`; kernels never see unchecked arguments. See
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
-from . import layout
+from . import layout, reference
 from .backends import (
     BackendUnavailableError,
     availability,
@@ -201,8 +202,8 @@ def _plan(sample, model_output, coefficients, history, noise, clip, clip_range, 
     impl = None
     if not torch.compiler.is_compiling():  # traced, the custom op selects when it runs
         impl = _select(sample, model_output, history, noise, backend)
-    return StepPlan(impl, clip, float(clip_range), float(threshold_ratio), float(threshold_max), out_dtype,
-                    history_dtype, x0_dtype, constant_columns)
+    return StepPlan(impl, sample, model_output, history, noise, clip, float(clip_range), float(threshold_ratio),
+                    float(threshold_max), out_dtype, history_dtype, x0_dtype, constant_columns)
 
 
 def _select(sample, model_output, history, noise, backend):
@@ -215,28 +216,47 @@ def _select(sample, model_output, history, noise, backend):
 
 
 class StepPlan:
-    """What the checks decided for one call signature: the backend and the normalised options."""
+    """What the checks decided for one call signature: the backend, the normalised options
+    and, from a backend that specialises (``step_program``), the step's program."""
 
     __slots__ = ("impl", "clip", "clip_range", "threshold_ratio", "threshold_max", "out_dtype", "history_dtype",
-                 "x0_dtype", "constant_columns", "_structure")
+                 "x0_dtype", "constant_columns", "_step", "_threshold")
 
-    def __init__(self, impl, clip, clip_range, threshold_ratio, threshold_max, out_dtype, history_dtype, x0_dtype,
-                 constant_columns):
+    def __init__(self, impl, sample, model_output, history, noise, clip, clip_range, threshold_ratio, threshold_max,
+                 out_dtype, history_dtype, x0_dtype, constant_columns):
         self.impl = impl
         self.clip, self.clip_range = clip, clip_range
         self.threshold_ratio, self.threshold_max = threshold_ratio, threshold_max
         self.out_dtype, self.history_dtype, self.x0_dtype = out_dtype, history_dtype, x0_dtype
         self.constant_columns = constant_columns
-        hint = constant_columns and impl is not None and getattr(impl, "uses_constant_columns", False)
-        self._structure = {"constant_columns": constant_columns} if hint else {}
+        self._step = self._threshold = None
+        if getattr(impl, "step_program", None) is not None:
+            self._specialise(sample, model_output, history, noise)
+
+    def _specialise(self, sample, model_output, history, noise) -> None:
+        hint = self.constant_columns if getattr(self.impl, "uses_constant_columns", False) else None
+        known = reference.hashable_columns(hint)
+        dtype = reference.compute_dtype(sample, model_output, *history)
+        self._step = self.impl.step_program(self.clip, self.clip_range, len(history), reference.noise_kind(noise),
+                                            dtype, self.out_dtype, self.history_dtype, self.x0_dtype, known)
+        if self.clip == "threshold":
+            numel = math.prod(sample.shape[1:])
+            self._threshold = self.impl.threshold_program(self.threshold_ratio, self.threshold_max, numel, dtype,
+                                                          known)
 
     def run(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
+        step = self._step
+        if step is not None:
+            scale = x0 = None
+            if self._threshold is not None:  # x0 is found once, for the scale and the step
+                scale, x0 = self._threshold(sample, model_output, coefficients)
+            return StepOutputs(*step(sample, model_output, coefficients, history, noise, scale, x0))
         impl = self.impl
         scale = None
         if self.clip == "threshold":
             scale = impl.threshold_scale(sample, model_output, coefficients, self.threshold_ratio, self.threshold_max)
         prev, d, x0 = impl.fused_step(sample, model_output, coefficients, history, noise, self.clip, self.clip_range,
-                                      scale, self.out_dtype, self.history_dtype, self.x0_dtype, **self._structure)
+                                      scale, self.out_dtype, self.history_dtype, self.x0_dtype)
         return StepOutputs(prev, d, x0)
 
 
@@ -244,8 +264,9 @@ def run_backend(sample, model_output, coefficients, history, noise, clip, clip_r
                 out_dtype, history_dtype, x0_dtype, backend, *, constant_columns=None) -> StepOutputs:
     """Select the backend and run the (already validated) step on it."""
     impl = _select(sample, model_output, history, noise, backend)
-    return StepPlan(impl, clip, float(clip_range), float(threshold_ratio), float(threshold_max), out_dtype,
-                    history_dtype, x0_dtype, constant_columns).run(sample, model_output, coefficients, history, noise)
+    return StepPlan(impl, sample, model_output, history, noise, clip, float(clip_range), float(threshold_ratio),
+                    float(threshold_max), out_dtype, history_dtype, x0_dtype, constant_columns).run(
+        sample, model_output, coefficients, history, noise)
 
 
 def _tensor_signature(t):

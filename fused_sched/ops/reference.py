@@ -2,12 +2,19 @@
 
 Reads like the math in ``layout.py``. Arithmetic is fp32 (fp64 when any input is fp64);
 results are cast once, at the end, to the requested storage dtypes.
+
+A step is made in two stages, like a kernel specialised at compile time: ``step_program``
+and ``threshold_program`` fix what a call signature fixes (clip mode, which terms exist,
+dtypes, row length, columns known to be 0 or 1) and return the arithmetic as a function of
+the tensors alone; ``fused_step`` and ``threshold_scale`` make the program and run it. On
+a small latent the decisions cost as much as the arithmetic, so the op keeps the program
+of each call signature (``ops.StepPlan``) and runs only the arithmetic per step.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -90,67 +97,183 @@ def quantile_rank(q: float, n: int) -> tuple[int, int, float]:
     return lo, hi, float(rank - np.float32(lo))
 
 
-def data_estimate(sample, model_output, coefficients, dtype):
-    """x0 = AS*(AX*x + AM*m), before any clipping, in ``dtype``."""
-    x = _as(sample, dtype)
-    m = _as(model_output, dtype)
-    return _x0(_column_views.get(coefficients, x.dim(), dtype), x, m)
+def hashable_columns(known: Mapping[int, float] | None) -> tuple:
+    """A constant-columns hint as the programs below are keyed by: ((column, value), ...)."""
+    return tuple(sorted(known.items())) if known else ()
 
 
-def _combination(c, terms, known):
-    """sum(c[column] * t for column, t in terms), rounded as the kernels round it: the first
-    product, then one fused multiply-add (addcmul, a + b*c) per further term.
+# ---- linear forms: every sum of coefficient-weighted tensors in the step -----------------
 
-    Columns the caller knows to be 0 in every row are skipped and known 1s are not
-    multiplied: for finite values that changes no bit (a + 0*t == a, 1*t == t), and it is
-    what diffusers computes (it has no such terms). None when every term is known zero.
+def linear_form(columns: tuple[int, ...], known: Mapping[int, float]):
+    """f(c, tensors) = sum(c[column] * t for column, t in zip(columns, tensors)), rounded as
+    the kernels round it: the first product, then one fused multiply-add (addcmul,
+    a + b*c) per further term; None when every term is known to be zero.
+
+    Columns ``known`` to be 0 in every row are left out and known 1s are not multiplied:
+    for finite values that changes no bit (a + 0*t == a, 1*t == t), and it is what diffusers
+    computes (it has no such terms). ``f.passes_through`` is the index of the tensor f
+    returns itself (a lone term with coefficient 1), else None: otherwise the result is a
+    new tensor, which later terms accumulate into in place (the same kernels as the
+    out-of-place ops, so the same bits, without an allocation per term).
     """
-    total = None
-    for column, t in terms:
-        k = known.get(column)
-        if k == 0.0:
-            continue
+    terms = tuple((i, column, known.get(column) == 1.0)
+                  for i, column in enumerate(columns) if known.get(column) != 0.0)
+    # A unit first term is an input: the second term makes the sum a new tensor.
+    steps = tuple((i, column, unit, n > 1 or (n == 1 and not terms[0][2]))
+                  for n, (i, column, unit) in enumerate(terms))
+
+    def form(c, tensors):
+        total = None
+        for i, column, unit, in_place in steps:
+            t = tensors[i]
+            if total is None:
+                total = t if unit else c[column] * t
+            elif in_place:
+                total.add_(t) if unit else total.addcmul_(c[column], t)
+            else:
+                total = total + t if unit else torch.addcmul(total, c[column], t)
+        return total
+
+    form.passes_through = terms[0][0] if len(terms) == 1 and terms[0][2] else None
+    return form
+
+
+def _x0_program(known: Mapping[int, float]):
+    """x0 = AS*(AX*x + AM*m), before any clipping, as f(c, x, m); ``f.passes_through`` as
+    for ``linear_form`` (x0 is x or m itself), else x0 is a new tensor."""
+    combination = linear_form((L.AX, L.AM), known)
+    scaled = known.get(L.AS) != 1.0
+    owned = combination.passes_through is None  # the sum is a new tensor: scale it in place
+
+    def x0(c, x, m):
+        total = combination(c, (x, m))
         if total is None:
-            total = t if k == 1.0 else c[column] * t
-        else:
-            total = total + t if k == 1.0 else torch.addcmul(total, c[column], t)
-    return total
+            return torch.zeros_like(x)
+        if not scaled:
+            return total
+        return total.mul_(c[L.AS]) if owned else total * c[L.AS]
+
+    x0.passes_through = None if scaled else combination.passes_through  # 0: x, 1: m
+    return x0
 
 
-def _x0(c, x, m, known=None):
-    known = known or {}
-    x0 = _combination(c, ((L.AX, x), (L.AM, m)), known)
-    if x0 is None:
-        return torch.zeros_like(x)
-    return x0 if known.get(L.AS) == 1.0 else x0 * c[L.AS]
+# ---- dynamic thresholding ------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=256)
+def threshold_program(ratio: float, max_value: float, numel: int, dtype: torch.dtype, known: tuple = ()):
+    """s_b = clamp(quantile(|x0_b|, ratio), min=1, max=max_value) for rows of ``numel``
+    elements, as f(sample, model_output, coefficients) -> (s, x0): s of shape (B, 1, ..., 1)
+    (it broadcasts over a batch row) and the unclipped x0 it was found from, in ``dtype``.
 
-def threshold_scale(sample, model_output, coefficients, ratio: float, max_value: float):
-    """Per-batch-row dynamic-thresholding scale s_b, shape (B,), float32 (float64 for fp64).
-
-    s_b = clamp(quantile(|x0_b|, ratio), min=1, max=max_value), exactly as torch.quantile
-    would give it, but by selection (topk, from whichever end of the row is nearer the
-    quantile): no 2**24 limit, and one pass finds both order statistics. A row containing
-    NaN gives NaN, as torch.quantile does.
+    Exactly as torch.quantile would give it, but by selection (topk, from whichever end of
+    the row is nearer the quantile): no 2**24 limit, and one pass finds both order
+    statistics. A row containing NaN gives NaN, as torch.quantile does.
     """
-    dtype = compute_dtype(sample, model_output)
-    x0 = data_estimate(sample, model_output, coefficients, dtype)
-    flat = x0.reshape(x0.shape[0], -1).abs()
-    n = flat.shape[1]
-    lo, hi, weight = quantile_rank(ratio, n)
-    if n - lo <= hi + 1:  # the usual case (ratio near 1): the n - lo largest, descending
-        largest = torch.topk(flat, n - lo, dim=1).values
-        s, v_hi = largest[:, -1], largest[:, -1 if hi == lo else -2]
-        has_nan = torch.isnan(largest[:, 0])  # NaN ranks above every number
-    else:  # the hi + 1 smallest, ascending
-        smallest = torch.topk(flat, hi + 1, dim=1, largest=False).values
-        s, v_hi = smallest[:, lo], smallest[:, hi]
-        has_nan = torch.isnan(flat).any(dim=1)
-    # Equal order statistics are the quantile; torch.lerp(inf, inf, w) would be NaN (x0 is
-    # +-inf for epsilon prediction where alphas_cumprod is 0, and torch.quantile gives NaN).
-    s = torch.where(s == v_hi, s, torch.lerp(s, v_hi, weight))
-    s = s.masked_fill(has_nan, float("nan"))
-    return torch.clamp(s, min=1.0, max=max_value)
+    x0_of = _x0_program(dict(known))
+    lo, hi, weight = quantile_rank(ratio, numel)
+    from_top = numel - lo <= hi + 1  # the usual case (ratio near 1)
+
+    def scale(sample, model_output, coefficients):
+        x, m = _as(sample, dtype), _as(model_output, dtype)
+        x0 = x0_of(_column_views.get(coefficients, x.dim(), dtype), x, m)
+        # Rows laid out along the last dimension, so every statistic keeps the shape
+        # (B, 1, ..., 1) that clipping broadcasts.
+        rows = x0.reshape(x0.shape[:1] + (1,) * (x0.dim() - 2) + (-1,)).abs()
+        if from_top:  # the numel - lo largest, descending
+            largest = torch.topk(rows, numel - lo, dim=-1).values
+            s, v_hi = largest.narrow(-1, -1, 1), largest.narrow(-1, -1 if hi == lo else -2, 1)
+            top = largest.narrow(-1, 0, 1)  # NaN ranks above every number
+        else:  # the hi + 1 smallest, ascending
+            smallest = torch.topk(rows, hi + 1, dim=-1, largest=False).values
+            s, v_hi = smallest.narrow(-1, lo, 1), smallest.narrow(-1, hi, 1)
+            top = rows.amax(dim=-1, keepdim=True)  # NaN when the row holds one
+        if hi != lo:
+            # Equal order statistics are the quantile; torch.lerp(inf, inf, w) would be NaN
+            # (x0 is +-inf for epsilon prediction where alphas_cumprod is 0, and
+            # torch.quantile gives NaN there).
+            s = torch.where(s == v_hi, s, torch.lerp(s, v_hi, weight))
+        s = torch.where(torch.isnan(top), top, s)
+        return s.clamp_(min=1.0, max=max_value), x0  # s is this program's own tensor
+
+    return scale
+
+
+def threshold_scale(sample, model_output, coefficients, ratio: float, max_value: float,
+                    constant_columns: Mapping[int, float] | None = None):
+    """Per-batch-row dynamic-thresholding scale s_b, shape (B,), float32 (float64 for fp64):
+    see ``threshold_program``."""
+    program = threshold_program(float(ratio), float(max_value), sample[0].numel(),
+                                compute_dtype(sample, model_output), hashable_columns(constant_columns))
+    return program(sample, model_output, coefficients)[0].reshape(-1)
+
+
+# ---- the step ------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def step_program(clip: str, clip_range: float, history: int, noise: str, dtype: torch.dtype,
+                 out_dtype: torch.dtype, history_dtype: torch.dtype | None, x0_dtype: torch.dtype | None,
+                 known: tuple = ()) -> Callable:
+    """The step for one structure, as f(sample, model_output, coefficients, history, noise,
+    scale, x0) -> (prev, history value or None, x0 or None).
+
+    ``history``: how many history tensors; ``noise``: "none", "tensor" or "philox" (see
+    ``fused_step``); ``known``: ((column, value), ...) holding in every row (see
+    ``linear_form``). f's ``scale`` is thresholding's s in ``dtype``, shaped to broadcast
+    over a batch row, and its ``x0`` the unclipped x0 when the caller has it already (the
+    thresholding pass, ``threshold_program``), else None.
+    """
+    known = dict(known)
+    x0_of = _x0_program(known)
+    x0_owned = x0_of.passes_through is None  # a new tensor, clamped in place
+    d_of = linear_form((L.PX, L.P0, L.PM), known)
+    clipped = clip != "none"
+    draws = noise == "tensor" or (noise == "philox" and known.get(L.ON) != 0.0)  # a known-zero term draws nothing
+    philox = noise == "philox"
+    out_of = linear_form((L.OX,) + ((L.OC,) if clipped else ()) + (L.O0, L.OM) + (L.O1, L.O2)[:history]
+                         + ((L.ON,) if draws else ()), known)
+    # An output may be an input, or another output, only where a lone unit term hands a
+    # tensor through (d = x0, x0 = m for sample prediction): then it is copied.
+    may_alias = (out_of.passes_through is not None
+                 or (history_dtype is not None and d_of.passes_through is not None)
+                 or (x0_dtype is not None and not clipped and x0_of.passes_through is not None))
+
+    def step(sample, model_output, coefficients, history, noise, scale, x0):
+        x, m = _as(sample, dtype), _as(model_output, dtype)
+        c = _column_views.get(coefficients, x.dim(), dtype)
+
+        if x0 is None:
+            x0 = x0_of(c, x, m)
+        if clip == "clamp":
+            x0 = x0.clamp_(-clip_range, clip_range) if x0_owned else torch.clamp(x0, -clip_range, clip_range)
+        elif clip == "threshold":
+            # clamp(x0, -s, s) / s, one op shorter: for s > 0 (or NaN, or inf) the two agree
+            # bit for bit, as division by s is monotone and s / s == 1 exactly.
+            x0 = (x0 / scale).clamp_(-1.0, 1.0)
+
+        d = d_of(c, (x, x0, m))
+        if d is None:
+            d = torch.zeros_like(x)
+        terms = (x, x0, d, m) if clipped else (x, d, m)
+        if history:
+            terms += tuple(_as(h, dtype) for h in history)
+        if draws:
+            terms += (noise_like(noise, x, dtype) if philox else _as(noise, dtype),)
+        out = out_of(c, terms)
+        if out is None:
+            out = torch.zeros_like(x)
+
+        outputs = (
+            _as(out, out_dtype),
+            None if history_dtype is None else _as(d, history_dtype),
+            None if x0_dtype is None else _as(x0, x0_dtype),
+        )
+        return _owned(outputs, (sample, model_output, *history, noise)) if may_alias else outputs
+
+    return step
+
+
+def noise_kind(noise) -> str:
+    return "none" if noise is None else "philox" if isinstance(noise, PhiloxNoise) else "tensor"
 
 
 def fused_step(
@@ -170,46 +293,17 @@ def fused_step(
     """Returns (prev, history value or None, x0 or None). Arguments are already validated.
 
     ``constant_columns``: {column: value} the caller guarantees for every row; known zeros
-    and ones spare their terms (see ``_combination``).
+    and ones spare their terms (see ``linear_form``).
 
     ``noise``: z as a tensor, or ``PhiloxNoise(seed, offset)``: z of the element with flat
     index i is ``philox.philox_normal`` at counter offset + i (float32, like the kernels).
     """
-    known = constant_columns or {}
     dtype = compute_dtype(sample, model_output, *history)
-    x = _as(sample, dtype)
-    m = _as(model_output, dtype)
-    c = _column_views.get(coefficients, x.dim(), dtype)
-
-    x0 = _x0(c, x, m, known)
-    if clip == "clamp":
-        x0 = torch.clamp(x0, -clip_range, clip_range)
-    elif clip == "threshold":
-        s = _as(scale, dtype).reshape((-1,) + (1,) * (x.dim() - 1))
-        x0 = torch.minimum(torch.maximum(x0, -s), s) / s
-
-    d = _combination(c, ((L.PX, x), (L.P0, x0), (L.PM, m)), known)
-    if d is None:
-        d = torch.zeros_like(x)
-    terms = [(L.OX, x)] + ([] if clip == "none" else [(L.OC, x0)]) + [(L.O0, d), (L.OM, m)]
-    terms += [(column, _as(h, dtype)) for column, h in zip((L.O1, L.O2), history)]
-    if isinstance(noise, PhiloxNoise):
-        if known.get(L.ON) != 0.0:  # a known-zero term would be skipped: draw nothing
-            terms.append((L.ON, noise_like(noise, x, dtype)))
-    elif noise is not None:
-        terms.append((L.ON, _as(noise, dtype)))
-    out = _combination(c, terms, known)
-    if out is None:
-        out = torch.zeros_like(x)
-
-    outputs = (
-        _as(out, out_dtype),
-        None if history_dtype is None else _as(d, history_dtype),
-        None if x0_dtype is None else _as(x0, x0_dtype),
-    )
-    if not known:
-        return outputs  # every output is a fresh result of arithmetic
-    return _owned(outputs, (sample, model_output, *history, noise))
+    program = step_program(clip, float(clip_range), len(history), noise_kind(noise), dtype, out_dtype, history_dtype,
+                           x0_dtype, hashable_columns(constant_columns))
+    if scale is not None:  # (B,) -> (B, 1, ..., 1)
+        scale = _as(scale, dtype).reshape((-1,) + (1,) * (sample.dim() - 1))
+    return program(sample, model_output, coefficients, history, noise, scale, None)
 
 
 def _owned(outputs, inputs):

@@ -17,6 +17,10 @@ class TorchBackend:
 
     fused_step = staticmethod(reference.fused_step)
     threshold_scale = staticmethod(reference.threshold_scale)
+    # The op keeps one program per call signature (ops.StepPlan): a step then runs only
+    # torch arithmetic, no decisions.
+    step_program = staticmethod(reference.step_program)
+    threshold_program = staticmethod(reference.threshold_program)
 
 
 BACKEND = TorchBackend()

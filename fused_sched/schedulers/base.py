@@ -122,12 +122,12 @@ class FusedSchedulerMixin:
         Python ints are their own value; elements of ``scheduler.timesteps`` are looked up
         by position (see ``_schedule_position``). Other tensors return None.
         """
+        if isinstance(timestep, torch.Tensor):  # first: pipelines pass elements of scheduler.timesteps
+            position = self._schedule_position(timestep)
+            return None if position is None else self._host_timesteps[position]
         if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
             return int(timestep)
-        if not isinstance(timestep, torch.Tensor):
-            raise TypeError(f"timestep must be an int or a torch.Tensor, got {type(timestep).__name__}")
-        position = self._schedule_position(timestep)
-        return None if position is None else self._host_timesteps[position]
+        raise TypeError(f"timestep must be an int or a torch.Tensor, got {type(timestep).__name__}")
 
     def _check_training_timestep(self, t: int, argument: str = "timestep") -> int:
         T = self.config.num_train_timesteps

@@ -75,7 +75,7 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
     ) -> DDIMSchedulerOutput | tuple:
         self._require_schedule()
         self._check_model_io(model_output, sample)
-        if isinstance(eta, torch.Tensor) or not isinstance(eta, numbers.Real):
+        if type(eta) is not float and (isinstance(eta, torch.Tensor) or not isinstance(eta, numbers.Real)):
             raise TypeError(f"eta must be a Python number, got {type(eta).__name__}")
         if not 0.0 <= eta <= 1.0:
             raise ValueError(

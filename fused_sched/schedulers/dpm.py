@@ -67,6 +67,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
 
     def _build_schedule(self, device) -> None:
         self._remember_schedule()
+        self._clip = self._clip_options()  # made per schedule: steps read no config
         table = dpm_table(self.config, self.sigmas.cpu())
         # Same shapes as the previous schedule (same number of steps): refilled in place, so a
         # CUDA graph captured over traced steps stays valid after set_timesteps.
@@ -237,7 +238,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         out_dtype = torch.promote_types(sample.dtype, history_dtype) if self._inverse else history_dtype
         prev, d, _ = ops.fused_step(
             sample, model_output, rows, history=history, noise=noise, out_dtype=out_dtype,
-            history_dtype=history_dtype, constant_columns=self._table.constant_columns, **self._clip_options(),
+            history_dtype=history_dtype, constant_columns=self._table.constant_columns, **self._clip,
         )
 
         self._remember_history(d)
@@ -304,7 +305,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         out_dtype = torch.promote_types(sample.dtype, history_dtype) if self._inverse else history_dtype
         prev, d, _ = ops.fused_step(
             sample, model_output, rows, history=history, noise=noise, out_dtype=out_dtype,
-            history_dtype=history_dtype, constant_columns=self._table.constant_columns, **self._clip_options(),
+            history_dtype=history_dtype, constant_columns=self._table.constant_columns, **self._clip,
         )
         if self._static_history is not None:
             for newer, older in zip(history, history[1:]):  # (h1, h2): h2 <- h1 before h1 <- d
