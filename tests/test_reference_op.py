@@ -100,6 +100,29 @@ def test_threshold_clip_as_one_clamp_equals_the_spec_form_bit_for_bit(dtype):
         assert torch.equal(_bits(short), _bits(spec)), s
 
 
+@pytest.mark.parametrize("shape", [(3,), (3, 5), (2, 3, 4, 5, 2)])  # 1-D: one element per batch row
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda", "triton"])
+def test_thresholding_scales_each_batch_row_for_any_rank(backend, shape):
+    """x0 clipped to +-s_b and divided by s_b, s_b from batch row b alone, whatever the
+    sample's rank (the scale is broadcast back over the row's own dimensions)."""
+    device = backend_device(backend)
+    reason = backends.why_unavailable(backend, device, (torch.float32,))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    g = torch.Generator().manual_seed(5)
+    x, m = (torch.randn(shape, generator=g) * 3 for _ in range(2))
+    rows = torch.zeros(1, L.NUM_COEFFICIENTS)
+    rows[0, L.AX], rows[0, L.AM], rows[0, L.AS], rows[0, L.P0], rows[0, L.O0] = 1.0, -0.5, 1.0, 1.0, 1.0
+    out = ops.fused_step(x.to(device), m.to(device), rows.to(device), clip="threshold", threshold_ratio=0.7,
+                         threshold_max=2.0, x0_dtype=torch.float32, backend=backend)
+    x0 = torch.addcmul(x, rows[0, L.AM], m)
+    s = torch.quantile(x0.reshape(shape[0], -1).abs(), 0.7, dim=1).clamp(1.0, 2.0)
+    s = s.reshape((-1,) + (1,) * (len(shape) - 1))
+    expected = torch.minimum(torch.maximum(x0, -s), s) / s
+    assert out.x0.shape == shape and out.prev_sample.shape == shape
+    assert torch.equal(out.x0.cpu(), expected) and torch.equal(out.prev_sample.cpu(), expected)
+
+
 @pytest.mark.parametrize("kind", ["random", "wide_range", "ties", "constant", "nan", "signed_zeros"])
 @pytest.mark.parametrize("n", [1, 2, 17, 1000, 4099])
 @pytest.mark.parametrize("ratio", [0.995, 0.87, 0.5, 0.1, 1.0])  # 0.1: selection from the low end

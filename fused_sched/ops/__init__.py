@@ -6,7 +6,6 @@ Schedulers call :func:`fused_step`; kernels never see unchecked arguments. See
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
@@ -240,9 +239,8 @@ class StepPlan:
         self._step = self.impl.step_program(self.clip, self.clip_range, len(history), reference.noise_kind(noise),
                                             dtype, self.out_dtype, self.history_dtype, self.x0_dtype, known)
         if self.clip == "threshold":
-            numel = math.prod(sample.shape[1:])
-            self._threshold = self.impl.threshold_program(self.threshold_ratio, self.threshold_max, numel, dtype,
-                                                          known)
+            self._threshold = self.impl.threshold_program(self.threshold_ratio, self.threshold_max,
+                                                          tuple(sample.shape[1:]), dtype, known)
 
     def run(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
         step = self._step

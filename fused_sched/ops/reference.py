@@ -14,6 +14,7 @@ of each call signature (``ops.StepPlan``) and runs only the arithmetic per step.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Mapping
 
 import numpy as np
@@ -160,25 +161,31 @@ def _x0_program(known: Mapping[int, float]):
 # ---- dynamic thresholding ------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=256)
-def threshold_program(ratio: float, max_value: float, numel: int, dtype: torch.dtype, known: tuple = ()):
-    """s_b = clamp(quantile(|x0_b|, ratio), min=1, max=max_value) for rows of ``numel``
-    elements, as f(sample, model_output, coefficients) -> (s, x0): s of shape (B, 1, ..., 1)
-    (it broadcasts over a batch row) and the unclipped x0 it was found from, in ``dtype``.
+def threshold_program(ratio: float, max_value: float, row_shape: tuple[int, ...], dtype: torch.dtype,
+                      known: tuple = ()):
+    """s_b = clamp(quantile(|x0_b|, ratio), min=1, max=max_value) for batch rows of shape
+    ``row_shape`` (the sample's shape without its batch dimension), as
+    f(sample, model_output, coefficients) -> (s, x0): s shaped to broadcast over a batch row,
+    (B, 1, ..., 1), and the unclipped x0 it was found from, in ``dtype``.
 
     Exactly as torch.quantile would give it, but by selection (topk, from whichever end of
     the row is nearer the quantile): no 2**24 limit, and one pass finds both order
     statistics. A row containing NaN gives NaN, as torch.quantile does.
     """
     x0_of = _x0_program(dict(known))
+    numel = math.prod(row_shape)
     lo, hi, weight = quantile_rank(ratio, numel)
     from_top = numel - lo <= hi + 1  # the usual case (ratio near 1)
+    # Each batch row laid out along the last dimension, so every statistic keeps the shape
+    # (B, 1, ..., 1) that clipping broadcasts; a 1-D sample's rows are (B, 1), and its
+    # statistics are made (B,) at the end.
+    rows_shape = (-1,) + (1,) * (len(row_shape) - 1) + (numel,)
+    flat_batch = not row_shape
 
     def scale(sample, model_output, coefficients):
         x, m = _as(sample, dtype), _as(model_output, dtype)
         x0 = x0_of(_column_views.get(coefficients, x.dim(), dtype), x, m)
-        # Rows laid out along the last dimension, so every statistic keeps the shape
-        # (B, 1, ..., 1) that clipping broadcasts.
-        rows = x0.reshape(x0.shape[:1] + (1,) * (x0.dim() - 2) + (-1,)).abs()
+        rows = x0.reshape(*rows_shape).abs()
         if from_top:  # the numel - lo largest, descending
             largest = torch.topk(rows, numel - lo, dim=-1).values
             s, v_hi = largest.narrow(-1, -1, 1), largest.narrow(-1, -1 if hi == lo else -2, 1)
@@ -193,7 +200,8 @@ def threshold_program(ratio: float, max_value: float, numel: int, dtype: torch.d
             # torch.quantile gives NaN there).
             s = torch.where(s == v_hi, s, torch.lerp(s, v_hi, weight))
         s = torch.where(torch.isnan(top), top, s)
-        return s.clamp_(min=1.0, max=max_value), x0  # s is this program's own tensor
+        s = s.clamp_(min=1.0, max=max_value)  # s is this program's own tensor
+        return (s.reshape(-1) if flat_batch else s), x0
 
     return scale
 
@@ -202,7 +210,7 @@ def threshold_scale(sample, model_output, coefficients, ratio: float, max_value:
                     constant_columns: Mapping[int, float] | None = None):
     """Per-batch-row dynamic-thresholding scale s_b, shape (B,), float32 (float64 for fp64):
     see ``threshold_program``."""
-    program = threshold_program(float(ratio), float(max_value), sample[0].numel(),
+    program = threshold_program(float(ratio), float(max_value), tuple(sample.shape[1:]),
                                 compute_dtype(sample, model_output), hashable_columns(constant_columns))
     return program(sample, model_output, coefficients)[0].reshape(-1)
 

@@ -33,7 +33,8 @@ class FusedSchedulerMixin:
 
     _schedule_timesteps: torch.Tensor | None = None  # the tensor set_timesteps produced
     _host_timesteps: list[int] = []
-    _schedule_address: tuple[int, int] | None = None
+    # (address of element 0, bytes between elements, dtype, device) of the schedule
+    _schedule_address: tuple[int, int, torch.dtype, torch.device] | None = None
     _philox_seed: int | None = None  # use_philox_noise: None draws as diffusers does
     # Counter of the next noisy draw's first element: a 0-dim int64 tensor on the data's
     # device, so a traced or captured step reads and advances it there (never on the host).
@@ -43,10 +44,12 @@ class FusedSchedulerMixin:
     def _remember_schedule(self) -> None:
         self._schedule_timesteps = schedule = self.timesteps
         self._host_timesteps = [int(v) for v in schedule.cpu().tolist()]
-        # (address of element 0, bytes between elements): what _schedule_position needs
-        # (an expanded schedule, stride 0, gives no position per address: None)
+        # what _schedule_position needs (an expanded schedule, stride 0, gives no position
+        # per address: None)
         stride = schedule.stride(0) if schedule.dim() == 1 and schedule.numel() > 1 else 1
-        self._schedule_address = (schedule.data_ptr(), stride * schedule.element_size()) if stride else None
+        self._schedule_address = (
+            (schedule.data_ptr(), stride * schedule.element_size(), schedule.dtype, schedule.device) if stride else None
+        )
         self._reset_philox_counter()  # a new trajectory replays the same noise
 
     def _reset_philox_counter(self) -> None:
@@ -97,24 +100,22 @@ class FusedSchedulerMixin:
         a same-dtype tensor at one of its element addresses holds that element. None for
         anything else.
         """
-        schedule = self._schedule_timesteps
+        address = self._schedule_address
         if (
-            schedule is None
-            or self._schedule_address is None
+            address is None
             or not isinstance(timestep, torch.Tensor)
             # torch.compile cannot trace addresses; a traced step gathers its row on the
             # device instead, which is also what keeps a captured graph's arguments fixed.
             or torch.compiler.is_compiling()
             or timestep.dim() != 0
-            or timestep.dtype != schedule.dtype
-            or timestep.device != schedule.device
+            or timestep.dtype != address[2]
+            or timestep.device != address[3]
         ):
             return None
-        start, step = self._schedule_address
-        offset = timestep.data_ptr() - start
-        if offset % step or not 0 <= offset // step < len(self._host_timesteps):
+        position, misaligned = divmod(timestep.data_ptr() - address[0], address[1])
+        if misaligned or not 0 <= position < len(self._host_timesteps):
             return None
-        return offset // step
+        return position
 
     def _host_timestep(self, timestep) -> int | None:
         """The timestep's value known on the host without reading device memory, else None.

@@ -22,12 +22,6 @@ from .ddim_family import AddNoiseMixin, DDIMFamilyMixin
 from .step_output import step_output
 
 
-def _x0_dtype(config, sample, model_output):
-    if config.prediction_type == "sample":
-        return model_output.dtype
-    return torch.promote_types(sample.dtype, model_output.dtype)
-
-
 class FusedCogVideoXDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDDIMScheduler):
     __init__ = validated_init(CogVideoXDDIMScheduler.__init__, _check_config)
 
@@ -50,11 +44,10 @@ class FusedCogVideoXDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDDIMS
         self._require_schedule()
         self._check_model_io(model_output, sample)
         placed = self._tables["step"]
-        rows = self._row(placed, timestep, sample.device, self._coefficient_dtype(sample, model_output))
-        prev, _, x0 = ops.fused_step(
-            sample, model_output, rows, x0_dtype=_x0_dtype(self.config, sample, model_output),
-            constant_columns=placed.constant_columns,
-        )
+        coefficient_dtype, promoted, x0_dtype = self._step_dtypes(sample, model_output)
+        rows = self._row(placed, timestep, sample.device, coefficient_dtype)
+        prev, _, x0 = ops.fused_step(sample, model_output, rows, out_dtype=promoted, x0_dtype=x0_dtype,
+                                     constant_columns=placed.constant_columns)
         if not return_dict:
             return (prev, x0)
         return step_output(DDIMSchedulerOutput, prev, x0)
@@ -156,9 +149,8 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
                 "old_pred_original_sample was given without timestep_back: the second-order step needs the "
                 "previous (noisier) timestep"
             )
-        dtype = self._coefficient_dtype(sample, model_output)
+        dtype, _, x0_dtype = self._step_dtypes(sample, model_output)
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
-        x0_dtype = _x0_dtype(self.config, sample, model_output)
         if not second_order:
             placed = self._tables["first"]
             rows = placed.row(t, sample.device, dtype)
@@ -201,7 +193,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         ``timestep_back`` is required; out-of-range timesteps fail in the gathers.
         """
         device = sample.device
-        dtype = self._coefficient_dtype(sample, model_output)
+        dtype, _, x0_dtype = self._step_dtypes(sample, model_output)
         first = self._tables["first"]
         t = self._device_index(timestep, "timestep", device)
         rows = first.on(device, dtype).index_select(0, t)
@@ -227,7 +219,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             history = (old,)
             known = known.only(set(range(L.NUM_COEFFICIENTS)) - {L.O0, L.O1})
         prev, _, x0 = ops.fused_step(sample, model_output, rows, history=history, noise=noise,
-                                     x0_dtype=_x0_dtype(self.config, sample, model_output), constant_columns=known)
+                                     x0_dtype=x0_dtype, constant_columns=known)
         if old is None or not return_dict:
             return (prev, x0)
         return step_output(DDIMSchedulerOutput, prev, x0)

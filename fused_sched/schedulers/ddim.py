@@ -92,14 +92,13 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         if placed is None:
             self._build_table(*key)
             placed = self._tables[key]
-        rows = self._row(placed, timestep, sample.device, self._coefficient_dtype(sample, model_output))
+        coefficient_dtype, promoted, x0_dtype = self._step_dtypes(sample, model_output)
+        rows = self._row(placed, timestep, sample.device, coefficient_dtype)
 
         noise = None
         if eta > 0:  # diffusers draws noise whenever eta > 0, even where std is 0
             noise = self._draw_noise(model_output.shape, generator, model_output.device, model_output.dtype,
                                      variance_noise)
-        promoted = torch.promote_types(sample.dtype, model_output.dtype)
-        x0_dtype = model_output.dtype if self.config.prediction_type == "sample" else promoted
         prev, _, x0 = ops.fused_step(
             sample, model_output, rows, noise=noise, out_dtype=promoted, x0_dtype=x0_dtype,
             constant_columns=placed.constant_columns, **self._clip,

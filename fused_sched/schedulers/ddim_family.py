@@ -21,8 +21,23 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         self._retired_tables = {**getattr(self, "_retired_tables", {}), **getattr(self, "_tables", {})}
         self._tables = {}
         self._schedule_device = device
+        # see _step_dtypes; kept across schedules (it depends on the config alone), so a
+        # traced step's guards on it stay valid after set_timesteps
+        self._dtypes_by_input = getattr(self, "_dtypes_by_input", {})
         self._host_alphas = (self.alphas_cumprod.cpu(), self._boundary_alpha().cpu())
         self._build_tables(device)  # each class installs the tables its step reads
+
+    def _step_dtypes(self, sample: torch.Tensor, model_output: torch.Tensor):
+        """(coefficients, prev, x0) dtypes of a step on these inputs: the rows' dtype, the
+        promotion diffusers returns, and pred_original_sample's, which for sample prediction
+        is the model output itself in diffusers. Made once per pair of input dtypes."""
+        key = (sample.dtype, model_output.dtype)
+        dtypes = self._dtypes_by_input.get(key)
+        if dtypes is None:
+            promoted = torch.promote_types(*key)
+            x0 = model_output.dtype if self.config.prediction_type == "sample" else promoted
+            dtypes = self._dtypes_by_input[key] = (self._coefficient_dtype(sample, model_output), promoted, x0)
+        return dtypes
 
     def _boundary_alpha(self) -> torch.Tensor:
         """The alpha-bar used past the schedule's end (final, or initial for the inverse)."""

@@ -37,9 +37,8 @@ class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
         self._require_schedule()
         self._check_model_io(model_output, sample)
         placed = self._tables["step"]
-        rows = self._row(placed, timestep, sample.device, self._coefficient_dtype(sample, model_output))
-        promoted = torch.promote_types(sample.dtype, model_output.dtype)
-        x0_dtype = model_output.dtype if self.config.prediction_type == "sample" else promoted
+        coefficient_dtype, promoted, x0_dtype = self._step_dtypes(sample, model_output)
+        rows = self._row(placed, timestep, sample.device, coefficient_dtype)
         prev, _, x0 = ops.fused_step(sample, model_output, rows, out_dtype=promoted, x0_dtype=x0_dtype,
                                      constant_columns=placed.constant_columns, **self._clip)
         if not return_dict:
