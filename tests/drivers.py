@@ -181,6 +181,13 @@ def share_reference_history(schedulers) -> list:
     return stored
 
 
+def bit_pattern(t: torch.Tensor) -> torch.Tensor:
+    """The float tensor's bits as integers, every NaN made one pattern (payloads are not
+    compared): torch.equal on these is equality bit for bit, NaN included."""
+    integer = {torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype]
+    return torch.where(torch.isnan(t), float("nan"), t).view(integer)
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = b.abs().max().double()
     return float((a.double() - b.double()).abs().max() / max(scale, 1e-30))

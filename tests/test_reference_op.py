@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import backend_device
-from drivers import quantile_rows
+from drivers import bit_pattern, quantile_rows
 from fused_sched import ops
 from fused_sched.ops import backends, layout as L, reference
 
@@ -74,12 +74,6 @@ def test_clipped_x0_enters_the_output_only_when_clipping(backend):
     assert torch.equal(clamped, torch.addcmul(torch.addcmul(2.0 * x, rows[0, L.OC], x0), rows[0, L.O0], x0))
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit patterns with every NaN made one pattern (payloads are not compared)."""
-    integer = {torch.float32: torch.int32, torch.float64: torch.int64}[t.dtype]
-    return torch.where(torch.isnan(t), float("nan"), t).view(integer)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_threshold_clip_as_one_clamp_equals_the_spec_form_bit_for_bit(dtype):
     """The reference clips thresholded x0 as clamp(x0 / s, -1, 1), one op shorter than the
@@ -97,7 +91,7 @@ def test_threshold_clip_as_one_clamp_equals_the_spec_form_bit_for_bit(dtype):
         values = torch.cat([values, -values])
         spec = torch.minimum(torch.maximum(values, -s), s) / s
         short = torch.clamp(values / s, -1.0, 1.0)
-        assert torch.equal(_bits(short), _bits(spec)), s
+        assert torch.equal(bit_pattern(short), bit_pattern(spec)), s
 
 
 @pytest.mark.parametrize("shape", [(3,), (3, 5), (2, 3, 4, 5, 2)])  # 1-D: one element per batch row

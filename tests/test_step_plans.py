@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fused_sched
+from drivers import bit_pattern
 from fused_sched import ops
 from fused_sched.ops import layout as L, reference
 
@@ -130,10 +131,6 @@ def test_the_torch_backend_specialises_a_step_once_per_signature(checks, monkeyp
     assert sorted(made) == ["step", "threshold"] and len(checks) == 1
 
 
-def _bits(t):
-    return None if t is None else torch.where(torch.isnan(t), float("nan"), t).view(torch.int32)
-
-
 @pytest.mark.parametrize("ratio", [0.995, 0.1])  # the order statistics from the top, from the bottom
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
 def test_a_thresholded_step_finds_x0_once_with_the_same_bits(ratio, prediction_type):
@@ -158,4 +155,4 @@ def test_a_thresholded_step_finds_x0_once_with_the_same_bits(ratio, prediction_t
     for got, want in zip(once, two_pass):
         assert (got is None) == (want is None)
         if got is not None:
-            assert torch.equal(_bits(got), _bits(want))
+            assert torch.equal(bit_pattern(got), bit_pattern(want))

@@ -206,12 +206,11 @@ def threshold_program(ratio: float, max_value: float, row_shape: tuple[int, ...]
     return scale
 
 
-def threshold_scale(sample, model_output, coefficients, ratio: float, max_value: float,
-                    constant_columns: Mapping[int, float] | None = None):
+def threshold_scale(sample, model_output, coefficients, ratio: float, max_value: float):
     """Per-batch-row dynamic-thresholding scale s_b, shape (B,), float32 (float64 for fp64):
     see ``threshold_program``."""
     program = threshold_program(float(ratio), float(max_value), tuple(sample.shape[1:]),
-                                compute_dtype(sample, model_output), hashable_columns(constant_columns))
+                                compute_dtype(sample, model_output))
     return program(sample, model_output, coefficients)[0].reshape(-1)
 
 
