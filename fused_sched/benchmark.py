@@ -8,8 +8,9 @@ same inputs, same trajectory position, timestep passed as an element of
 
 The torch.compile baseline ("compiled" here, ``torch.compile`` in the command's output)
 answers "what would plain torch.compile of the same math give you". It is the fused
-scheduler's step, unchanged, with its op ``fused_sched.ops.fused_step`` replaced, for the
-duration of the measurement, by ``torch.compile`` (inductor, default mode,
+scheduler's step, unchanged, with its op ``fused_sched.ops.fused_step`` (and
+``ops.plan_step``, whose plans the DDIM family keeps) replaced, for the duration of the
+measurement, by ``torch.compile`` (inductor, default mode,
 ``fullgraph=True``, static shapes) of the pure-torch reference: ``ops.reference``'s
 ``threshold_scale`` (dynamic thresholding only) followed by its ``fused_step``, on the very
 tensors the scheduler passes (x, m, the coefficient row it selected, history, noise).
@@ -224,6 +225,10 @@ class CompiledReferenceOp:
         self._unknown = {name: p.default for name, p in self._signature.parameters.items()
                          if name not in known and name not in self._TENSORS and name != "backend"}
 
+    def plan(self, sample, model_output, coefficients, **kwargs) -> "_CompiledPlan":
+        """Stands in for ``ops.plan_step``, which the DDIM family calls (and keeps the plan)."""
+        return _CompiledPlan(self, {name: v for name, v in kwargs.items() if name not in ("history", "noise")})
+
     def __call__(self, sample, model_output, coefficients, **kwargs):
         self.calls += 1
         key = tuple((name, value if value.__hash__ is not None else id(value))
@@ -257,6 +262,16 @@ class CompiledReferenceOp:
         return ops.StepOutputs(*outputs)
 
 
+class _CompiledPlan:
+    """``ops.StepPlan``'s ``run`` on the compiled reference: the options fixed, the tensors per call."""
+
+    def __init__(self, op: CompiledReferenceOp, options: dict):
+        self.op, self.options = op, options
+
+    def run(self, sample, model_output, coefficients, history=(), noise=None):
+        return self.op(sample, model_output, coefficients, history=history, noise=noise, **self.options)
+
+
 def _check_against_eager(compiled, eager) -> None:
     for name, got, want in zip(("prev_sample", "history value", "x0"), compiled, eager):
         if want is None:
@@ -275,22 +290,24 @@ def _check_against_eager(compiled, eager) -> None:
 
 @contextlib.contextmanager
 def compiled_reference(backend=None):
-    """While active, ``fused_sched.ops.fused_step`` (which every fused scheduler calls) is a
+    """While active, ``fused_sched.ops.fused_step`` (which every fused scheduler calls, or its
+    ``ops.plan_step``, whose plan the DDIM family keeps per schedule) is a
     :class:`CompiledReferenceOp`; the previous compiled state is reset on entry so this case
-    compiles afresh. ``backend``: torch.compile's backend, default :data:`COMPILE_BACKEND`.
-    Yields the stand-in."""
+    compiles afresh. A plan a scheduler made before entering is not replaced: use a scheduler
+    with a fresh schedule (``op.calls`` shows whether the stand-in ran). ``backend``:
+    torch.compile's backend, default :data:`COMPILE_BACKEND`. Yields the stand-in."""
     torch.compiler.reset()
     backend = COMPILE_BACKEND if backend is None else backend
-    original = ops.fused_step
+    original, original_plan = ops.fused_step, ops.plan_step
     op = CompiledReferenceOp(original, backend)
-    ops.fused_step = op
+    ops.fused_step, ops.plan_step = op, op.plan
     try:
         # In-process compilation: inductor's pool of compile workers would otherwise keep
         # starting up in the background and slow the next timed case on a small machine.
         with torch._inductor.config.patch(compile_threads=1):
             yield op
     finally:
-        ops.fused_step = original
+        ops.fused_step, ops.plan_step = original, original_plan
 
 
 def compile_step(step, op: CompiledReferenceOp, device) -> float:

@@ -156,3 +156,98 @@ def test_a_thresholded_step_finds_x0_once_with_the_same_bits(ratio, prediction_t
         assert (got is None) == (want is None)
         if got is not None:
             assert torch.equal(bit_pattern(got), bit_pattern(want))
+
+
+# ---- the DDIM family keeps the op's plan per schedule (DDIMFamilyMixin._fused_step) --------
+
+DDIM_FAMILY = ["ddim", "ddim_inverse", "cogvideox_ddim"]
+
+
+def _ddim_family(kind, **config):
+    from drivers import PAIRS
+
+    reference = PAIRS[kind][0](**config)
+    fused = PAIRS[kind][1](**config)
+    for scheduler in (reference, fused):
+        scheduler.set_timesteps(10)
+    return reference, fused
+
+
+@pytest.mark.parametrize("kind", DDIM_FAMILY)
+def test_a_ddim_family_trajectory_is_planned_once(checks, kind):
+    _, scheduler = _ddim_family(kind)
+    x = torch.randn(2, 3, 4, 4)
+    with ops.use_backend("torch"):
+        for t in scheduler.timesteps:
+            x = scheduler.step(torch.tanh(x), t, x).prev_sample
+    assert len(checks) == 1 and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("kind", DDIM_FAMILY)
+@pytest.mark.parametrize("change", ["model_output dtype", "sample dtype", "shape", "backend request", "schedule"])
+def test_a_kept_plan_never_serves_another_signature(checks, kind, change):
+    """After a step, a step whose inputs differ in anything the op checked is planned again
+    and gives what diffusers gives for those inputs."""
+    reference, fused = _ddim_family(kind)
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = fused.timesteps[3]
+    with ops.use_backend("torch"):
+        fused.step(m, t, x)
+        backend = "auto" if change == "backend request" else "torch"  # another request, whatever it selects
+        if change == "model_output dtype":
+            m = m.to(torch.bfloat16)
+        elif change == "sample dtype":
+            x = x.double()
+        elif change == "shape":
+            x, m = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
+        elif change == "schedule":
+            for scheduler in (reference, fused):
+                scheduler.set_timesteps(7)
+            t = fused.timesteps[3]
+        with ops.use_backend(backend):
+            got = fused.step(m, t, x)
+    want = reference.step(m, reference.timesteps[3], x)
+    assert len(checks) == 2
+    assert got.prev_sample.dtype == want.prev_sample.dtype
+    assert got.pred_original_sample.dtype == want.pred_original_sample.dtype
+    scale = want.prev_sample.double().abs().max()
+    assert (got.prev_sample.double() - want.prev_sample.double()).abs().max() <= 3e-2 * scale
+
+
+@pytest.mark.parametrize("kind", DDIM_FAMILY)
+@pytest.mark.parametrize("bad, error, message", [
+    (dict(model_output=torch.randn(2, 3, 4, 5)), ValueError, "model_output has shape"),
+    (dict(model_output=torch.randn(2, 3, 4, 4, device="meta")), ValueError, "model_output is on meta"),
+    (dict(model_output=torch.randn(2, 3, 4, 4).to(torch.int32)), TypeError, "model_output must be a floating-point"),
+])
+def test_bad_input_after_a_kept_plan_is_still_refused(checks, kind, bad, error, message):
+    _, scheduler = _ddim_family(kind)
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    scheduler.step(m, scheduler.timesteps[3], x)
+    with pytest.raises(error, match=message):
+        scheduler.step(bad["model_output"], scheduler.timesteps[4], x)
+
+
+def test_ddim_noise_of_another_signature_is_checked_again(checks):
+    _, scheduler = _ddim_family("ddim")
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = scheduler.timesteps[3]
+    scheduler.step(m, t, x, eta=0.5, variance_noise=torch.randn(2, 3, 4, 4))
+    scheduler.step(m, t, x, eta=0.5, variance_noise=torch.randn(2, 3, 4, 4))
+    assert len(checks) == 1
+    with pytest.raises(ValueError, match="noise has shape"):
+        scheduler.step(m, t, x, eta=0.5, variance_noise=torch.randn(1, 3, 4, 4))
+    scheduler.step(m, t, x, eta=0.5, variance_noise=torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    scheduler.step(m, t, x, eta=0.7, variance_noise=torch.randn(2, 3, 4, 4))  # another table
+    assert len(checks) == 4
+
+
+def test_tensor_subclass_inputs_to_a_ddim_family_step_are_checked_every_call(checks):
+    class Marked(torch.Tensor):
+        pass
+
+    _, scheduler = _ddim_family("ddim_inverse")
+    x = torch.randn(2, 3, 4, 4).as_subclass(Marked)
+    for t in scheduler.timesteps[:3]:
+        scheduler.step(torch.randn(2, 3, 4, 4), t, x)
+    assert len(checks) == 3

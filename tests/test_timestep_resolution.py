@@ -73,13 +73,14 @@ def test_steps_reuse_one_row_view_that_sees_refills():
 
 @pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim"])
 def test_ddim_family_step_passes_the_cached_row(kind, monkeypatch):
-    """The op receives the very row object PlacedTable.row hands out for that timestep."""
+    """The op receives the very row object PlacedTable.row hands out for that timestep (the
+    step runs its kept plan, ``StepPlan.run``, from the second step on)."""
     from fused_sched import ops
 
     scheduler = _scheduled(kind)
     seen = []
-    original = ops.fused_step
-    monkeypatch.setattr(ops, "fused_step", lambda *a, **k: seen.append(a[2]) or original(*a, **k))
+    original = ops.StepPlan.run
+    monkeypatch.setattr(ops.StepPlan, "run", lambda plan, *a, **k: seen.append(a[2]) or original(plan, *a, **k))
     x = torch.randn(1, 4, 8, 8)
     for _ in range(2):
         scheduler.step(x, scheduler.timesteps[4], x)

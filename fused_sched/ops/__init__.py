@@ -105,35 +105,69 @@ def fused_step(
     a scheduler calls this with one signature per trajectory, and on a small latent the
     checks cost as much as the arithmetic.
     """
+    history = _history_tuple(history)
+    plan = _planned(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
+                    threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
+    return plan.run(sample, model_output, coefficients, history, noise)
+
+
+def plan_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    coefficients: torch.Tensor,
+    *,
+    history: Sequence[torch.Tensor] = (),
+    noise: torch.Tensor | PhiloxNoise | None = None,
+    clip: str = "none",
+    clip_range: float = 1.0,
+    threshold_ratio: float = 0.995,
+    threshold_max: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+    history_dtype: torch.dtype | None = None,
+    x0_dtype: torch.dtype | None = None,
+    constant_columns: Mapping[int, float] | None = None,
+    backend: str | None = None,
+) -> "StepPlan":
+    """What :func:`fused_step` decides before it computes: every check of these arguments
+    and the backend chosen for them, as a :class:`StepPlan` whose ``run`` computes the step.
+    ``fused_step(...)`` is ``plan_step(...).run(sample, model_output, coefficients, history,
+    noise)``.
+
+    For callers that step many times with inputs they know keep one signature: a scheduler
+    makes its coefficient rows itself, so the sample's and model output's shapes, dtypes and
+    devices (and the backend request) fix everything the checks read, and it keeps the plan
+    under those instead of having every argument checked again per step. ``run`` checks
+    nothing but PhiloxNoise values; calling it with tensors of another signature than the
+    plan's is a caller's bug (``fused_step`` is the checked form).
+    """
+    history = _history_tuple(history)
+    return _planned(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
+                    threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
+
+
+def _history_tuple(history) -> tuple:
     if type(history) is not tuple:
         if isinstance(history, torch.Tensor):  # tuple() would split it along dim 0
             raise TypeError("history must be a sequence of tensors, got a single tensor; pass (h1,) or (h1, h2), most recent first")
         history = tuple(history)
-    if not torch.compiler.is_compiling():
-        key = _signature(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
-                         threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
-        plan = _plans.get(key) if key is not None else None
-        if plan is None:  # the key holds constant_columns' id, and the plan keeps the object alive
-            plan = _plan(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
-                         threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
-            if key is not None:
-                _plans.store(key, plan)
-        if isinstance(noise, PhiloxNoise):  # its values differ per call
-            noise = _check_philox_noise(noise, sample)
-        return plan.run(sample, model_output, coefficients, history, noise)
+    return history
 
-    plan = _plan(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
-                 threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
-    if isinstance(noise, PhiloxNoise):
-        noise = _check_philox_noise(noise, sample)
-    # Traced as one opaque node (see compiled.py): no graph break into backend code.
-    noise_tensor, philox_seed, philox_offset, philox_base = compiled.noise_arguments(noise)
-    prev, d, x0 = compiled.fused_step_op(
-        sample, model_output, coefficients, list(history), noise_tensor, plan.clip, plan.clip_range,
-        plan.threshold_ratio, plan.threshold_max, plan.out_dtype, history_dtype, x0_dtype, backend,
-        *compiled.constant_columns_arguments(plan.constant_columns), philox_seed, philox_offset, philox_base,
-    )
-    return StepOutputs(prev, d if history_dtype is not None else None, x0 if x0_dtype is not None else None)
+
+def _planned(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
+             out_dtype, history_dtype, x0_dtype, constant_columns, backend) -> "StepPlan":
+    """The plan of this call signature: from the cache, else checked and stored."""
+    if torch.compiler.is_compiling():  # traced, the plan only carries the options to the custom op
+        return _plan(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
+                     threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
+    key = _signature(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
+                     threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
+    plan = _plans.get(key) if key is not None else None
+    if plan is None:  # the key holds constant_columns' id, and the plan keeps the object alive
+        plan = _plan(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
+                     threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
+        if key is not None:
+            _plans.store(key, plan)
+    return plan
 
 
 def _plan(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
@@ -202,7 +236,7 @@ def _plan(sample, model_output, coefficients, history, noise, clip, clip_range, 
     if not torch.compiler.is_compiling():  # traced, the custom op selects when it runs
         impl = _select(sample, model_output, history, noise, backend)
     return StepPlan(impl, sample, model_output, history, noise, clip, float(clip_range), float(threshold_ratio),
-                    float(threshold_max), out_dtype, history_dtype, x0_dtype, constant_columns)
+                    float(threshold_max), out_dtype, history_dtype, x0_dtype, constant_columns, backend)
 
 
 def _select(sample, model_output, history, noise, backend):
@@ -216,14 +250,17 @@ def _select(sample, model_output, history, noise, backend):
 
 class StepPlan:
     """What the checks decided for one call signature: the backend, the normalised options
-    and, from a backend that specialises (``step_program``), the step's program."""
+    and, from a backend that specialises (``step_program``), the step's program. Made by
+    :func:`plan_step`; ``impl`` is None for a plan made while torch.compile traces (the
+    custom op selects the backend when it runs)."""
 
     __slots__ = ("impl", "clip", "clip_range", "threshold_ratio", "threshold_max", "out_dtype", "history_dtype",
-                 "x0_dtype", "constant_columns", "_step", "_threshold")
+                 "x0_dtype", "constant_columns", "backend", "_step", "_threshold")
 
     def __init__(self, impl, sample, model_output, history, noise, clip, clip_range, threshold_ratio, threshold_max,
-                 out_dtype, history_dtype, x0_dtype, constant_columns):
+                 out_dtype, history_dtype, x0_dtype, constant_columns, backend=None):
         self.impl = impl
+        self.backend = backend  # the explicit request, for the traced custom op
         self.clip, self.clip_range = clip, clip_range
         self.threshold_ratio, self.threshold_max = threshold_ratio, threshold_max
         self.out_dtype, self.history_dtype, self.x0_dtype = out_dtype, history_dtype, x0_dtype
@@ -242,7 +279,14 @@ class StepPlan:
             self._threshold = self.impl.threshold_program(self.threshold_ratio, self.threshold_max,
                                                           tuple(sample.shape[1:]), dtype, known)
 
-    def run(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
+    def run(self, sample, model_output, coefficients, history=(), noise=None) -> StepOutputs:
+        """The step on tensors of this plan's signature (see :func:`plan_step`)."""
+        if type(history) is not tuple:
+            history = _history_tuple(history)
+        if isinstance(noise, PhiloxNoise):  # its values differ per call
+            noise = _check_philox_noise(noise, sample)
+        if torch.compiler.is_compiling():
+            return self._traced(sample, model_output, coefficients, history, noise)
         step = self._step
         if step is not None:
             scale = x0 = None
@@ -256,6 +300,17 @@ class StepPlan:
         prev, d, x0 = impl.fused_step(sample, model_output, coefficients, history, noise, self.clip, self.clip_range,
                                       scale, self.out_dtype, self.history_dtype, self.x0_dtype)
         return StepOutputs(prev, d, x0)
+
+    def _traced(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
+        # One opaque node (see compiled.py): no graph break into backend code.
+        noise_tensor, philox_seed, philox_offset, philox_base = compiled.noise_arguments(noise)
+        prev, d, x0 = compiled.fused_step_op(
+            sample, model_output, coefficients, list(history), noise_tensor, self.clip, self.clip_range,
+            self.threshold_ratio, self.threshold_max, self.out_dtype, self.history_dtype, self.x0_dtype, self.backend,
+            *compiled.constant_columns_arguments(self.constant_columns), philox_seed, philox_offset, philox_base,
+        )
+        return StepOutputs(prev, d if self.history_dtype is not None else None,
+                           x0 if self.x0_dtype is not None else None)
 
 
 def run_backend(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,

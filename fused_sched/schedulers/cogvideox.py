@@ -42,12 +42,7 @@ class FusedCogVideoXDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDDIMS
         return_dict: bool = True,
     ) -> DDIMSchedulerOutput | tuple:
         self._require_schedule()
-        self._check_model_io(model_output, sample)
-        placed = self._tables["step"]
-        coefficient_dtype, promoted, x0_dtype = self._step_dtypes(sample, model_output)
-        rows = self._row(placed, timestep, sample.device, coefficient_dtype)
-        prev, _, x0 = ops.fused_step(sample, model_output, rows, out_dtype=promoted, x0_dtype=x0_dtype,
-                                     constant_columns=placed.constant_columns)
+        prev, x0 = self._fused_step("step", timestep, sample, model_output)
         if not return_dict:
             return (prev, x0)
         return step_output(DDIMSchedulerOutput, prev, x0)

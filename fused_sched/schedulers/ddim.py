@@ -8,7 +8,6 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-from .. import ops
 from ..ops import layout as L
 from ..coefficients.ddim import ddim_table
 from .base import validated_init
@@ -74,7 +73,6 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         return_dict: bool = True,
     ) -> DDIMSchedulerOutput | tuple:
         self._require_schedule()
-        self._check_model_io(model_output, sample)
         if type(eta) is not float and (isinstance(eta, torch.Tensor) or not isinstance(eta, numbers.Real)):
             raise TypeError(f"eta must be a Python number, got {type(eta).__name__}")
         if not 0.0 <= eta <= 1.0:
@@ -88,21 +86,14 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
                 " `variance_noise` stays `None`."
             )
         key = (float(eta), bool(use_clipped_model_output))
-        placed = self._tables.get(key)
-        if placed is None:
+        if key not in self._tables:
             self._build_table(*key)
-            placed = self._tables[key]
-        coefficient_dtype, promoted, x0_dtype = self._step_dtypes(sample, model_output)
-        rows = self._row(placed, timestep, sample.device, coefficient_dtype)
-
         noise = None
         if eta > 0:  # diffusers draws noise whenever eta > 0, even where std is 0
+            self._check_model_io(model_output, sample)  # before reading it (_fused_step checks it too)
             noise = self._draw_noise(model_output.shape, generator, model_output.device, model_output.dtype,
                                      variance_noise)
-        prev, _, x0 = ops.fused_step(
-            sample, model_output, rows, noise=noise, out_dtype=promoted, x0_dtype=x0_dtype,
-            constant_columns=placed.constant_columns, **self._clip,
-        )
+        prev, x0 = self._fused_step(key, timestep, sample, model_output, noise, self._clip)
         if not return_dict:
             return (prev, x0)
         return step_output(DDIMSchedulerOutput, prev, x0)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ..coefficients.table import PlacedTable
 from ..ops import layout as L
+from ..ops.philox import PhiloxNoise
 from .base import FusedSchedulerMixin, check_finite_rows
 
 
@@ -20,6 +22,7 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         # Tables rebuilt with their old shapes are refilled in place (see _install_table).
         self._retired_tables = {**getattr(self, "_retired_tables", {}), **getattr(self, "_tables", {})}
         self._tables = {}
+        self._step_plans = {}  # see _fused_step
         self._schedule_device = device
         # see _step_dtypes; kept across schedules (it depends on the config alone), so a
         # traced step's guards on it stay valid after set_timesteps
@@ -38,6 +41,49 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
             x0 = model_output.dtype if self.config.prediction_type == "sample" else promoted
             dtypes = self._dtypes_by_input[key] = (self._coefficient_dtype(sample, model_output), promoted, x0)
         return dtypes
+
+    def _fused_step(self, table_key, timestep, sample: torch.Tensor, model_output: torch.Tensor, noise=None,
+                    clip: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prev, x0) of one step with the rows of table ``table_key`` at ``timestep``, with
+        the op's ``clip`` arguments; checks ``sample`` and ``model_output``.
+
+        The op's plan (``ops.plan_step``: every check, the backend choice) is kept per
+        schedule under the table, the sample's, model output's and noise's shapes, dtypes and
+        devices, and the backend request: the rows come from this scheduler's own table, in a
+        dtype and on a device those fix, and the options are the schedule's, so nothing else
+        the op checks can differ between two steps with the same key (a key's dtypes passed
+        the checks, so its tensors are floating point). A new key, a tensor subclass, or a
+        traced step is checked in full.
+        """
+        placed = self._tables[table_key]
+        key = None
+        if type(sample) is torch.Tensor and type(model_output) is torch.Tensor and not torch.compiler.is_compiling():
+            if noise is None or type(noise) is PhiloxNoise:
+                noise_key = None if noise is None else PhiloxNoise
+            elif type(noise) is torch.Tensor:
+                noise_key = (noise.shape, noise.dtype, noise.device)
+            else:
+                noise_key = False  # not cached
+            if noise_key is not False:
+                key = (table_key, sample.shape, sample.dtype, sample.device, model_output.shape, model_output.dtype,
+                       model_output.device, noise_key, ops.requested_backend())
+        known = self._step_plans.get(key) if key is not None else None
+        if known is not None:
+            coefficient_dtype, plan = known
+            rows = self._row(placed, timestep, sample.device, coefficient_dtype)
+            prev, _, x0 = plan.run(sample, model_output, rows, (), noise)
+            return prev, x0
+        self._check_model_io(model_output, sample)
+        coefficient_dtype, promoted, x0_dtype = self._step_dtypes(sample, model_output)
+        rows = self._row(placed, timestep, sample.device, coefficient_dtype)
+        plan = ops.plan_step(sample, model_output, rows, noise=noise, out_dtype=promoted, x0_dtype=x0_dtype,
+                             constant_columns=placed.constant_columns, **(clip or {}))
+        if key is not None:
+            if len(self._step_plans) >= 64:  # a caller may cycle through many shapes
+                self._step_plans.clear()
+            self._step_plans[key] = (coefficient_dtype, plan)
+        prev, _, x0 = plan.run(sample, model_output, rows, (), noise)
+        return prev, x0
 
     def _boundary_alpha(self) -> torch.Tensor:
         """The alpha-bar used past the schedule's end (final, or initial for the inverse)."""

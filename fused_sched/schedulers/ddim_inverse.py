@@ -6,7 +6,6 @@ import torch
 from diffusers import DDIMInverseScheduler
 from diffusers.schedulers.scheduling_ddim_inverse import DDIMSchedulerOutput
 
-from .. import ops
 from ..coefficients.ddim import ddim_inverse_table
 from .base import validated_init
 from .ddim import _check_config
@@ -35,12 +34,7 @@ class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
         return_dict: bool = True,
     ) -> DDIMSchedulerOutput | tuple:
         self._require_schedule()
-        self._check_model_io(model_output, sample)
-        placed = self._tables["step"]
-        coefficient_dtype, promoted, x0_dtype = self._step_dtypes(sample, model_output)
-        rows = self._row(placed, timestep, sample.device, coefficient_dtype)
-        prev, _, x0 = ops.fused_step(sample, model_output, rows, out_dtype=promoted, x0_dtype=x0_dtype,
-                                     constant_columns=placed.constant_columns, **self._clip)
+        prev, x0 = self._fused_step("step", timestep, sample, model_output, None, self._clip)
         if not return_dict:
             return (prev, x0)
         return step_output(DDIMSchedulerOutput, prev, x0)
