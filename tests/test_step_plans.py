@@ -251,3 +251,17 @@ def test_tensor_subclass_inputs_to_a_ddim_family_step_are_checked_every_call(che
     for t in scheduler.timesteps[:3]:
         scheduler.step(torch.randn(2, 3, 4, 4), t, x)
     assert len(checks) == 3
+
+
+def test_plan_step_takes_fused_steps_options_and_its_plan_computes_the_same_step(checks):
+    options = dict(clip="clamp", clip_range=0.5, x0_dtype=torch.float32, history_dtype=torch.float16,
+                   constant_columns=KNOWN, backend="torch")
+    history = (torch.randn(2, 3, 4, 4),)
+    plan = ops.plan_step(X, M, ROWS, history=history, **options)
+    assert ops.plan_step(X, M, ROWS, history=history, **options) is plan and len(checks) == 1
+    for got, want in zip(plan.run(X, M, ROWS, history), ops.fused_step(X, M, ROWS, history=history, **options)):
+        assert torch.equal(got, want)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['clip_ratio'\]"):
+        ops.plan_step(X, M, ROWS, clip_ratio=0.5)
+    with pytest.raises(ValueError, match="clip_range must be > 0"):
+        ops.plan_step(X, M, ROWS, clip="clamp", clip_range=0.0)

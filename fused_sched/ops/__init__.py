@@ -1,11 +1,13 @@
 """The fused scheduler-step op: argument checks and backend dispatch.
 
-Schedulers call :func:`fused_step`; kernels never see unchecked arguments. See
+Schedulers call :func:`fused_step` (the DDIM family :func:`plan_step` once per input
+signature, then the plan's ``run``); kernels never see unchecked arguments. See
 ``layout.py`` for the math and the coefficient-row columns.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
@@ -118,15 +120,7 @@ def plan_step(
     *,
     history: Sequence[torch.Tensor] = (),
     noise: torch.Tensor | PhiloxNoise | None = None,
-    clip: str = "none",
-    clip_range: float = 1.0,
-    threshold_ratio: float = 0.995,
-    threshold_max: float = 1.0,
-    out_dtype: torch.dtype | None = None,
-    history_dtype: torch.dtype | None = None,
-    x0_dtype: torch.dtype | None = None,
-    constant_columns: Mapping[int, float] | None = None,
-    backend: str | None = None,
+    **options,
 ) -> "StepPlan":
     """What :func:`fused_step` decides before it computes: every check of these arguments
     and the backend chosen for them, as a :class:`StepPlan` whose ``run`` computes the step.
@@ -139,10 +133,20 @@ def plan_step(
     under those instead of having every argument checked again per step. ``run`` checks
     nothing but PhiloxNoise values; calling it with tensors of another signature than the
     plan's is a caller's bug (``fused_step`` is the checked form).
+
+    ``options`` are fused_step's other keyword arguments, with its defaults.
     """
-    history = _history_tuple(history)
-    return _planned(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio,
-                    threshold_max, out_dtype, history_dtype, x0_dtype, constant_columns, backend)
+    unknown = options.keys() - _STEP_OPTIONS.keys()
+    if unknown:
+        raise TypeError(f"plan_step() got unexpected keyword argument(s) {sorted(unknown)}; "
+                        f"expected fused_step's: {sorted(_STEP_OPTIONS)}")
+    return _planned(sample, model_output, coefficients, _history_tuple(history), noise,
+                    **{**_STEP_OPTIONS, **options})
+
+
+# fused_step's keyword arguments other than the tensors, with their defaults
+_STEP_OPTIONS = {name: parameter.default for name, parameter in inspect.signature(fused_step).parameters.items()
+                 if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("history", "noise")}
 
 
 def _history_tuple(history) -> tuple:
