@@ -71,17 +71,16 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         if known is not None:
             coefficient_dtype, plan = known
             rows = self._row(placed, timestep, sample.device, coefficient_dtype)
-            prev, _, x0 = plan.run(sample, model_output, rows, (), noise)
-            return prev, x0
-        self._check_model_io(model_output, sample)
-        coefficient_dtype, promoted, x0_dtype = self._step_dtypes(sample, model_output)
-        rows = self._row(placed, timestep, sample.device, coefficient_dtype)
-        plan = ops.plan_step(sample, model_output, rows, noise=noise, out_dtype=promoted, x0_dtype=x0_dtype,
-                             constant_columns=placed.constant_columns, **(clip or {}))
-        if key is not None:
-            if len(self._step_plans) >= 64:  # a caller may cycle through many shapes
-                self._step_plans.clear()
-            self._step_plans[key] = (coefficient_dtype, plan)
+        else:
+            self._check_model_io(model_output, sample)
+            coefficient_dtype, promoted, x0_dtype = self._step_dtypes(sample, model_output)
+            rows = self._row(placed, timestep, sample.device, coefficient_dtype)
+            plan = ops.plan_step(sample, model_output, rows, noise=noise, out_dtype=promoted, x0_dtype=x0_dtype,
+                                 constant_columns=placed.constant_columns, **(clip or {}))
+            if key is not None:
+                if len(self._step_plans) >= 64:  # a caller may cycle through many shapes
+                    self._step_plans.clear()
+                self._step_plans[key] = (coefficient_dtype, plan)
         prev, _, x0 = plan.run(sample, model_output, rows, (), noise)
         return prev, x0
 
