@@ -16,14 +16,23 @@ from fused_sched.ops import backends  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# csrc/cuda's kernels run on CPU tensors by the tests' CUDA emulator (tests/cuda_emulator):
+# a backend of the tests only, registered as fused_sched registers its own (resolved on
+# first use), so every backend-parametrised test also runs the CUDA sources on machines
+# without a GPU. `auto` never chooses it: it is in no preference list.
+backends._REGISTRY.setdefault("cuda-emulator", "cuda_emulator:BACKEND")
+
+BACKENDS = ("torch", "cpu", "cuda", "triton", "cuda-emulator")
+CPU_ONLY_BACKENDS = ("cpu", "cuda-emulator")
+
 
 def backend_device(name: str) -> torch.device:
     """Where a backend's tests put their data: the GPU where there is one (CPU tensors are
-    covered on CPU machines), except for the ``cpu`` backend, which runs CPU tensors only."""
-    return torch.device("cpu") if name == "cpu" else DEVICE
+    covered on CPU machines), except for the backends that run CPU tensors only."""
+    return torch.device("cpu") if name in CPU_ONLY_BACKENDS else DEVICE
 
 
-@pytest.fixture(scope="module", params=["torch", "cpu", "cuda", "triton"])
+@pytest.fixture(scope="module", params=BACKENDS)
 def backend(request):
     """Run a module's tests once per backend that can run on this machine, on the device of
     ``backend_device`` (tests take the ``device`` fixture for their tensors).

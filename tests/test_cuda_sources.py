@@ -8,13 +8,14 @@ which only a CUDA build of torch would otherwise ever compile, is syntax-checked
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from cuda_toolkit import INCLUDE, NVCC, needs_headers, needs_nvcc
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -27,36 +28,6 @@ TORCH_NVCC_DEFINES = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
 ]
 WERROR = ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
-
-
-def _find_nvcc() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return str(Path(home) / "bin" / "nvcc")
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.is_file() else None
-
-
-NVCC = _find_nvcc()
-
-
-def _cuda_include() -> Path | None:
-    # nvcc may be a wrapper script outside the toolkit, so look in the usual places too.
-    candidates = [Path(h) / "include" for h in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")) if h]
-    if NVCC is not None:
-        candidates.append(Path(NVCC).resolve().parent.parent / "include")
-    candidates.append(Path("/usr/local/cuda/include"))
-    return next((c for c in candidates if (c / "cuda_runtime_api.h").is_file()), None)
-
-
-# CI sets FUSED_SCHED_REQUIRE_NVCC=1: there a missing nvcc must fail the run, since these
-# tests are what keeps CUDA sources from rotting unseen on GPU-less machines.
-if NVCC is None and os.environ.get("FUSED_SCHED_REQUIRE_NVCC") == "1":
-    raise RuntimeError("FUSED_SCHED_REQUIRE_NVCC=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 
 
 def _run(command: list[str], cwd: Path) -> None:
@@ -95,7 +66,7 @@ def test_shared_header_compiles_with_the_host_compiler(tmp_path):
           "-o", str(tmp_path / "header.o")], cwd=tmp_path)
 
 
-@needs_nvcc
+@needs_headers
 def test_cuda_launcher_compiles_against_torch_headers(tmp_path):
     # bindings.cpp's CUDA half is not compiled here (torch/extension.h costs ~30 s);
     # ops_cuda.cpp static_asserts that it binds functions of the CPU half's signatures.
@@ -103,9 +74,6 @@ def test_cuda_launcher_compiles_against_torch_headers(tmp_path):
     if cxx is None:
         pytest.skip("no host C++ compiler")
     torch_include = Path(torch.__file__).parent / "include"
-    cuda_include = _cuda_include()
-    if cuda_include is None:
-        pytest.skip("no cuda_runtime_api.h found next to nvcc, under CUDA_HOME or in /usr/local/cuda")
     # A CPU build of torch ships c10/cuda headers but not the one CMake generates.
     stub = tmp_path / "stub"
     if not (torch_include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file():
@@ -115,7 +83,7 @@ def test_cuda_launcher_compiles_against_torch_headers(tmp_path):
         [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DFUSED_SCHED_WITH_CUDA",
          f"-I{CSRC / 'include'}",
          "-isystem", str(torch_include), "-isystem", str(torch_include / "torch" / "csrc" / "api" / "include"),
-         "-isystem", str(cuda_include), "-isystem", str(stub), str(CSRC / "cuda" / "ops_cuda.cpp")],
+         "-isystem", str(INCLUDE), "-isystem", str(stub), str(CSRC / "cuda" / "ops_cuda.cpp")],
         cwd=tmp_path,
     )
 

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "kernels.h"
 
@@ -44,15 +45,28 @@ __device__ __forceinline__ void store_one(void* p, DType t, int64_t i, float v) 
   }
 }
 
+// The value whose bits are `from`'s. A 16-byte pack of 16-bit values is loaded and stored
+// as one uint4 and its 32-bit words are converted to and from __half2 / __nv_bfloat162 by
+// copying bits: reading a uint4 register through a __half2 pointer (the usual idiom)
+// breaks C++'s aliasing rules, and the host compiler did drop such loads when the tests'
+// CUDA emulator compiled this file. memcpy between registers costs no instruction.
+template <typename To, typename From>
+__device__ __forceinline__ To bits_as(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as converts between types of one size");
+  To to;
+  memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
 // Elements [i, i + kPack); the caller guarantees 16-byte alignment of p + i.
 __device__ __forceinline__ void load_pack(const void* p, DType t, int64_t i, float (&v)[kPack]) {
   switch (t) {
     case DType::kFloat16: {
       const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const __half*>(p) + i);
-      const __half2* h = reinterpret_cast<const __half2*>(&raw);
+      const uint32_t words[kPack / 2] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
       for (int k = 0; k < kPack / 2; ++k) {
-        const float2 f = __half22float2(h[k]);
+        const float2 f = __half22float2(bits_as<__half2>(words[k]));
         v[2 * k] = f.x;
         v[2 * k + 1] = f.y;
       }
@@ -60,10 +74,10 @@ __device__ __forceinline__ void load_pack(const void* p, DType t, int64_t i, flo
     }
     case DType::kBFloat16: {
       const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p) + i);
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+      const uint32_t words[kPack / 2] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
       for (int k = 0; k < kPack / 2; ++k) {
-        const float2 f = __bfloat1622float2(h[k]);
+        const float2 f = __bfloat1622float2(bits_as<__nv_bfloat162>(words[k]));
         v[2 * k] = f.x;
         v[2 * k + 1] = f.y;
       }
@@ -83,19 +97,19 @@ __device__ __forceinline__ void load_pack(const void* p, DType t, int64_t i, flo
 __device__ __forceinline__ void store_pack(void* p, DType t, int64_t i, const float (&v)[kPack]) {
   switch (t) {
     case DType::kFloat16: {
-      uint4 raw;
-      __half2* h = reinterpret_cast<__half2*>(&raw);
+      uint32_t words[kPack / 2];
 #pragma unroll
-      for (int k = 0; k < kPack / 2; ++k) h[k] = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
-      *reinterpret_cast<uint4*>(static_cast<__half*>(p) + i) = raw;
+      for (int k = 0; k < kPack / 2; ++k) words[k] = bits_as<uint32_t>(__floats2half2_rn(v[2 * k], v[2 * k + 1]));
+      *reinterpret_cast<uint4*>(static_cast<__half*>(p) + i) = make_uint4(words[0], words[1], words[2], words[3]);
       return;
     }
     case DType::kBFloat16: {
-      uint4 raw;
-      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+      uint32_t words[kPack / 2];
 #pragma unroll
-      for (int k = 0; k < kPack / 2; ++k) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
-      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p) + i) = raw;
+      for (int k = 0; k < kPack / 2; ++k) {
+        words[k] = bits_as<uint32_t>(__floats2bfloat162_rn(v[2 * k], v[2 * k + 1]));
+      }
+      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p) + i) = make_uint4(words[0], words[1], words[2], words[3]);
       return;
     }
     case DType::kFloat64: {

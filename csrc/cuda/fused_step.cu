@@ -11,6 +11,7 @@
 #include "fused_sched/philox.h"
 #include "fused_sched/step_math.h"
 #include "kernels.h"
+#include "launch.cuh"
 
 namespace fused_sched::cuda {
 namespace {
@@ -104,9 +105,9 @@ void launch(const StepLaunch& a, bool per_row, bool packed, cudaStream_t stream)
   const int blocks = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(wanted, static_cast<int64_t>(multiprocessor_count()) * kBlocksPerSM)));
   if (packed) {
-    fused_step_kernel<kClip, kHistory, kNoise, true><<<blocks, kThreads, 0, stream>>>(a, per_row);
+    FS_LAUNCH(blocks, kThreads, stream, fused_step_kernel<kClip, kHistory, kNoise, true>)(a, per_row);
   } else {
-    fused_step_kernel<kClip, kHistory, kNoise, false><<<blocks, kThreads, 0, stream>>>(a, per_row);
+    FS_LAUNCH(blocks, kThreads, stream, fused_step_kernel<kClip, kHistory, kNoise, false>)(a, per_row);
   }
 }
 

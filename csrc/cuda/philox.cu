@@ -4,6 +4,7 @@
 
 #include "fused_sched/philox.h"
 #include "kernels.h"
+#include "launch.cuh"
 
 namespace fused_sched::cuda {
 namespace {
@@ -27,7 +28,7 @@ cudaError_t launch_philox_bits(uint64_t seed, uint64_t offset, int64_t n, uint32
   const int64_t wanted = (n + kBitsThreads - 1) / kBitsThreads;
   const int blocks = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(wanted, static_cast<int64_t>(multiprocessor_count()) * 8)));
-  philox_bits_kernel<<<blocks, kBitsThreads, 0, stream>>>(seed, offset, n, out);
+  FS_LAUNCH(blocks, kBitsThreads, stream, philox_bits_kernel)(seed, offset, n, out);
   return cudaGetLastError();
 }
 

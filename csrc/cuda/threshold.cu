@@ -14,6 +14,7 @@
 #include "device_io.cuh"
 #include "fused_sched/step_math.h"
 #include "kernels.h"
+#include "launch.cuh"
 
 namespace fused_sched::cuda {
 namespace {
@@ -172,11 +173,11 @@ void launch_pass(const ThresholdLaunch& a, RowState* states, int blocks_per_row,
                  cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(a.batch * blocks_per_row);
   if (packed) {
-    histogram_kernel<kPass, true><<<grid, kThreads, 0, stream>>>(a, states, blocks_per_row);
+    FS_LAUNCH(grid, kThreads, stream, histogram_kernel<kPass, true>)(a, states, blocks_per_row);
   } else {
-    histogram_kernel<kPass, false><<<grid, kThreads, 0, stream>>>(a, states, blocks_per_row);
+    FS_LAUNCH(grid, kThreads, stream, histogram_kernel<kPass, false>)(a, states, blocks_per_row);
   }
-  narrow_kernel<kPass><<<static_cast<unsigned>(a.batch), kWarp, 0, stream>>>(states, weight, a.max_value, a.scale);
+  FS_LAUNCH(static_cast<unsigned>(a.batch), kWarp, stream, narrow_kernel<kPass>)(states, weight, a.max_value, a.scale);
 }
 
 }  // namespace
@@ -201,7 +202,7 @@ cudaError_t launch_threshold_scale(const ThresholdLaunch& a, cudaStream_t stream
   const int blocks_per_row = static_cast<int>(
       std::max<int64_t>(1, std::min({per_row_for_device, per_row_for_work, grid_limit})));
 
-  init_kernel<<<static_cast<unsigned>(a.batch), kThreads, 0, stream>>>(
+  FS_LAUNCH(static_cast<unsigned>(a.batch), kThreads, stream, init_kernel)(
       states, static_cast<unsigned long long>(rank.lo), static_cast<unsigned long long>(rank.hi));
   launch_pass<0>(a, states, blocks_per_row, packed, rank.weight, stream);
   launch_pass<1>(a, states, blocks_per_row, packed, rank.weight, stream);

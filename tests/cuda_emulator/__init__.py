@@ -1,0 +1,79 @@
+"""csrc/cuda's kernels compiled for the CPU and run by a CUDA emulator (cuda_emulator.h).
+
+``load_backend()`` builds (ninja, cached) a module from every ``csrc/cuda/*.cu``, each
+compiled by the host compiler after ``cuda_emulator.h`` with FUSED_SCHED_CUDA_EMULATOR
+defined, plus the launch arguments of ``csrc/cuda/launch_arguments.h`` and bindings of
+the compiled backends' signatures, and returns it as a fused_sched ``CompiledBackend``
+named ``cuda-emulator`` that takes CPU tensors. Tests drive it exactly as they drive the
+``cpu`` backend; what the emulation does and does not show is in cuda_emulator.h.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+from fused_sched.ops import extension
+
+import cuda_toolkit
+
+HERE = Path(__file__).resolve().parent
+CUDA_SOURCES = extension.CSRC / "cuda"
+NAME = "fused_sched_cuda_emulator"
+
+
+def build_directory() -> Path:
+    # Next to the extension's cache, so CI's cache and FUSED_SCHED_BUILD_DIR cover both.
+    return extension.build_directory(False).with_name(extension.build_directory(False).name + "_cuda_emulator")
+
+
+def _translation_units(directory: Path) -> list[Path]:
+    """One host-compiled unit per .cu (their anonymous namespaces must stay apart)."""
+    units = []
+    for source in sorted(CUDA_SOURCES.glob("*.cu")):
+        unit = directory / f"emulated_{source.stem}.cpp"
+        text = f'#include "cuda_emulator.h"\n#include "{source}"\n'
+        # Rewritten only when it changes, so ninja's cache stays valid.
+        if not unit.is_file() or unit.read_text() != text:
+            unit.write_text(text)
+        units.append(unit)
+    return units
+
+
+def __getattr__(name: str):
+    # ``BACKEND``, resolved lazily as fused_sched's registry resolves its backends: the
+    # registry of the tests (conftest.py) names it ``cuda_emulator:BACKEND``.
+    if name == "BACKEND":
+        if cuda_toolkit.INCLUDE is None:
+            return extension.UnavailableBackend(
+                "cuda-emulator", "the CUDA toolkit's headers were not found (set CUDA_HOME or put nvcc on PATH)")
+        return load_backend(cuda_toolkit.INCLUDE)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def load_backend(cuda_include: Path):
+    """The emulated kernels as a CompiledBackend over CPU tensors (built on first use)."""
+    from torch.utils import cpp_extension
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    module = cpp_extension.load(
+        name=NAME,
+        sources=[str(p) for p in _translation_units(directory)] + [str(HERE / "runtime.cpp"), str(HERE / "bindings.cpp")],
+        # The kernels' step math takes its host branch here: it needs the cpu backend's
+        # -ffp-contract=off to round as the reference does.
+        extra_cflags=extension.CXX_FLAGS + ["-DFUSED_SCHED_CUDA_EMULATOR", "-pthread"],
+        extra_include_paths=[str(extension.CSRC / "include"), str(CUDA_SOURCES), str(HERE), str(cuda_include)],
+        extra_ldflags=["-pthread"],
+        build_directory=str(directory),
+        verbose=False,
+    )
+    print(f"\nfused_sched CUDA emulator ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    backend = extension.CompiledBackend("cuda-emulator", "cpu", module.fused_step, module.threshold_scale,
+                                        module.philox_bits)
+    backend.module = module  # tests count its launches
+    return backend
