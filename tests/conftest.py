@@ -32,23 +32,27 @@ def backend_device(name: str) -> torch.device:
     return torch.device("cpu") if name in CPU_ONLY_BACKENDS else DEVICE
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def backend(request):
-    """Run a module's tests once per backend that can run on this machine, on the device of
-    ``backend_device`` (tests take the ``device`` fixture for their tensors).
-
-    A backend listed in FUSED_SCHED_REQUIRE_BACKENDS (CI lists every backend its machine
-    can run) that turns out unavailable fails the run instead of being skipped.
-    """
-    name = request.param
+def require_backend(name: str):
+    """The backend object, if it can run on ``backend_device(name)``; else the test is
+    skipped, or fails if FUSED_SCHED_REQUIRE_BACKENDS lists it (CI lists every backend its
+    machine can run, so none is skipped there unseen)."""
     reason = backends.why_unavailable(name, backend_device(name), (torch.float32,))
     if reason is not None:
         required = os.environ.get("FUSED_SCHED_REQUIRE_BACKENDS", "").split(",")
         if name in required:
             pytest.fail(f"backend {name!r} is required here but unavailable: {reason}")
         pytest.skip(f"backend {name!r} unavailable: {reason}")
-    with ops.use_backend(name):
-        yield name
+    return backends.load_backend(name)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request):
+    """Run a module's tests once per backend that can run on this machine (see
+    ``require_backend``), on the device of ``backend_device`` (tests take the ``device``
+    fixture for their tensors)."""
+    require_backend(request.param)
+    with ops.use_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ which only a CUDA build of torch would otherwise ever compile, is syntax-checked
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -64,6 +65,38 @@ def test_shared_header_compiles_with_the_host_compiler(tmp_path):
     source.write_text('#include "fused_sched/step_math.h"\nint main() { return fused_sched::kNumCoefficients - 11; }\n')
     _run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", f"-I{CSRC / 'include'}", "-c", str(source),
           "-o", str(tmp_path / "header.o")], cwd=tmp_path)
+
+
+def _kernel_entries(ptx: str) -> dict[str, str]:
+    """Mangled kernel name -> its PTX body."""
+    parts = re.split(r"^\s*(?:\.visible\s+)?\.entry\s+", ptx, flags=re.M)[1:]
+    return {part.split("(", 1)[0].strip(): part for part in parts}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source,kernel,accesses", [
+    ("fused_step.cu", "fused_step_kernel", ("ld.global.v4.f32", "ld.global.v4.u32", "st.global.v4.f32",
+                                            "st.global.v4.u32")),
+    ("threshold.cu", "histogram_kernel", ("ld.global.v4.f32", "ld.global.v4.u32")),
+])
+def test_packed_kernels_access_memory_128_bits_at_a_time(source, kernel, accesses, tmp_path):
+    """Every packed instantiation (template argument kPacked = true) moves fp32 and 16-bit
+    storage with 128-bit vector loads and stores (v4.f32 / v4.u32 in the PTX); the element
+    path of the same kernel has no vector access (the PTX shows the check can fail)."""
+    ptx = tmp_path / "kernels.ptx"
+    _run([NVCC, "-std=c++17", "-O3", "-ptx", "-arch=sm_90a", *TORCH_NVCC_DEFINES, f"-I{CSRC / 'include'}",
+          str(CSRC / "cuda" / source), "-o", str(ptx)], cwd=tmp_path)
+    packed = {True: [], False: []}
+    for name, body in _kernel_entries(ptx.read_text()).items():
+        flag = re.search(rf"{kernel}I.*Lb([01])EEEv", name)
+        if flag is not None:
+            packed[flag.group(1) == "1"].append((name, body))
+    assert packed[True] and len(packed[True]) == len(packed[False])
+    for name, body in packed[True]:
+        missing = [a for a in accesses if a not in body]
+        assert not missing, f"{name} lacks {missing}"
+    for name, body in packed[False]:
+        assert ".v4." not in body, f"{name}: vector access on the element path"
 
 
 @needs_headers

@@ -143,7 +143,7 @@ def deterministic_configs(draw):
 
 
 # Fewer for the slow CPU stand-ins of GPU kernels (Triton's interpreter, the CUDA emulator).
-LOW_PRECISION_EXAMPLES = {"torch": 40, "cpu": 40, "cuda": 40, "triton": 5, "cuda-emulator": 5}
+LOW_PRECISION_EXAMPLES = {"torch": 40, "cpu": 40, "cuda": 40, "triton": 5, "cuda-emulator": 10}
 
 
 def test_low_precision_contract_over_the_option_space(backend):

@@ -200,7 +200,7 @@ def test_philox_step_is_the_tensor_step_with_the_same_z(backend, clip, history, 
     stated tolerance of z (|ON| * 2**-19 * |z|) plus one ulp of the output dtype (a fp32
     difference can cross a rounding boundary of bfloat16). Where ATen's addcmul is no FMA
     (CPU capability DEFAULT) the rest of the reference rounds differently too: 8 fp32 ulp
-    of the terms' magnitude more there (see test_cpu_backend.py)."""
+    of the terms' magnitude more there (see test_compiled_kernels.py)."""
     g = torch.Generator().manual_seed(11)
     shape = (2, 3, 337)
     x, m, h1, h2 = (torch.randn(shape, generator=g).to(DEVICE) for _ in range(4))

@@ -63,7 +63,8 @@ def load_backend(cuda_include: Path):
     start = time.perf_counter()
     module = cpp_extension.load(
         name=NAME,
-        sources=[str(p) for p in _translation_units(directory)] + [str(HERE / "runtime.cpp"), str(HERE / "bindings.cpp")],
+        sources=[str(p) for p in _translation_units(directory)]
+        + [str(HERE / name) for name in ("runtime.cpp", "selftest.cpp", "bindings.cpp")],
         # The kernels' step math takes its host branch here: it needs the cpu backend's
         # -ffp-contract=off to round as the reference does.
         extra_cflags=extension.CXX_FLAGS + ["-DFUSED_SCHED_CUDA_EMULATOR", "-pthread"],

@@ -7,6 +7,7 @@
 #include "cuda_emulator.h"
 #include "kernels.h"
 #include "launch_arguments.h"
+#include "selftest.h"
 
 namespace {
 
@@ -48,13 +49,54 @@ void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out) {
                "philox-bits");
 }
 
+at::Tensor checked_block(const at::Tensor& t, at::ScalarType dtype, int64_t threads) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.is_contiguous() &&
+                  threads >= 1 && threads <= 1024 && t.numel() % threads == 0,
+              "self-test input: a contiguous 1-D CPU ", dtype, " tensor of whole blocks of 1..1024 threads");
+  return t;
+}
+
+at::Tensor selftest_reverse(const at::Tensor& in, int64_t threads, bool synchronise) {
+  checked_block(in, at::kInt, threads);
+  at::Tensor out = at::empty_like(in);
+  check_launch(fused_sched::emulator::selftest::reverse(in.const_data_ptr<int32_t>(), out.data_ptr<int32_t>(),
+                                                        in.numel() / threads, threads, synchronise),
+               "self-test");
+  return out;
+}
+
+std::vector<at::Tensor> selftest_collectives(const at::Tensor& in, int64_t threads) {
+  checked_block(in, at::kLong, threads);
+  std::vector<at::Tensor> out;
+  for (int k = 0; k < 4; ++k) out.push_back(at::empty_like(in));
+  check_launch(fused_sched::emulator::selftest::collectives(in.const_data_ptr<int64_t>(), out[0].data_ptr<int64_t>(),
+                                                            out[1].data_ptr<int64_t>(), out[2].data_ptr<int64_t>(),
+                                                            out[3].data_ptr<int64_t>(), in.numel() / threads,
+                                                            threads),
+               "self-test");
+  return out;
+}
+
+void selftest_divergent_barrier(int64_t threads) {
+  check_launch(fused_sched::emulator::selftest::divergent_barrier(threads), "self-test");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "csrc/cuda's kernels on CPU tensors, run by the tests' CUDA emulator";
-  m.def("fused_step", &fused_step);
-  m.def("threshold_scale", &threshold_scale);
-  m.def("philox_bits", &philox_bits);
+  namespace py = pybind11;
+  // The argument names of csrc/bindings.cpp, so tests may pass them by keyword to either.
+  m.def("fused_step", &fused_step, py::arg("sample"), py::arg("model_output"), py::arg("coefficients"),
+        py::arg("history1"), py::arg("history2"), py::arg("noise"), py::arg("noise_mode"), py::arg("philox_seed"),
+        py::arg("philox_offset"), py::arg("philox_base"), py::arg("scale"), py::arg("clip"), py::arg("clip_range"),
+        py::arg("out"), py::arg("history_out"), py::arg("x0_out"));
+  m.def("threshold_scale", &threshold_scale, py::arg("sample"), py::arg("model_output"), py::arg("coefficients"),
+        py::arg("ratio"), py::arg("max_value"));
+  m.def("philox_bits", &philox_bits, py::arg("seed"), py::arg("offset"), py::arg("out"));
+  m.def("selftest_reverse", &selftest_reverse);
+  m.def("selftest_collectives", &selftest_collectives);
+  m.def("selftest_divergent_barrier", &selftest_divergent_barrier);
   m.def("launches", &fused_sched::emulator::launches, "Kernel launches so far in this process.");
   m.attr("multiprocessors") = fused_sched::emulator::kMultiprocessors;
 }

@@ -1,4 +1,11 @@
-"""The compiled ``cpu`` backend (csrc/) against the executable spec, fused_sched.ops.reference.
+"""The compiled kernels of csrc/ against the executable spec, fused_sched.ops.reference.
+
+Two implementations run every equivalence test here, on CPU tensors: the ``cpu`` backend
+(csrc/cpu) and csrc/cuda's kernels run by the tests' CUDA emulator (``cuda-emulator``,
+tests/cuda_emulator: the .cu sources compiled by the host compiler, a launch's threads
+run on CPU threads). Both evaluate the shared step math of csrc/include on the host, so
+the tolerances below hold for both; on a GPU the cuda backend meets them in
+test_conformance.py and the backend-parametrised tests, which the emulator also runs.
 
 Tolerances. The kernels evaluate the reference's formula with the same fp32 operations in
 the same order and the same roundings (csrc/include/fused_sched/step_math.h): products
@@ -15,8 +22,8 @@ so there each fp32 term may differ by an ulp and the tolerance is a few fp32 ulp
 values' scale, plus one ulp of a low-precision storage dtype (a fp32 difference can move
 a value across a rounding boundary of the narrower type).
 
-The extension is built (or loaded from its cache) once per test session by the module
-fixture ``cpu``; a cold build takes about a minute on two cores.
+Each is built (or loaded from its cache) once per test session by the module fixture
+``kernels``; a cold build takes about a minute on two cores.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import require_backend
 from drivers import quantile_rows, record_calls
 from fused_sched import ops
 from fused_sched.ops import layout, reference
@@ -44,15 +52,23 @@ STORAGE = (torch.float32, torch.float16, torch.bfloat16)
 K = layout.NUM_COEFFICIENTS
 
 
+def _load(name: str):
+    start = time.perf_counter()
+    backend = require_backend(name)
+    print(f"\n{name} kernels ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return backend
+
+
+@pytest.fixture(scope="module", params=["cpu", "cuda-emulator"])
+def kernels(request):
+    """A compiled backend over CPU tensors; built on first use in this environment."""
+    return _load(request.param)
+
+
 @pytest.fixture(scope="module")
 def cpu():
-    """The compiled cpu backend; builds the extension on first use in this environment."""
-    from fused_sched.ops import extension
-
-    start = time.perf_counter()
-    backend = extension.CPU_BACKEND
-    print(f"\nfused_sched cpu extension ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return backend
+    """The compiled cpu backend, for what only it has (threads, ISA clones, routing)."""
+    return _load("cpu")
 
 
 def make_case(shape, dtypes, coefficient_rows, seed, history=0, noise=False, scale_values=2.0):
@@ -117,33 +133,36 @@ SPECIALISATIONS = list(itertools.product(layout.CLIP_MODES, (0, 1, 2), (False, T
 
 @pytest.mark.parametrize("clip,history,noise", SPECIALISATIONS, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", STORAGE, ids=str)
-def test_every_specialisation(cpu, clip, history, noise, dtype):
+def test_every_specialisation(kernels, clip, history, noise, dtype):
     for k, shape in enumerate(SHAPES):
         for rows in ("broadcast", "per_row"):
             x, m, c, h, z = make_case(shape, (dtype,) * 5, rows, seed=k, history=history, noise=noise)
             # Optional outputs on and off, in the storage dtype and in fp32.
-            run_both(cpu, x, m, c, h, z, clip, dtype, dtype, dtype)
-            run_both(cpu, x, m, c, h, z, clip, dtype, None, None)
-            run_both(cpu, x, m, c, h, z, clip, torch.float32, torch.float32, None)
-            run_both(cpu, x, m, c, h, z, clip, dtype, None, torch.float32)
+            run_both(kernels, x, m, c, h, z, clip, dtype, dtype, dtype)
+            run_both(kernels, x, m, c, h, z, clip, dtype, None, None)
+            run_both(kernels, x, m, c, h, z, clip, torch.float32, torch.float32, None)
+            run_both(kernels, x, m, c, h, z, clip, dtype, None, torch.float32)
 
 
 @pytest.mark.parametrize("clip", layout.CLIP_MODES)
-def test_mixed_storage_dtypes(cpu, clip):
+def test_mixed_storage_dtypes(kernels, clip):
     """Each tensor in its own dtype, float64 outputs included (computed in fp32, widened)."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.bfloat16, torch.float16)
     for k, shape in enumerate([(2, 33), (3, 4, 5, 7)]):
         x, m, c, h, z = make_case(shape, dtypes, "per_row", seed=10 + k, history=2, noise=True)
-        run_both(cpu, x, m, c, h, z, clip, torch.bfloat16, torch.float32, torch.float64)
-        run_both(cpu, x, m, c, h, z, clip, torch.float64, torch.float16, torch.bfloat16)
+        run_both(kernels, x, m, c, h, z, clip, torch.bfloat16, torch.float32, torch.float64)
+        run_both(kernels, x, m, c, h, z, clip, torch.float64, torch.float16, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_large_rows_split_across_threads(cpu, dtype):
-    """Rows longer than one task, so at::parallel_for splits rows into chunks across threads."""
+@pytest.mark.parametrize("row_size", (70001, 70000), ids=("odd_rows", "rows_of_whole_packs"))
+def test_large_rows_split_across_threads(kernels, dtype, row_size):
+    """Rows longer than one task, so at::parallel_for splits rows into chunks across threads;
+    for the CUDA kernels more elements (or 8-element packs) than the grid has threads, so
+    every thread takes several turns of the grid-stride loop."""
     for clip in layout.CLIP_MODES:
-        x, m, c, h, z = make_case((3, 70001), (dtype,) * 5, "per_row", seed=20, history=2, noise=True)
-        run_both(cpu, x, m, c, h, z, clip, dtype, torch.float32, dtype)
+        x, m, c, h, z = make_case((3, row_size), (dtype,) * 5, "per_row", seed=20, history=2, noise=True)
+        run_both(kernels, x, m, c, h, z, clip, dtype, torch.float32, dtype)
 
 
 def test_portable_kernels_give_the_same_bits(cpu):
@@ -162,7 +181,7 @@ def test_portable_kernels_give_the_same_bits(cpu):
         ext.cpu_use_portable_kernels_only(False)
 
 
-def test_non_contiguous_inputs(cpu):
+def test_non_contiguous_inputs(kernels):
     """Strided inputs are accepted: the backend makes one explicit contiguous copy of each."""
     g = torch.Generator().manual_seed(3)
     base = torch.randn(2, 6, 9, 8, generator=g)
@@ -173,37 +192,52 @@ def test_non_contiguous_inputs(cpu):
     c = torch.randn(K, 2, generator=g).t()  # (2, K) with column-major strides
     assert not any(t.is_contiguous() for t in (x, m, h1, z, c))
     for clip in layout.CLIP_MODES:
-        run_both(cpu, x, m, c, (h1,), z, clip, torch.float32, torch.float32, torch.float16)
-    assert_same(cpu.threshold_scale(x, m, c, 0.8, 5.0), reference.threshold_scale(x, m, c, 0.8, 5.0))
+        run_both(kernels, x, m, c, (h1,), z, clip, torch.float32, torch.float32, torch.float16)
+    assert_same(kernels.threshold_scale(x, m, c, 0.8, 5.0), reference.threshold_scale(x, m, c, 0.8, 5.0))
 
 
-def test_empty_rows(cpu):
+def test_empty_rows(kernels):
     x = torch.empty(2, 0, 3)
     c = torch.ones(1, K)
-    out, d, x0 = cpu.fused_step(x, x, c, (), None, "clamp", 1.0, None, torch.float16, torch.float32, None)
+    out, d, x0 = kernels.fused_step(x, x, c, (), None, "clamp", 1.0, None, torch.float16, torch.float32, None)
     assert out.shape == x.shape and out.dtype == torch.float16 and d.shape == x.shape and x0 is None
 
 
-def test_special_values_propagate(cpu):
+def test_contiguous_inputs_off_the_16_byte_grid(kernels):
+    """Contiguous views that start 1, 2, 3 or 5 elements into their storage: the CUDA kernels' 8-element
+    packs need 16-byte alignment and fall back to single elements; results are the same."""
+    g = torch.Generator().manual_seed(5)
+    for shift in (1, 2, 3, 5):
+        for dtype in STORAGE:
+            x, m, h1, z = ((torch.randn(2 * 64 + shift, generator=g) * 2).to(dtype)[shift:].view(2, 64)
+                           for _ in range(4))
+            c = torch.randn(2, K, generator=g)
+            assert x.is_contiguous() and x.data_ptr() % 16 != 0
+            for clip in layout.CLIP_MODES:
+                run_both(kernels, x, m, c, (h1,), z, clip, dtype, torch.float32, dtype)
+            assert_same(kernels.threshold_scale(x, m, c, 0.8, 5.0), reference.threshold_scale(x, m, c, 0.8, 5.0))
+
+
+def test_special_values_propagate(kernels):
     """inf and NaN in the inputs reach the outputs exactly as in the reference."""
     x = torch.tensor([[0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e38, -1e-45, 3.0]])
     m = torch.tensor([[1.0, -1.0, 1.0, 2.0, 0.0, 1e38, 5.0, float("nan")]])
     c = torch.linspace(-2, 2, K).reshape(1, K)
     for clip in layout.CLIP_MODES:
-        run_both(cpu, x, m, c, (x, m), m, clip, torch.float32, torch.float32, torch.float32)
-        run_both(cpu, x, m, c, (), None, clip, torch.float16, torch.bfloat16, torch.float16)
+        run_both(kernels, x, m, c, (x, m), m, clip, torch.float32, torch.float32, torch.float32)
+        run_both(kernels, x, m, c, (), None, clip, torch.float16, torch.bfloat16, torch.float16)
 
 
 # ---- dynamic thresholding ----
 
 
 @pytest.mark.parametrize("dtype", STORAGE, ids=str)
-def test_threshold_scale_equals_reference(cpu, dtype):
+def test_threshold_scale_equals_reference(kernels, dtype):
     for k, shape in enumerate(SHAPES + [(4, 3, 33, 31)]):
         for rows in ("broadcast", "per_row"):
             x, m, c, _, _ = make_case(shape, (dtype,) * 5, rows, seed=30 + k, scale_values=3.0)
             for ratio, max_value in ((0.995, 1e30), (0.5, 2.0), (0.37, 1e30), (1.0, 1e30), (1e-6, 0.5)):
-                assert_same(cpu.threshold_scale(x, m, c, ratio, max_value),
+                assert_same(kernels.threshold_scale(x, m, c, ratio, max_value),
                             reference.threshold_scale(x, m, c, ratio, max_value))
 
 
@@ -222,7 +256,7 @@ def _quantile_tolerance():
 
 @pytest.mark.parametrize("data", ["random", "ties", "constant", "nan", "signed_zeros", "inf"])
 @pytest.mark.parametrize("n", [1, 2, 17, 1000, 4099])
-def test_threshold_scale_equals_torch_quantile(cpu, data, n):
+def test_threshold_scale_equals_torch_quantile(kernels, data, n):
     g = torch.Generator().manual_seed(n)
     x = quantile_rows(data, n, g)
     m = torch.randn(x.shape, generator=g)
@@ -236,10 +270,10 @@ def test_threshold_scale_equals_torch_quantile(cpu, data, n):
         ordered = x.abs().sort(dim=1).values
         equal = (ordered[:, lo] == ordered[:, hi]) & ~x.isnan().any(dim=1)
         expected = torch.where(equal, ordered[:, lo], expected).clamp(min=1.0, max=max_value)
-        torch.testing.assert_close(cpu.threshold_scale(x, m, c, ratio, max_value), expected, **_quantile_tolerance())
+        torch.testing.assert_close(kernels.threshold_scale(x, m, c, ratio, max_value), expected, **_quantile_tolerance())
 
 
-def test_threshold_scale_row_above_2_pow_24(cpu):
+def test_threshold_scale_row_above_2_pow_24(kernels):
     """No 2**24 limit (torch.quantile's): one row of 2**24 + 3 elements, against kthvalue."""
     n = 2**24 + 3
     g = torch.Generator().manual_seed(7)
@@ -248,7 +282,7 @@ def test_threshold_scale_row_above_2_pow_24(cpu):
     c = torch.zeros(1, layout.NUM_COEFFICIENTS)
     c[0, layout.AX], c[0, layout.AM], c[0, layout.AS] = 1.25, -0.5, 0.75
     for ratio in (0.995, 0.6):
-        assert_same(cpu.threshold_scale(x, m, c, ratio, 100.0), reference.threshold_scale(x, m, c, ratio, 100.0))
+        assert_same(kernels.threshold_scale(x, m, c, ratio, 100.0), reference.threshold_scale(x, m, c, ratio, 100.0))
 
 
 # ---- routing, availability, errors ----
@@ -302,11 +336,9 @@ def test_cuda_backend_says_why_it_is_unavailable():
         extension.CUDA_BACKEND.fused_step()
 
 
-def test_kernel_entry_points_reject_bad_arguments(cpu):
-    """The C++ checks name the argument and the fix, for callers that bypass the public op."""
-    from fused_sched.ops import extension
-
-    ext = extension.load_extension()
+def test_kernel_entry_points_reject_bad_arguments(kernels):
+    """The C++ checks name the argument and the fix, for callers that bypass the public op
+    (the CUDA launcher's are those of csrc/cuda/launch_arguments.h, run here on CPU tensors)."""
     x = torch.randn(2, 8)
     c = torch.randn(1, K)
     out = torch.empty(2, 8)
@@ -316,7 +348,7 @@ def test_kernel_entry_points_reject_bad_arguments(cpu):
                     noise_mode=0, philox_seed=0, philox_offset=0, philox_base=None, scale=None, clip=0,
                     clip_range=1.0, out=out, history_out=None, x0_out=None)
         args.update(overrides)
-        return ext.cpu_fused_step(**args)
+        return kernels._fused_step(**args)
 
     with pytest.raises(RuntimeError, match=r"model_output must be contiguous \(pass model_output.contiguous\(\)\)"):
         step(model_output=torch.randn(8, 2).t())
@@ -339,7 +371,7 @@ def test_kernel_entry_points_reject_bad_arguments(cpu):
     with pytest.raises(RuntimeError, match="output out has dtype Int"):
         step(out=torch.empty(2, 8, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="at least one element per batch row"):
-        ext.cpu_threshold_scale(torch.empty(2, 0), torch.empty(2, 0), c, 0.5, 1.0)
+        kernels._threshold_scale(torch.empty(2, 0), torch.empty(2, 0), c, 0.5, 1.0)
 
 
 def test_importing_fused_sched_builds_nothing():
