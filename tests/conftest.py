@@ -55,6 +55,18 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture(autouse=True)
+def no_undefined_behaviour_in_emulated_kernels():
+    """Fails a test after which the CUDA emulator's sanitizer has reported undefined
+    behaviour (tests/cuda_emulator; a GPU would fault or compute garbage there)."""
+    yield
+    emulator = sys.modules.get("cuda_emulator")
+    if emulator is not None and emulator.load_backend.cache_info().currsize:
+        reports = emulator.undefined_behaviour_reports()
+        if reports:
+            pytest.fail("undefined behaviour in the emulated CUDA kernels:\n" + "\n".join(reports))
+
+
 @pytest.fixture
 def device(backend) -> torch.device:
     """The device of the selected backend's data (see ``backend_device``)."""

@@ -3,7 +3,8 @@
 The emulator is itself checked here, with kernels written for the purpose: a block's
 threads really are separate threads of control (a missing barrier gives wrong results),
 warp collectives and block reductions compute what CUDA defines, a barrier that a GPU would
-hang on is a loud fault, and the backend the other tests select really runs csrc/cuda's
+hang on is a loud fault, undefined behaviour a GPU would fault on is reported by the
+sanitizer the emulator is built with, and the backend the other tests select really runs csrc/cuda's
 launches (counted), one per step and seven per thresholding scale (no host round trip
 between the selection passes).
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cuda_emulator
 from conftest import require_backend
 from fused_sched import ops
 from fused_sched.ops import layout
@@ -69,6 +71,15 @@ def test_a_barrier_a_gpu_would_hang_on_is_a_fault():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
     assert "kernel fault in block 0" in result.stderr and "deadlock" in result.stderr, result.stderr
+
+
+def test_a_misaligned_vector_load_is_reported(emulator):
+    """A float4 load one float past a 16-byte boundary: the sanitizer names it (the report is
+    consumed here, so conftest's check after every test does not fail this one)."""
+    cuda_emulator.undefined_behaviour_reports()
+    assert emulator.selftest_misaligned_load() == 2 + 3 + 4 + 5
+    reports = "".join(cuda_emulator.undefined_behaviour_reports())
+    assert "misaligned address" in reports and "float4" in reports and "selftest.cpp" in reports, reports
 
 
 def _launches(emulator, call) -> int:

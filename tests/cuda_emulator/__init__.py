@@ -6,11 +6,20 @@ defined, plus the launch arguments of ``csrc/cuda/launch_arguments.h`` and bindi
 the compiled backends' signatures, and returns it as a fused_sched ``CompiledBackend``
 named ``cuda-emulator`` that takes CPU tensors. Tests drive it exactly as they drive the
 ``cpu`` backend; what the emulation does and does not show is in cuda_emulator.h.
+
+Everything is compiled with UndefinedBehaviorSanitizer: what a GPU would fault on or
+miscompute in silence (a misaligned vector access, a shift past the word, an index out of a
+shared array, signed overflow) is reported where the emulated kernel does it.
+``undefined_behaviour_reports()`` returns the reports so far (the tests' conftest fails any
+test after which there is one). A misaligned vector access also faults on x86, as on a GPU:
+the process dies naming the test (faulthandler) and the report stays in
+``build_directory()/ubsan.<pid>``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +31,8 @@ import cuda_toolkit
 HERE = Path(__file__).resolve().parent
 CUDA_SOURCES = extension.CSRC / "cuda"
 NAME = "fused_sched_cuda_emulator"
+# vptr needs RTTI of every polymorphic type torch's headers touch; the kernels have none.
+SANITIZE = ["-fsanitize=undefined", "-fno-sanitize=vptr"]
 
 
 def build_directory() -> Path:
@@ -53,6 +64,20 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _report_prefix() -> Path:
+    return build_directory() / "ubsan"
+
+
+def undefined_behaviour_reports() -> list[str]:
+    """The sanitizer's reports from this process since the last call (each is removed once
+    read). The sanitizer reports each place in the code once per process."""
+    reports = []
+    for path in sorted(build_directory().glob(f"ubsan.{os.getpid()}*")):
+        reports.append(path.read_text())
+        path.unlink()
+    return reports
+
+
 @functools.cache
 def load_backend(cuda_include: Path):
     """The emulated kernels as a CompiledBackend over CPU tensors (built on first use)."""
@@ -60,6 +85,8 @@ def load_backend(cuda_include: Path):
 
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
+    # Where the sanitizer writes its reports (runtime.cpp, __ubsan_default_options).
+    os.environ["FUSED_SCHED_EMULATOR_UBSAN_LOG"] = str(_report_prefix())
     start = time.perf_counter()
     module = cpp_extension.load(
         name=NAME,
@@ -67,9 +94,9 @@ def load_backend(cuda_include: Path):
         + [str(HERE / name) for name in ("runtime.cpp", "selftest.cpp", "bindings.cpp")],
         # The kernels' step math takes its host branch here: it needs the cpu backend's
         # -ffp-contract=off to round as the reference does.
-        extra_cflags=extension.CXX_FLAGS + ["-DFUSED_SCHED_CUDA_EMULATOR", "-pthread"],
+        extra_cflags=extension.CXX_FLAGS + SANITIZE + ["-DFUSED_SCHED_CUDA_EMULATOR"],
         extra_include_paths=[str(extension.CSRC / "include"), str(CUDA_SOURCES), str(HERE), str(cuda_include)],
-        extra_ldflags=["-pthread"],
+        extra_ldflags=SANITIZE,
         build_directory=str(directory),
         verbose=False,
     )

@@ -81,6 +81,13 @@ void selftest_divergent_barrier(int64_t threads) {
   check_launch(fused_sched::emulator::selftest::divergent_barrier(threads), "self-test");
 }
 
+float selftest_misaligned_load() {
+  alignas(16) float values[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+  float out = 0.0f;
+  check_launch(fused_sched::emulator::selftest::misaligned_load(values, &out), "self-test");
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -97,6 +104,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selftest_reverse", &selftest_reverse);
   m.def("selftest_collectives", &selftest_collectives);
   m.def("selftest_divergent_barrier", &selftest_divergent_barrier);
+  m.def("selftest_misaligned_load", &selftest_misaligned_load);
   m.def("launches", &fused_sched::emulator::launches, "Kernel launches so far in this process.");
   m.attr("multiprocessors") = fused_sched::emulator::kMultiprocessors;
 }

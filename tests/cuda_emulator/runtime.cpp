@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "cuda_emulator.h"
@@ -213,6 +214,17 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* context) {
 }
 
 }  // namespace fused_sched::emulator
+
+// UndefinedBehaviorSanitizer (the emulator is built with it) asks for its options when it
+// first reports. Reports go to files <prefix>.<pid> named by the tests in
+// FUSED_SCHED_EMULATOR_UBSAN_LOG, not to a stderr that pytest captures and nobody reads.
+extern "C" const char* __ubsan_default_options() {
+  static const std::string options = [] {
+    const char* prefix = std::getenv("FUSED_SCHED_EMULATOR_UBSAN_LOG");
+    return prefix != nullptr ? std::string("log_path=") + prefix : std::string();
+  }();
+  return options.c_str();
+}
 
 // The runtime calls csrc/cuda makes, for one emulated device.
 cudaError_t cudaGetDevice(int* device) {

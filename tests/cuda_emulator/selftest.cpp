@@ -47,7 +47,19 @@ __global__ void divergent_barrier_kernel() {
   __syncthreads();
 }
 
+// A float4 load from an address that is not 16-byte aligned: a GPU faults ("misaligned
+// address"); the emulator's sanitizer must report it.
+__global__ void misaligned_load_kernel(const float* p, float* out) {
+  const float4 v = *reinterpret_cast<const float4*>(p + 1);
+  *out = v.x + v.y + v.z + v.w;
+}
+
 }  // namespace
+
+cudaError_t misaligned_load(const float* p, float* out) {
+  FS_LAUNCH(1u, 1u, nullptr, misaligned_load_kernel)(p, out);
+  return cudaGetLastError();
+}
 
 cudaError_t reverse(const int32_t* in, int32_t* out, unsigned blocks, unsigned threads, bool synchronise) {
   FS_LAUNCH(blocks, threads, nullptr, reverse_kernel)(in, out, synchronise);

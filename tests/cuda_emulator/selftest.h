@@ -11,5 +11,6 @@ cudaError_t reverse(const int32_t* in, int32_t* out, unsigned blocks, unsigned t
 cudaError_t collectives(const int64_t* in, int64_t* scan, int64_t* ballot, int64_t* first, int64_t* any_negative,
                         unsigned blocks, unsigned threads);
 cudaError_t divergent_barrier(unsigned threads);
+cudaError_t misaligned_load(const float* p, float* out);
 
 }  // namespace fused_sched::emulator::selftest
