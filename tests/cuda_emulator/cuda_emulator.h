@@ -3,16 +3,19 @@
 // Included before a .cu file that is compiled by the host compiler with
 // FUSED_SCHED_CUDA_EMULATOR defined (see launch.cuh): the toolkit's headers supply the
 // types and the host versions of the fp16/bf16 conversions, and this file supplies what
-// only device code has. A launch runs the grid's blocks one after another; the threads of
-// a block run as real concurrent CPU threads, so shared memory, __syncthreads, block and
-// warp collectives and atomics are exercised as written.
+// only device code has. A launch runs the grid's blocks one after another, and a block's
+// threads as fibers that switch at barriers and warp collectives (runtime.cpp), so shared
+// memory, __syncthreads, warp shuffles and ballots and block reductions run as written,
+// and a missing barrier gives wrong results every time instead of now and then.
 //
 // What it shows: indexing, grid-stride loops, packing, selection logic, histograms and
 // their flushes, warp scans and everything computed from them, with the host branch of
-// the step math (the one the cpu backend runs). What it cannot show: device rounding
-// (__fmaf_rn and friends compile to the same operations the host branch computes, which
-// only a GPU confirms), concurrency between blocks, the device memory model, occupancy
-// and speed.
+// the step math (the one the cpu backend runs), and, through the sanitizer it is built
+// with, undefined behaviour on the way. What it cannot show: device rounding (__fmaf_rn
+// and friends compile to the same operations the host branch computes, which only a GPU
+// confirms), races between threads that interleave within a barrier interval (fibers
+// switch only at barriers and collectives; atomics are still real read-modify-writes),
+// concurrency between blocks, the device memory model, occupancy and speed.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -56,7 +56,10 @@ INTERPRETER_BLOCK = 1024
 # still run several programs per row, each over several tiles.
 INTERPRETER_SMS = 2
 
-NAN = tl.constexpr(float("nan"))
+# The quiet NaN as fp32 bits. Not a float NaN constexpr: a launch checks that the globals
+# a kernel used still equal their compile-time values, and NaN != NaN would fail every
+# launch on a GPU (the interpreter does not check; tests/test_triton_gpu_compile.py does).
+NAN_BITS = tl.constexpr(0x7FC00000)
 
 
 @triton.jit
@@ -166,7 +169,8 @@ def _narrow_kernel(
         # Equal order statistics are the quantile: lerp(inf, inf, w) would be NaN.
         s = tl.where(v_lo == v_hi, v_lo, lerp)
         # A row holding a NaN has a NaN quantile; a failed selection must not pass as a value.
-        s = tl.where((tl.load(state + _NAN_COUNT) > 0) | failed, NAN, s)
+        nan = tl.full((), NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+        s = tl.where((tl.load(state + _NAN_COUNT) > 0) | failed, nan, s)
         # torch.clamp(s, min=1, max=max_value): NaN passes, max wins over min.
         s = tl.where(s < 1.0, 1.0, s)
         s = tl.where(s > max_value, max_value, s)
