@@ -34,7 +34,9 @@ tests)
     export FUSED_SCHED_REQUIRE_BACKENDS=torch,cpu,cuda,triton
     gpu_first="tests/test_cuda_graphs.py tests/test_triton_backend.py tests/test_conformance.py tests/test_low_precision.py tests/test_compile.py tests/test_philox_noise.py"
     timeout 400 python3 -m pytest $gpu_first -q -rfEs --maxfail=40 -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
-    rest=$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$gpu_first"))
+    # What needs no GPU (compiling for GPUs, the CUDA emulator) is CI's, not device time.
+    cpu_only="tests/test_cuda_sources.py tests/test_triton_gpu_compile.py tests/test_cuda_emulator.py"
+    rest=$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$gpu_first $cpu_only"))
     timeout 150 python3 -m pytest $rest -q -rfE --maxfail=40 -p no:cacheprovider 2>&1 | tee -a "$out/gpu-tests.log"
     ;;
 bench)
