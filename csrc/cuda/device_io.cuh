@@ -109,7 +109,8 @@ __device__ __forceinline__ void store_pack(void* p, DType t, int64_t i, const fl
       for (int k = 0; k < kPack / 2; ++k) {
         words[k] = bits_as<uint32_t>(__floats2bfloat162_rn(v[2 * k], v[2 * k + 1]));
       }
-      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p) + i) = make_uint4(words[0], words[1], words[2], words[3]);
+      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p) + i) =
+          make_uint4(words[0], words[1], words[2], words[3]);
       return;
     }
     case DType::kFloat64: {

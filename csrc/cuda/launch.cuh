@@ -2,9 +2,9 @@
 //
 // Under nvcc it is the triple-chevron launch (no dynamic shared memory). The tests' CPU
 // emulator (tests/cuda_emulator) compiles these same sources with the host compiler and
-// FUSED_SCHED_CUDA_EMULATOR defined, and then a launch runs the kernel's blocks on CPU
-// threads: the kernels' indexing, selection and synchronisation logic is tested on
-// machines without a GPU, from the very text nvcc compiles.
+// FUSED_SCHED_CUDA_EMULATOR defined, and then a launch runs the kernel's blocks one after
+// another on the CPU, a block's threads as fibers: the kernels' indexing, selection and
+// synchronisation logic is tested on machines without a GPU, from the text nvcc compiles.
 #pragma once
 
 #if defined(FUSED_SCHED_CUDA_EMULATOR)
