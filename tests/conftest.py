@@ -36,9 +36,6 @@ def require_backend(name: str):
     """The backend object, if it can run on ``backend_device(name)``; else the test is
     skipped, or fails if FUSED_SCHED_REQUIRE_BACKENDS lists it (CI lists every backend its
     machine can run, so none is skipped there unseen)."""
-    if name == "cuda-emulator" and torch.cuda.is_available():
-        # It stands in for a GPU; where there is one, the cuda backend runs these tests on it.
-        pytest.skip("a GPU is present: the cuda backend runs csrc/cuda's kernels on it")
     reason = backends.why_unavailable(name, backend_device(name), (torch.float32,))
     if reason is not None:
         required = os.environ.get("FUSED_SCHED_REQUIRE_BACKENDS", "").split(",")

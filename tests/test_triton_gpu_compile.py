@@ -55,7 +55,7 @@ def test_every_kernel_compiles_to_a_cubin(compiled):
                        for n in ("none", "tensor", "philox")}
     assert specialisations <= cases
     configs = {json.dumps(k["config"], sort_keys=True) for k in compiled[90] if k["kernel"] == "_step_kernel"}
-    from fused_sched.ops.triton import step  # noqa: F401  (interpreted here: only its config table is read)
+    from fused_sched.ops.triton import step  # imported here: the module needs triton (importorskip above)
 
     assert len(configs) == len(step.AUTOTUNE_CONFIGS)
 

@@ -149,7 +149,6 @@ def main(sm: int, out: Path) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
     from triton.backends.compiler import GPUTarget
-    from triton.runtime import autotuner
     from triton.runtime.driver import driver
 
     from fused_sched.ops.triton import threshold
@@ -159,7 +158,13 @@ def main(sm: int, out: Path) -> None:
     torch.cuda.current_device = lambda: 0
 
     driver.set_active(TargetOnlyDriver(GPUTarget("cuda", sm, 32)))
-    tmp = Path(tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory() as tmp:
+        out.write_text(json.dumps({"sm": sm, "kernels": _compile_cases(sm, Path(tmp))}, indent=1))
+
+
+def _compile_cases(sm: int, tmp: Path) -> list[dict]:
+    from triton.runtime import autotuner
+
     results = []
     for name, run, every_config, check_fusion in _cases(sm):
         recorder = LaunchRecorder()
@@ -189,7 +194,7 @@ def main(sm: int, out: Path) -> None:
                     result["same_sass_with_and_without_fp_fusion"] = (
                         _sass(unfused.asm["cubin"], tmp) == _sass(fused.asm["cubin"], tmp))
                 results.append(result)
-    out.write_text(json.dumps({"sm": sm, "kernels": results}, indent=1))
+    return results
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from fused_sched.ops import extension
 
 import cuda_toolkit
@@ -37,7 +39,8 @@ SANITIZE = ["-fsanitize=undefined", "-fno-sanitize=vptr"]
 
 def build_directory() -> Path:
     # Next to the extension's cache, so CI's cache and FUSED_SCHED_BUILD_DIR cover both.
-    return extension.build_directory(False).with_name(extension.build_directory(False).name + "_cuda_emulator")
+    extension_directory = extension.build_directory(False)
+    return extension_directory.with_name(extension_directory.name + "_cuda_emulator")
 
 
 def _translation_units(directory: Path) -> list[Path]:
@@ -57,6 +60,10 @@ def __getattr__(name: str):
     # ``BACKEND``, resolved lazily as fused_sched's registry resolves its backends: the
     # registry of the tests (conftest.py) names it ``cuda_emulator:BACKEND``.
     if name == "BACKEND":
+        if torch.cuda.is_available():
+            # It stands in for a GPU; where there is one, the cuda backend runs the tests on it.
+            return extension.UnavailableBackend(
+                "cuda-emulator", "a GPU is present: the cuda backend runs csrc/cuda's kernels on it")
         if cuda_toolkit.INCLUDE is None:
             return extension.UnavailableBackend(
                 "cuda-emulator", "the CUDA toolkit's headers were not found (set CUDA_HOME or put nvcc on PATH)")
