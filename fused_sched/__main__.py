@@ -1,4 +1,4 @@
-"""`fused-sched` command: bench, verify, info."""
+"""`fused-sched` command: bench, verify, info, plot."""
 
 from __future__ import annotations
 
@@ -108,10 +108,7 @@ def cmd_bench(args) -> int:
                  if reason is None and not (n == "triton" and device.type == "cpu")]
     backends = _choices(args.backend, ops.known_backends()[1:], "--backend") if args.backend else available
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--plot needs matplotlib: pip install 'fused-sched[plot]'") from None
+        _require_matplotlib()
     for name in backends:
         reason = ops.backends.why_unavailable(name, device, (torch.float32,))
         if reason is not None:
@@ -121,6 +118,8 @@ def cmd_bench(args) -> int:
     # barrier waits for a descheduled thread): say how busy it was.
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     bandwidth = copy_bandwidth(device)
+    meta = dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9, load_average_at_start=load,
+                cpu_count=os.cpu_count())
     cases = [(k, s, d) for k in kinds for s in shapes for d in dtypes]
     rows = []
     total = len(cases) * (1 + len(backends) + (0 if args.no_compile_baseline else 1))
@@ -151,16 +150,37 @@ def cmd_bench(args) -> int:
         if isinstance(compiled, Timing):
             rows.append(_row(*case, COMPILED, compiled, baseline, compiled, moved, bandwidth))
         rows += [_row(*case, backend, timing, baseline, compiled, moved, bandwidth) for backend, timing in fused]
+        if args.json:  # after every case, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(dict(meta=meta, rows=rows), f, indent=2)
     print(file=sys.stderr)
     _print_table(rows, device, bandwidth, load, compile_skipped=args.no_compile_baseline)
-    if args.json:
-        meta = dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9, load_average_at_start=load,
-                    cpu_count=os.cpu_count())
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=2)
     if args.plot:
         _plot(rows, bandwidth, _metadata(device), args.plot)
     return 0
+
+
+def cmd_plot(args) -> int:
+    """The --plot of a bench run, drawn again from its --json (e.g. one made on another machine)."""
+    _require_matplotlib()
+    try:
+        with open(args.json) as f:
+            report = json.load(f)
+        meta, rows = report["meta"], report["rows"]
+        bandwidth = meta["copy_bandwidth_GBps"] * 1e9
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{args.json} is not the --json of a bench run: {error!r}") from None
+    if not rows:
+        raise UsageError(f"{args.json} holds no measured rows")
+    _plot(rows, bandwidth, meta, args.png)
+    return 0
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("plotting needs matplotlib: pip install 'fused-sched[plot]'") from None
 
 
 def _plot(rows, bandwidth, meta, path) -> None:
@@ -236,7 +256,7 @@ def _print_table(rows, device, bandwidth, load=None, compile_skipped=False) -> N
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fused-sched", description="Fused diffusers schedulers: bench, verify, info")
+    parser = argparse.ArgumentParser(prog="fused-sched", description="Fused diffusers schedulers: bench, verify, info, plot")
     sub = parser.add_subparsers(dest="command")
     info = sub.add_parser("info", help="versions, device, backends and why any is unavailable")
     info.add_argument("--device")
@@ -258,12 +278,15 @@ def main(argv=None) -> int:
     bench.add_argument("--plot", help="write latency vs bytes moved, with the roofline, to this PNG")
     bench.add_argument("--no-compile-baseline", action="store_true",
                        help="skip the torch.compile baseline (it compiles each case: seconds per case)")
+    plot = sub.add_parser("plot", help="draw a bench run's --plot from its --json")
+    plot.add_argument("json", help="the --json file of a bench run")
+    plot.add_argument("png", help="the PNG to write")
     args = parser.parse_args(argv)
     command = args.command or "bench"
     if args.command is None:
         args = parser.parse_args(["bench"] + (argv or []))
     try:
-        return {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench}[command](args)
+        return {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench, "plot": cmd_plot}[command](args)
     except UsageError as error:
         print(f"fused-sched: error: {error}", file=sys.stderr)
         return 2

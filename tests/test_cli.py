@@ -51,6 +51,14 @@ def test_bench_json_and_plot_are_well_formed(tmp_path):
     assert "vs diffusers" in out.stdout and "skipped (--no-compile-baseline)" in out.stdout  # the terminal table
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # The same figure drawn again from the JSON alone (a GPU session brings back JSON).
+    replot = tmp_path / "replot.png"
+    out = run("plot", str(path), str(replot))
+    assert out.returncode == 0, out.stderr
+    assert replot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = run("plot", str(plot), str(replot))  # not a bench JSON: a usage error naming the file
+    assert out.returncode == 2 and "is not the --json of a bench run" in out.stderr and str(plot) in out.stderr
+
 
 def test_bench_compile_baseline_fields(tmp_path):
     """One case, one compile: the torch.compile baseline has its own row and every row its fields."""

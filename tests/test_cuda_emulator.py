@@ -2,11 +2,13 @@
 
 The emulator is itself checked here, with kernels written for the purpose: a block's
 threads really are separate threads of control (a missing barrier gives wrong results),
-warp collectives and block reductions compute what CUDA defines, a barrier that a GPU would
-hang on is a loud fault, undefined behaviour a GPU would fault on is reported by the
-sanitizer the emulator is built with, and the backend the other tests select really runs csrc/cuda's
-launches (counted), one per step and seven per thresholding scale (no host round trip
-between the selection passes).
+the schedule really reorders blocks and threads (so a race that running thread 0 first
+hides shows under another), warp collectives and block reductions compute what CUDA
+defines, a barrier that a GPU would hang on is a loud fault, undefined behaviour a GPU
+would fault on is reported by the sanitizer the emulator is built with, and the backend
+the other tests select really runs csrc/cuda's launches (counted), one per step and seven
+per thresholding scale (no host round trip between the selection passes). And csrc/cuda's
+kernels give the same bits under every schedule.
 """
 
 from __future__ import annotations
@@ -57,6 +59,94 @@ def test_warp_and_block_collectives(emulator, threads):
     blocks = values.view(-1, threads)
     assert torch.equal(any_negative, (blocks < 0).any(1, keepdim=True).expand(-1, threads).flatten().long())
     assert not bool(any_negative[:threads].any())
+
+
+@pytest.mark.parametrize("threads", [32, 100, 256])
+def test_schedules_reorder_blocks_and_threads(emulator, threads):
+    """The schedule the tests vary really changes the order: in order, reversed, and
+    shuffled by seed, afresh for every block and every barrier interval. (A fiber that
+    completes a barrier runs on past it, so an interval's first thread is the previous
+    interval's last one; the rest follow the schedule.)"""
+    blocks = 8
+    arange = torch.arange(threads, dtype=torch.int32)
+
+    def orders(order, seed=0):
+        with cuda_emulator.schedule(order, seed):
+            thread_order, block_order = emulator.selftest_arrival_order(blocks, threads)
+        for interval in thread_order.view(-1, threads):
+            assert torch.equal(interval.sort().values, arange)  # every thread ran once per interval
+        assert torch.equal(block_order.sort().values, torch.arange(blocks, dtype=torch.int32))
+        return thread_order, block_order
+
+    thread_order, block_order = orders("in-order")
+    assert torch.equal(block_order, torch.arange(blocks, dtype=torch.int32))
+    assert torch.equal(thread_order[:, 0], arange.expand(blocks, -1))
+    assert torch.equal(thread_order[:, 1, 1:], arange[:-1].expand(blocks, -1))
+
+    thread_order, block_order = orders("reversed")
+    assert torch.equal(block_order, torch.arange(blocks, dtype=torch.int32).flip(0))
+    assert torch.equal(thread_order[:, 0], arange.flip(0).expand(blocks, -1))
+    assert torch.equal(thread_order[:, 1, 1:], arange[1:].flip(0).expand(blocks, -1))
+
+    shuffled = orders("shuffled", seed=1)
+    assert torch.equal(orders("shuffled", seed=1)[0], shuffled[0])  # a seed is a schedule
+    assert not torch.equal(orders("shuffled", seed=2)[0], shuffled[0])
+    thread_order, block_order = shuffled
+    assert not torch.equal(block_order, torch.arange(blocks, dtype=torch.int32))
+    first = thread_order[:, 0]
+    assert not torch.equal(first[0], arange) and not torch.equal(first[0], first[1])  # per block
+    assert not torch.equal(thread_order[0, 1, 1:], first[0][first[0] != thread_order[0, 1, 0]])  # per round
+    assert torch.equal(orders("in-order")[1], torch.arange(blocks, dtype=torch.int32))  # and back
+
+
+@pytest.mark.parametrize("threads", [32, 256])
+def test_a_race_the_in_order_schedule_hides_is_exposed_by_another(emulator, threads):
+    """Thread 0 publishes a value through shared memory and the others read it with no
+    barrier between: in order (thread 0 first) that happens to work; reversed, or shuffled,
+    the others read before it writes. With the barrier, every schedule gets it right."""
+    values = torch.arange(100, 105, dtype=torch.int32)
+    expected = values.repeat_interleave(threads)
+    assert torch.equal(emulator.selftest_broadcast(values, threads, False), expected)
+    for order, seed in [("reversed", 0), ("shuffled", 3)]:
+        with cuda_emulator.schedule(order, seed):
+            assert not torch.equal(emulator.selftest_broadcast(values, threads, False), expected)
+            assert torch.equal(emulator.selftest_broadcast(values, threads, True), expected)
+
+
+def _every_kernel(backend) -> list:
+    """The outputs of every csrc/cuda kernel on inputs that make them branch: thresholding on
+    rows split over several blocks (packed) and on the element path, ties, a NaN row, batch
+    rows with their own coefficients; the step with both history terms, Philox noise and
+    each clip mode, writing every output."""
+    g = torch.Generator().manual_seed(11)
+    results = []
+    for shape in [(3, 5 * 8 * 256 * 8), (3, 4099), (3, 17)]:
+        x, m, h1, h2 = (torch.randn(shape, generator=g) for _ in range(4))
+        x[1, ::3] = 0.5
+        m[1, ::3] = 0.25  # ties in row 1
+        x[2, 5] = float("nan")
+        c = torch.randn(shape[0], layout.NUM_COEFFICIENTS, generator=g)
+        scale = backend.threshold_scale(x, m, c, 0.995, 3.0)
+        results.append(scale)
+        for clip in layout.CLIP_MODES:
+            results += backend.fused_step(x, m, c, (h1, h2), ops.PhiloxNoise(3, 5), clip, 1.5,
+                                          scale if clip == "threshold" else None,
+                                          torch.bfloat16, torch.float32, torch.float16)
+    return results
+
+
+@pytest.mark.parametrize("order, seed", [("reversed", 0), ("shuffled", 1), ("shuffled", 2)])
+def test_kernels_do_not_depend_on_the_schedule(order, seed):
+    """csrc/cuda's kernels give the same bits whatever order their blocks and threads run
+    in: no race between threads of a barrier interval or between blocks decides a result
+    (a GPU guarantees no order, so any that did would be a latent bug)."""
+    backend = require_backend("cuda-emulator")
+    expected = _every_kernel(backend)
+    assert len(expected) == 3 * (1 + 3 * 3)
+    with cuda_emulator.schedule(order, seed):
+        got = _every_kernel(backend)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0, equal_nan=True)
 
 
 def test_a_barrier_a_gpu_would_hang_on_is_a_fault():

@@ -136,6 +136,38 @@ def test_shapes(shape, rows):
         run_both(x, m, c, h, z, clip, torch.float32, torch.float32, torch.float32)
 
 
+@pytest.mark.parametrize("config", step.AUTOTUNE_CONFIGS, ids=lambda c: f"block{c.kwargs['BLOCK']}-warps{c.num_warps}")
+def test_every_launch_configuration(monkeypatch, config):
+    """Each configuration the autotuner may pick (or FUSED_SCHED_TRITON_AUTOTUNE=0 fixes)
+    computes the reference, whichever wins on the device: a row of two whole blocks of the
+    largest and a ragged tail, 16-bit storage, every clip mode, history and noise."""
+    monkeypatch.setattr(step, "_step_launcher", step.launcher([config]))
+    row = 2 * step.MAX_BLOCK + 5
+    for k, (clip, dtype) in enumerate(itertools.product(layout.CLIP_MODES, (torch.float32, torch.bfloat16))):
+        x, m, c, h, z = make_case((2, row), (dtype,) * 5, "per_row", seed=40 + k, history=2, noise=True)
+        run_both(x, m, c, h, z, clip, dtype, torch.float32, dtype)
+
+
+def test_autotuning_can_be_switched_off():
+    """FUSED_SCHED_TRITON_AUTOTUNE=0 leaves one configuration (no timing on a first step);
+    by default every configuration is tuned. Compiled-mode imports, in subprocesses."""
+    code = ("from fused_sched.ops.triton import step\n"
+            "print([c.kwargs['BLOCK'] for c in step._step_launcher.configs], step.FIXED_CONFIG.kwargs['BLOCK'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_SCHED_TRITON_AUTOTUNE")}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def launch_blocks(**extra):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                                env={**env, **extra})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout.strip()
+
+    fixed = step.FIXED_CONFIG.kwargs["BLOCK"]
+    every = [c.kwargs["BLOCK"] for c in step.AUTOTUNE_CONFIGS]
+    assert launch_blocks() == f"{every} {fixed}"
+    assert launch_blocks(FUSED_SCHED_TRITON_AUTOTUNE="0") == f"{[fixed]} {fixed}"
+
+
 def test_per_row_coefficients_are_applied_per_row():
     """Batch row b uses coefficient row b: a row's result equals a one-row step on it."""
     x, m, c, h, z = make_case((3, 40), (torch.float32,) * 5, "per_row", seed=3, history=1, noise=True)

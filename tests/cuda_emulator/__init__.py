@@ -18,6 +18,7 @@ the process dies naming the test (faulthandler) and the report stays in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -69,6 +70,18 @@ def __getattr__(name: str):
                 "cuda-emulator", "the CUDA toolkit's headers were not found (set CUDA_HOME or put nvcc on PATH)")
         return load_backend(cuda_toolkit.INCLUDE)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@contextlib.contextmanager
+def schedule(order: str, seed: int = 0):
+    """Launches in the block now run their blocks, and each block its threads, in this order
+    ('in-order', 'reversed', or 'shuffled' by ``seed``; see runtime.cpp); in order after."""
+    module = load_backend(cuda_toolkit.INCLUDE).module
+    module.set_schedule(order, seed)
+    try:
+        yield
+    finally:
+        module.set_schedule("in-order", 0)
 
 
 def _report_prefix() -> Path:

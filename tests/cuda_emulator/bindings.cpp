@@ -65,6 +65,17 @@ at::Tensor selftest_reverse(const at::Tensor& in, int64_t threads, bool synchron
   return out;
 }
 
+at::Tensor selftest_broadcast(const at::Tensor& in, int64_t threads, bool synchronise) {
+  TORCH_CHECK(in.device().is_cpu() && in.scalar_type() == at::kInt && in.dim() == 1 && in.is_contiguous() &&
+                  in.numel() >= 1 && threads >= 1 && threads <= 1024,
+              "self-test input: a contiguous 1-D CPU int32 tensor, one value per block of 1..1024 threads");
+  at::Tensor out = at::empty({in.numel() * threads}, in.options());
+  check_launch(fused_sched::emulator::selftest::broadcast(in.const_data_ptr<int32_t>(), out.data_ptr<int32_t>(),
+                                                          in.numel(), threads, synchronise),
+               "self-test");
+  return out;
+}
+
 std::vector<at::Tensor> selftest_collectives(const at::Tensor& in, int64_t threads) {
   checked_block(in, at::kLong, threads);
   std::vector<at::Tensor> out;
@@ -75,6 +86,32 @@ std::vector<at::Tensor> selftest_collectives(const at::Tensor& in, int64_t threa
                                                             threads),
                "self-test");
   return out;
+}
+
+// (thread order, block order) of one launch: see arrival_order_kernel.
+std::vector<at::Tensor> selftest_arrival_order(int64_t blocks, int64_t threads) {
+  TORCH_CHECK(blocks >= 1 && threads >= 1 && threads <= 1024, "self-test: 1.. blocks of 1..1024 threads");
+  at::Tensor thread_order = at::full({blocks, 2, threads}, -1, at::kInt);
+  at::Tensor block_order = at::full({blocks}, -1, at::kInt);
+  at::Tensor counters = at::zeros({1 + 2 * blocks}, at::kInt);
+  check_launch(fused_sched::emulator::selftest::arrival_order(
+                   thread_order.data_ptr<int32_t>(), block_order.data_ptr<int32_t>(),
+                   reinterpret_cast<unsigned*>(counters.data_ptr<int32_t>()), blocks, threads),
+               "self-test");
+  return {thread_order, block_order};
+}
+
+void set_schedule(const std::string& order, uint64_t seed) {
+  namespace emulator = fused_sched::emulator;
+  if (order == "in-order") {
+    emulator::set_schedule(emulator::Schedule::kInOrder, seed);
+  } else if (order == "reversed") {
+    emulator::set_schedule(emulator::Schedule::kReversed, seed);
+  } else if (order == "shuffled") {
+    emulator::set_schedule(emulator::Schedule::kShuffled, seed);
+  } else {
+    TORCH_CHECK(false, "schedule order must be 'in-order', 'reversed' or 'shuffled', got '", order, "'");
+  }
 }
 
 void selftest_divergent_barrier(int64_t threads) {
@@ -102,8 +139,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ratio"), py::arg("max_value"));
   m.def("philox_bits", &philox_bits, py::arg("seed"), py::arg("offset"), py::arg("out"));
   m.def("selftest_reverse", &selftest_reverse);
+  m.def("selftest_broadcast", &selftest_broadcast);
   m.def("selftest_collectives", &selftest_collectives);
+  m.def("selftest_arrival_order", &selftest_arrival_order);
   m.def("selftest_divergent_barrier", &selftest_divergent_barrier);
+  m.def("set_schedule", &set_schedule, py::arg("order"), py::arg("seed") = 0,
+        "The order of blocks and of a block's threads in later launches: 'in-order' (the default), "
+        "'reversed' or 'shuffled' (by seed, a new thread order every round).");
   m.def("selftest_misaligned_load", &selftest_misaligned_load);
   m.def("launches", &fused_sched::emulator::launches, "Kernel launches so far in this process.");
   m.attr("multiprocessors") = fused_sched::emulator::kMultiprocessors;

@@ -15,7 +15,9 @@
 // and friends compile to the same operations the host branch computes, which only a GPU
 // confirms), races between threads that interleave within a barrier interval (fibers
 // switch only at barriers and collectives; atomics are still real read-modify-writes),
-// concurrency between blocks, the device memory model, occupancy and speed.
+// concurrency between blocks, the device memory model, occupancy and speed. Races whose
+// outcome depends on the order of threads or blocks do show, when the tests run a kernel
+// under several schedules (set_schedule) and compare.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -60,8 +62,15 @@ void warp_gather(unsigned mask, uint64_t mine, uint64_t (&lanes)[32]);
 void sync_warp(unsigned mask);
 [[noreturn]] void fault(const char* what);
 
-// Runs body() once per thread of every block of the grid, blocks in order; records a
-// launch error (returned by cudaGetLastError) for a configuration a GPU would refuse.
+// The order in which a launch runs its blocks, and a block its threads between two
+// switches (barriers, collectives). A GPU promises no order: a kernel whose results differ
+// between schedules has a race, within a barrier interval or between blocks, that the
+// in-order schedule alone would hide. kShuffled draws a new thread order every round.
+enum class Schedule { kInOrder, kReversed, kShuffled };
+void set_schedule(Schedule schedule, uint64_t seed);
+
+// Runs body() once per thread of every block of the grid, in the schedule's order; records
+// a launch error (returned by cudaGetLastError) for a configuration a GPU would refuse.
 void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* context);
 // Kernel launches so far in this process (refused configurations included).
 unsigned long long launches();

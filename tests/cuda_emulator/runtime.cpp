@@ -2,10 +2,12 @@
 // thread, block and warp barriers, and the few CUDA runtime calls csrc/cuda makes.
 //
 // Fibers, not OS threads: a fiber runs until it reaches a barrier or a warp collective, so
-// every thread of a block reaches each barrier before any goes past it, in a fixed order.
-// That makes a missing __syncthreads fail deterministically (thread 0 reads shared memory
-// before the others have written it) where OS threads would expose it only by chance, and
-// it is ~20x faster than waking hundreds of OS threads at every barrier on two cores.
+// every thread of a block reaches each barrier before any goes past it, in an order the
+// schedule fixes (set_schedule; thread 0 first by default). That makes a missing
+// __syncthreads fail deterministically (the first thread reads shared memory before the
+// others have written it) where OS threads would expose it only by chance, and makes the
+// outcome of any other race a function of the schedule, so tests can vary it and compare;
+// it is also ~20x faster than waking hundreds of OS threads at every barrier on two cores.
 // Threads waiting at different barriers, or a thread that returns while others wait,
 // would hang a GPU; here they are reported as a kernel fault.
 #include <ucontext.h>
@@ -69,6 +71,27 @@ Block* active = nullptr;
 std::mutex launch_mutex;
 cudaError_t last_error = cudaSuccess;
 unsigned long long launch_count = 0;
+Schedule schedule = Schedule::kInOrder;
+uint64_t schedule_seed = 0;
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// order = 0..n-1 as the schedule runs them; `round` varies the shuffle (stream of draws).
+void schedule_order(std::vector<unsigned>& order, unsigned n, uint64_t round) {
+  order.resize(n);
+  for (unsigned i = 0; i < n; ++i) order[i] = schedule == Schedule::kReversed ? n - 1 - i : i;
+  if (schedule != Schedule::kShuffled) return;
+  uint64_t state = splitmix64(schedule_seed ^ splitmix64(round));
+  for (unsigned i = n; i > 1; --i) {  // Fisher-Yates
+    state = splitmix64(state);
+    std::swap(order[i - 1], order[state % i]);
+  }
+}
 
 void yield_to_scheduler() {
   Fiber& self = active->fibers[active->running];
@@ -117,11 +140,13 @@ void run_block(Block& block, unsigned threads) {
     fiber.finished = false;
     makecontext(&fiber.context, fiber_entry, 0);
   }
+  std::vector<unsigned> order;
   unsigned finished = 0;
-  while (finished < threads) {
+  for (uint64_t round = 0; finished < threads; ++round) {
     block.progressed = false;
     finished = 0;
-    for (unsigned t = 0; t < threads; ++t) {
+    schedule_order(order, threads, (uint64_t{block.block_index.x} << 32) ^ round);
+    for (const unsigned t : order) {
       if (block.fibers[t].finished) {
         ++finished;
         continue;
@@ -147,6 +172,12 @@ void fault(const char* what) {
                current.thread_index.x, what);
   std::fflush(stderr);
   std::abort();
+}
+
+void set_schedule(Schedule order, uint64_t seed) {
+  std::lock_guard<std::mutex> guard(launch_mutex);
+  schedule = order;
+  schedule_seed = seed;
 }
 
 unsigned long long launches() {
@@ -203,7 +234,9 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* context) {
   state.grid_dim = grid;
   Block* const outer = active;
   active = &state;
-  for (unsigned b = 0; b < grid.x; ++b) {
+  std::vector<unsigned> blocks;
+  schedule_order(blocks, grid.x, ~uint64_t{0});
+  for (const unsigned b : blocks) {
     state.block_barrier = Barrier{threads};
     for (unsigned w = 0; w < warps; ++w) state.warp_barriers[w] = Barrier{warp_lanes(state, w)};
     state.block_index = make_uint3(b, 0, 0);

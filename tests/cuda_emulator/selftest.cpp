@@ -23,6 +23,15 @@ __global__ void reverse_kernel(const int32_t* in, int32_t* out, bool synchronise
   out[blockIdx.x * blockDim.x + t] = staged[blockDim.x - 1 - t];
 }
 
+// out[i] = in[block] for every thread of the block, published by thread 0 through shared
+// memory: without the barrier, a race that the in-order schedule hides (thread 0 runs first).
+__global__ void broadcast_kernel(const int32_t* in, int32_t* out, bool synchronise) {
+  __shared__ int32_t published;
+  if (threadIdx.x == 0) published = in[blockIdx.x];
+  if (synchronise) __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = published;
+}
+
 // Per warp: inclusive prefix sums by __shfl_up_sync, the ballot of odd values, lane 0's
 // value by __shfl_sync; per block: __syncthreads_or of "value is negative".
 __global__ void collectives_kernel(const int64_t* in, int64_t* scan, int64_t* ballot, int64_t* first,
@@ -39,6 +48,19 @@ __global__ void collectives_kernel(const int64_t* in, int64_t* scan, int64_t* ba
   ballot[i] = __ballot_sync(0xffffffffu, (value & 1) != 0);
   first[i] = __shfl_sync(0xffffffffu, value, 0);
   any_negative[i] = __syncthreads_or(value < 0);
+}
+
+// The order the schedule ran things in: block_order[k] is the k-th block to start; for
+// each block b and barrier interval r, thread_order[(b * 2 + r) * blockDim.x + k] is the
+// k-th thread to run in it. counters (zeroed, 1 + 2 * gridDim.x) hand out the positions.
+__global__ void arrival_order_kernel(int32_t* thread_order, int32_t* block_order, unsigned* counters) {
+  const unsigned b = blockIdx.x;
+  if (threadIdx.x == 0) block_order[atomicAdd(&counters[0], 1u)] = static_cast<int32_t>(b);
+  for (unsigned r = 0; r < 2; ++r) {
+    const unsigned k = atomicAdd(&counters[1 + 2 * b + r], 1u);
+    thread_order[(2 * b + r) * blockDim.x + k] = static_cast<int32_t>(threadIdx.x);
+    __syncthreads();
+  }
 }
 
 // Thread 0 returns while the others wait at a barrier: a hang on a GPU.
@@ -66,9 +88,20 @@ cudaError_t reverse(const int32_t* in, int32_t* out, unsigned blocks, unsigned t
   return cudaGetLastError();
 }
 
+cudaError_t broadcast(const int32_t* in, int32_t* out, unsigned blocks, unsigned threads, bool synchronise) {
+  FS_LAUNCH(blocks, threads, nullptr, broadcast_kernel)(in, out, synchronise);
+  return cudaGetLastError();
+}
+
 cudaError_t collectives(const int64_t* in, int64_t* scan, int64_t* ballot, int64_t* first, int64_t* any_negative,
                         unsigned blocks, unsigned threads) {
   FS_LAUNCH(blocks, threads, nullptr, collectives_kernel)(in, scan, ballot, first, any_negative);
+  return cudaGetLastError();
+}
+
+cudaError_t arrival_order(int32_t* thread_order, int32_t* block_order, unsigned* counters, unsigned blocks,
+                          unsigned threads) {
+  FS_LAUNCH(blocks, threads, nullptr, arrival_order_kernel)(thread_order, block_order, counters);
   return cudaGetLastError();
 }
 

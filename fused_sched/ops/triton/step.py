@@ -24,6 +24,7 @@ host wrapper; outputs are always new contiguous tensors.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -44,7 +45,15 @@ AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK": block}, num_warps=warps)
     for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
 ]
+# FUSED_SCHED_TRITON_AUTOTUNE=0 (read at import): this one configuration, the middle of the
+# tuned range (16 fp32 per thread, four 16-byte accesses each). Autotuning compiles every
+# configuration and times them on the first step of each size class and specialisation,
+# synchronising the device; switched off, a first step compiles once and never waits, and
+# a test suite that meets hundreds of specialisations compiles a quarter as many kernels.
+FIXED_CONFIG = AUTOTUNE_CONFIGS[1]
+# No launch configuration is larger: a row is indexed in int64 if its last block could pass 2**31.
 MAX_BLOCK = max(config.kwargs["BLOCK"] for config in AUTOTUNE_CONFIGS)
+AUTOTUNE = os.environ.get("FUSED_SCHED_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 # size_class only keys the autotuner, and seed / noise_offset change every noisy step:
@@ -126,16 +135,25 @@ def _step_kernel(
         C.store(x0_ptr + base + cols, x0, mask)
 
 
+def launcher(configs: list):
+    """The step kernel launched with the best of ``configs`` per (size class,
+    specialisation); with one configuration Triton launches it without timing anything."""
+    too_large = [config for config in configs if config.kwargs["BLOCK"] > MAX_BLOCK]
+    if too_large:
+        raise ValueError(f"launch configurations {too_large} have BLOCK > MAX_BLOCK = {MAX_BLOCK}")
+    return triton.autotune(configs=configs, key=["size_class", "CLIP", "HISTORY", "NOISE", "WRITE_D", "WRITE_X0"])(
+        _step_kernel)
+
+
 if C.INTERPRETED:
-    _step_launcher = _step_kernel
+    LAUNCH_CONFIGS = [triton.Config({"BLOCK": INTERPRETER_BLOCK})]
+elif AUTOTUNE:
+    # The first call of each key benchmarks (and synchronises), so it must not happen inside
+    # CUDA-graph capture: run one warm-up step first, as any capture needs anyway.
+    LAUNCH_CONFIGS = AUTOTUNE_CONFIGS
 else:
-    # Tuned once per (size class, specialisation); the first call of each therefore
-    # benchmarks (and synchronises) and must not happen inside CUDA-graph capture: run one
-    # warm-up step first, as any capture needs anyway.
-    _step_launcher = triton.autotune(
-        configs=AUTOTUNE_CONFIGS,
-        key=["size_class", "CLIP", "HISTORY", "NOISE", "WRITE_D", "WRITE_X0"],
-    )(_step_kernel)
+    LAUNCH_CONFIGS = [FIXED_CONFIG]
+_step_launcher = launcher(LAUNCH_CONFIGS)
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
@@ -182,8 +200,6 @@ def launch_step(
         WRITE_D=d is not None, WRITE_X0=x0 is not None, WIDE_INDEX=wide,
         OFFSET_IN_MEMORY=offset_base is not None,
     )
-    if C.INTERPRETED:
-        args["BLOCK"] = INTERPRETER_BLOCK
     size_class = numel.bit_length()
     for row_start in range(0, rows, C.MAX_GRID_ROWS):
         n_rows = min(C.MAX_GRID_ROWS, rows - row_start)
