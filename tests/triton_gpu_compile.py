@@ -5,7 +5,7 @@ Run as a script, in a process without TRITON_INTERPRET (the interpreter replaces
 
     python tests/triton_gpu_compile.py SM OUT.json
 
-The host wrappers (``step.launch_step``, ``threshold.threshold_scale_impl``) run on CPU
+The host wrappers (``step.launch_step``, ``threshold.threshold_scale_impl``, ``noise.philox_bits``) run on CPU
 tensors for a set of cases with ``wrap`` recording each launch instead of running it; each
 recorded launch is then compiled by Triton's own launch path (``JITFunction.warmup``:
 argument specialisation, options, the whole pipeline down to a cubin by ptxas) for
@@ -71,7 +71,7 @@ def _cases(sm: int):
 
     from fused_sched.ops import layout
     from fused_sched.ops.philox import PhiloxNoise
-    from fused_sched.ops.triton import step, threshold
+    from fused_sched.ops.triton import noise as triton_noise, step, threshold
 
     def tensor(dtype, shape=(2, 4096)):
         return torch.zeros(shape, dtype=dtype)
@@ -96,9 +96,13 @@ def _cases(sm: int):
             threshold.threshold_scale_impl(x, x, torch.zeros(2, layout.NUM_COEFFICIENTS), 0.995, 1.0, wrap)
         return run
 
+    def philox_bits_case(wrap):  # the tests' raw Philox outputs (test_philox_noise.py)
+        triton_noise.philox_bits(7, 11, 4096, "cpu", wrap)
+
     if sm != 90:
         return [("step-threshold-h2-philox", step_case("threshold", 2, "philox", rows=2), False, False),
-                ("threshold-fp32", threshold_case(torch.float32), False, False)]
+                ("threshold-fp32", threshold_case(torch.float32), False, False),
+                ("philox-bits", philox_bits_case, False, False)]
     cases = []
     for clip in ("none", "clamp", "threshold"):
         for history in (0, 1, 2):
@@ -115,6 +119,7 @@ def _cases(sm: int):
         ("step-philox-device-offset", step_case("none", 0, "philox_device"), False, False),
         ("threshold-fp32", threshold_case(torch.float32), False, True),
         ("threshold-bf16", threshold_case(torch.bfloat16), False, False),
+        ("philox-bits", philox_bits_case, False, False),
     ]
     return cases
 

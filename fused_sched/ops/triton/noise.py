@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .. import philox
+from . import _common as C
 
 _BLOCK = 512
 
@@ -22,10 +23,12 @@ def _philox_bits_kernel(out_ptr, n, seed: tl.int64, offset: tl.int64, BLOCK: tl.
     tl.store(out_ptr + 2 * index + 1, second.to(tl.int32, bitcast=True), mask=mask)
 
 
-def philox_bits(seed: int, offset: int, numel: int, device) -> torch.Tensor:
-    """As ``philox.philox_bits``: int64 (numel, 2) holding the uint32 outputs."""
+def philox_bits(seed: int, offset: int, numel: int, device, wrap=C.direct) -> torch.Tensor:
+    """As ``philox.philox_bits``: int64 (numel, 2) holding the uint32 outputs. ``wrap`` as in
+    step.launch_step (the GPU-compile tests record the launch with it)."""
     out = torch.empty((numel, 2), dtype=torch.int32, device=device)
     if numel:
         grid = (triton.cdiv(numel, _BLOCK),)
-        _philox_bits_kernel[grid](out, numel, philox.signed_seed(philox.check_seed(seed)), int(offset), BLOCK=_BLOCK)
+        wrap(_philox_bits_kernel)[grid](out, numel, philox.signed_seed(philox.check_seed(seed)), int(offset),
+                                        BLOCK=_BLOCK)
     return out.to(torch.int64) & 0xFFFFFFFF
