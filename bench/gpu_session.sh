@@ -35,26 +35,33 @@ budget() {
     ((left < $1)) && echo "$left" || echo "$1"
 }
 
-# step CAP COMMAND...: runs COMMAND under `budget CAP`, its output appended to the log;
-# skipped (and said so) when under 20 s are left.
+# step CAP COMMAND...: runs COMMAND under `budget CAP`, its output appended to the log, and
+# returns its status; skipped (and said so, status 124) when under 20 s are left.
 step() {
-    local cap
+    local cap status
     cap=$(budget "$1")
     shift
     if ((cap < 20)); then
         echo "=== SKIPPED (deadline): $*" | tee -a "$log"
-        return 0
+        return 124
     fi
     echo "=== [$SECONDS s, limit ${cap} s] $*" | tee -a "$log"
     timeout "$cap" "$@" 2>&1 | tee -a "$log"
-    echo "=== exit ${PIPESTATUS[0]} at $SECONDS s" | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    echo "=== exit $status at $SECONDS s" | tee -a "$log"
+    return "$status"
 }
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m pip list 2>/dev/null |
     grep -i -E "^(torch|triton|diffusers|pytest-xdist) "; } 2>&1 | tee -a "$log"
-# Build the extension once, announced, before anything is timed.
-step 150 python3 -m fused_sched info
+# Build the extension once, announced, before anything is timed. A build cut short leaves
+# torch's build lock behind, on which every later load would wait forever: nothing else
+# builds now, so any lock left is stale.
+if ! step 150 python3 -m fused_sched info; then
+    echo "=== the extension did not build: the cpu and cuda backends' tests will fail" | tee -a "$log"
+fi
+rm -f "$FUSED_SCHED_BUILD_DIR"/*/lock
 
 if python3 -c "import xdist" 2>/dev/null; then
     # Triton compiles a kernel per specialisation in the test process: spread them over the cores.
@@ -70,7 +77,7 @@ run_tests() {
     local pytest="python3 -m pytest -q -rfEs --maxfail=40 -p no:cacheprovider $parallel"
     # Autotuning as users get it, where it meets graph capture and torch.compile.
     local tuned="tests/test_cuda_graphs.py tests/test_compile.py"
-    FUSED_SCHED_TRITON_AUTOTUNE=1 step 150 $pytest $tuned
+    FUSED_SCHED_TRITON_AUTOTUNE=1 step 150 $pytest $tuned || true
     # Everything else with one Triton configuration (test_every_launch_configuration checks
     # each of the others): the suite meets hundreds of specialisations, and autotuning would
     # compile and time four kernels for each. What needs no GPU (compiling for GPUs, the
@@ -78,7 +85,7 @@ run_tests() {
     local cpu_only="tests/test_cuda_sources.py tests/test_triton_gpu_compile.py tests/test_cuda_emulator.py"
     local rest
     rest=$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$tuned $cpu_only"))
-    FUSED_SCHED_TRITON_AUTOTUNE=0 step 240 $pytest $rest
+    FUSED_SCHED_TRITON_AUTOTUNE=0 step 240 $pytest $rest || true
 }
 
 run_bench() {
@@ -87,14 +94,14 @@ run_bench() {
     # What the issues ask for first: the fused step against diffusers' on the video latents.
     for dtype in fp32 bf16; do
         step 110 python3 -m fused_sched bench --device cuda --backend cuda,triton --no-compile-baseline \
-            --shape cogvideox-49f,wan-720p,hunyuan-720p --dtype "$dtype" --json "$out/$device-$dtype.json"
+            --shape cogvideox-49f,wan-720p,hunyuan-720p --dtype "$dtype" --json "$out/$device-$dtype.json" || true
     done
     # The kernels alone: cuda vs triton vs the copy roofline, thresholding vs the reference.
-    step 110 python3 bench/bench_kernels.py --backend cuda,triton --json "$out/$device-kernels.json"
+    step 110 python3 bench/bench_kernels.py --backend cuda,triton --json "$out/$device-kernels.json" || true
     # The torch.compile baseline compiles each case (seconds each): a subset.
     step 90 python3 -m fused_sched bench --device cuda --backend cuda,triton \
         --scheduler ddim,dpm++2m,dpm++2m-threshold --shape cogvideox-49f,wan-720p --dtype fp32,bf16 \
-        --json "$out/$device-compile-baseline.json"
+        --json "$out/$device-compile-baseline.json" || true
 }
 
 case "$phase" in

@@ -26,6 +26,20 @@ BACKENDS = ("torch", "cpu", "cuda", "triton", "cuda-emulator")
 CPU_ONLY_BACKENDS = ("cpu", "cuda-emulator")
 
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(*, drop=(), tests_importable=False, **variables) -> dict:
+    """The environment for a test's Python subprocess: this process's, with the repository
+    (and, if asked, the tests folder) first on PYTHONPATH ahead of what was there (a GPU
+    session's carried packages, say), without the variables in ``drop``, with ``variables``."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    paths = [REPOSITORY] + ([os.path.join(REPOSITORY, "tests")] if tests_importable else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(variables)
+    return env
+
+
 def backend_device(name: str) -> torch.device:
     """Where a backend's tests put their data: the GPU where there is one (CPU tensors are
     covered on CPU machines), except for the backends that run CPU tensors only."""

@@ -29,7 +29,6 @@ Each is built (or loaded from its cache) once per test session by the module fix
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import require_backend
+from conftest import require_backend, subprocess_env
 from drivers import quantile_rows, record_calls
 from fused_sched import ops
 from fused_sched.ops import layout, reference
@@ -381,7 +380,7 @@ def test_importing_fused_sched_builds_nothing():
         "print(e.build_directory(False))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env=subprocess_env())
     assert result.returncode == 0, result.stderr
     assert "building the C++ extension" not in result.stderr
 

@@ -13,20 +13,16 @@ kernels give the same bits under every schedule.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import cuda_emulator
-from conftest import require_backend
+from conftest import require_backend, subprocess_env
 from fused_sched import ops
 from fused_sched.ops import layout
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +153,8 @@ def test_a_barrier_a_gpu_would_hang_on_is_a_fault():
         "cuda_emulator.load_backend(cuda_toolkit.INCLUDE).module.selftest_divergent_barrier(64)\n"
     )
     require_backend("cuda-emulator")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=subprocess_env(tests_importable=True))
     assert result.returncode != 0
     assert "kernel fault in block 0" in result.stderr and "deadlock" in result.stderr, result.stderr
 

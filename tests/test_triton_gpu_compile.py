@@ -15,12 +15,13 @@ machine code that does not depend on Triton's fp-fusion default (which changes i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURES = (90, 80)
@@ -30,8 +31,8 @@ ARCHITECTURES = (90, 80)
 def compiled(tmp_path_factory):
     """{sm: [per-kernel summary]}: both targets compiled in parallel subprocesses."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    # Compiled mode, with the launcher users get by default (every autotuning configuration).
+    env = subprocess_env(drop=("TRITON_INTERPRET", "FUSED_SCHED_TRITON_AUTOTUNE"))
     directory = tmp_path_factory.mktemp("triton_gpu_compile")
     runs = {sm: subprocess.Popen([sys.executable, str(ROOT / "tests" / "triton_gpu_compile.py"), str(sm),
                                   str(directory / f"sm{sm}.json")], env=env, stdout=subprocess.PIPE,

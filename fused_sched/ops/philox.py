@@ -206,7 +206,9 @@ def philox_uniform(bits: torch.Tensor) -> torch.Tensor:
     folded = torch.where(bits >= 2**31, bits ^ _MASK32, bits)  # int32 v < 0 -> ~v
     # below 2**31, so exact in float64; the cast to float32 is the one rounding
     as_float = folded.to(torch.float64).to(torch.float32)
-    return as_float * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=bits.device)
+    # A Python scalar, not a device tensor: torch.tensor(v, device="cuda") copies from the host,
+    # which a CUDA-graph capture refuses. ATen rounds the scalar to float32 first, as before.
+    return as_float * _UNIFORM_SCALE
 
 
 def philox_normal(seed: int, offset: int | torch.Tensor, numel: int, device=None,
@@ -216,8 +218,8 @@ def philox_normal(seed: int, offset: int | torch.Tensor, numel: int, device=None
     bits = philox_bits(seed, offset, numel, device)
     u = philox_uniform(bits)
     f32 = torch.float32
-    u1 = torch.maximum(u[:, 0], torch.tensor(_MIN_U1, dtype=f32, device=u.device))
-    theta = torch.tensor(_TWO_PI, dtype=f32, device=u.device) * u[:, 1]
+    u1 = u[:, 0].clamp_min(_MIN_U1)  # u is never NaN; scalars as in philox_uniform
+    theta = u[:, 1] * _TWO_PI
     r = torch.sqrt(torch.log(u1) * -2.0)
     z = r * torch.cos(theta)
     return z if dtype == f32 else z.to(dtype)

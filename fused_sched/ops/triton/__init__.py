@@ -51,7 +51,7 @@ class TritonBackend:
             return None
         if device.type == "cpu":
             if INTERPRETED:
-                return None
+                return _common.INTERPRETER_DEFECT
             return (
                 "Triton kernels run on CUDA devices; CPU tensors run only in Triton's interpreter, "
                 "which needs TRITON_INTERPRET=1 in the environment before fused_sched.ops.triton is imported"

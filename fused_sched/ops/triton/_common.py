@@ -7,8 +7,10 @@ other product, sum and quotient is a separately rounded fp32 operation. An expli
 leaves the compiler nothing to contract (Triton's ``enable_fp_fusion`` only fuses a plain
 multiply into a following add, and no plain product here feeds a plain add), and
 divisions use ``tl.math.div_rn`` because Triton's ``/`` lowers to an approximate
-division on NVIDIA GPUs. The interpreter evaluates ``tl.fma`` with a correctly rounded
-fp32 fma, so on CPU the kernels reproduce the reference bit for bit.
+division on NVIDIA GPUs. Recent interpreters (Triton 3.9) evaluate ``tl.fma`` with a
+correctly rounded fp32 fma, so on CPU the kernels reproduce the reference bit for bit;
+older ones (3.6) multiply and then add, rounding twice, a last-place difference that a GPU
+never shows. ``FMA_ROUNDS_ONCE`` says which (probed once, under the interpreter only).
 """
 
 from __future__ import annotations
@@ -100,6 +102,54 @@ def store(ptr, value, mask):
         tl.store(ptr, (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fma_probe_kernel(a_ptr, b_ptr, c_ptr, out_ptr):
+    tl.store(out_ptr, tl.fma(tl.load(a_ptr), tl.load(b_ptr), tl.load(c_ptr)))
+
+
+def _fma_rounds_once() -> bool:
+    """Whether tl.fma rounds once here: on a GPU always (fma.rn); the interpreter is asked.
+    (1 + 2**-12)**2 - 1 is 2**-11 + 2**-24 exactly, but 2**-11 if the product is rounded
+    first (its 2**-24 is half a unit in the last place of 1 + 2**-11: a tie, to even)."""
+    if not INTERPRETED:
+        return True
+    a = torch.full((1,), 1.0 + 2.0**-12)
+    out = torch.empty(1)
+    _fma_probe_kernel[(1,)](a, a, torch.full((1,), -1.0), out)
+    return out.item() == 2.0**-11 + 2.0**-24
+
+
+FMA_ROUNDS_ONCE = _fma_rounds_once()
+
+
+@triton.jit
+def _loop_probe_kernel(out_ptr, n):
+    total = 0
+    for _ in range(0, n):
+        total += 1
+    tl.store(out_ptr, total)
+
+
+def _interpreter_defect() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels, or None (compiled: None). The
+    histogram kernel loops over a runtime argument, which Triton 3.6's interpreter fails
+    to do under NumPy 2 (it converts a one-element array to a Python int)."""
+    if not INTERPRETED:
+        return None
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_probe_kernel[(1,)](out, 3)
+    except Exception as error:  # any failure: report it, never run kernels on a broken interpreter
+        return (f"Triton {triton.__version__}'s interpreter cannot loop over a runtime argument here, which the "
+                f"kernels do ({type(error).__name__}: {error}); use Triton >= 3.7 or a GPU")
+    if out.item() != 3:
+        return f"Triton {triton.__version__}'s interpreter ran a 3-iteration loop {out.item()} times"
+    return None
+
+
+INTERPRETER_DEFECT = _interpreter_defect()
 
 
 def direct(kernel):

@@ -53,13 +53,23 @@ AUTOTUNE_CONFIGS = [
 FIXED_CONFIG = AUTOTUNE_CONFIGS[1]
 # No launch configuration is larger: a row is indexed in int64 if its last block could pass 2**31.
 MAX_BLOCK = max(config.kwargs["BLOCK"] for config in AUTOTUNE_CONFIGS)
-AUTOTUNE = os.environ.get("FUSED_SCHED_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def autotune_requested(setting: str | None) -> bool:
+    """FUSED_SCHED_TRITON_AUTOTUNE's value: unset or anything but 0/false/no/off tunes."""
+    return (setting or "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+AUTOTUNE = autotune_requested(os.environ.get("FUSED_SCHED_TRITON_AUTOTUNE"))
 
 
 # size_class only keys the autotuner, and seed / noise_offset change every noisy step:
 # specialising on their values would compile needless variants. Both are int64 whatever
-# their value (a Python int below 2**31 would otherwise make an int32 variant).
-@triton.jit(do_not_specialize=["size_class", "seed", "noise_offset"])
+# their value (a Python int below 2**31 would otherwise make an int32 variant). The
+# coefficient row, scales and offset are read one scalar at a time, so their alignment buys
+# nothing, and a table row's address is 16-byte aligned for one timestep in four.
+@triton.jit(do_not_specialize=["size_class", "seed", "noise_offset"],
+            do_not_specialize_on_alignment=["coef_ptr", "scale_ptr", "offset_ptr"])
 def _step_kernel(
     x_ptr, m_ptr, h1_ptr, h2_ptr, z_ptr, coef_ptr, scale_ptr,
     out_ptr, d_ptr, x0_ptr,

@@ -73,7 +73,7 @@ def _init_kernel(state_ptr, hist_ptr, rank_lo, rank_hi, PASSES: tl.constexpr, MA
     tl.store(hist_ptr + row * (PASSES * 2 * MAX_BINS) + bins, tl.zeros([PASSES * 2 * MAX_BINS], tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["coef_ptr"])  # scalar loads (see step.py)
 def _histogram_kernel(
     x_ptr, m_ptr, coef_ptr, coef_row_stride, state_ptr, hist_ptr,
     row_numel, tiles_per_program,
