@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -13,7 +14,7 @@ import torch
 
 from . import __version__, ops
 from .benchmark import (DTYPES, device_name, SCHEDULERS, SHAPES, BaselineUnavailable, Timing, bytes_per_step, copy_bandwidth,
-                        time_step)
+                        error_summary, time_step)
 
 COMPILED = "torch.compile"  # the compiled-reference baseline's name in the rows (see benchmark.py)
 SKIPPED = "skipped (--no-compile-baseline)"
@@ -57,10 +58,15 @@ def _metadata(device: torch.device) -> dict:
     import diffusers
 
     name = device_name(device)
+    try:  # the version only: importing triton takes a second, and it may be absent
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = None
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=f"{device.type}: {name}", threads=torch.get_num_threads(), torch=torch.__version__,
                 cuda=torch.version.cuda, diffusers=diffusers.__version__, fused_sched=__version__,
-                python=platform.python_version())
+                python=platform.python_version(), triton=triton_version,
+                triton_autotune=os.environ.get("FUSED_SCHED_TRITON_AUTOTUNE", "unset (on)"))
 
 
 def cmd_info(args) -> int:
@@ -119,7 +125,8 @@ def cmd_bench(args) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     bandwidth = copy_bandwidth(device)
     meta = dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9, load_average_at_start=load,
-                cpu_count=os.cpu_count())
+                cpu_count=os.cpu_count(),
+                timing="per sample: wall time of one step and a device synchronize (host time included)")
     cases = [(k, s, d) for k in kinds for s in shapes for d in dtypes]
     rows = []
     total = len(cases) * (1 + len(backends) + (0 if args.no_compile_baseline else 1))
@@ -136,8 +143,20 @@ def cmd_bench(args) -> int:
     for kind, (shape_name, shape), dtype_name in cases:
         dtype = DTYPES[dtype_name]
         moved = bytes_per_step(kind, shape, dtype)
-        baseline = measured(kind, "diffusers", shape, dtype, device)
-        fused = [(backend, measured(kind, "fused", shape, dtype, device, backend=backend)) for backend in backends]
+        case = (kind, shape_name, shape, dtype_name)
+        try:
+            baseline = measured(kind, "diffusers", shape, dtype, device)
+        except Exception as error:  # a case that cannot run says why in its rows; the others still run
+            rows += [_failed_row(*case, name, error) for name in ["diffusers"] + backends]
+            done += len(backends) + (0 if args.no_compile_baseline else 1)
+            _write_report(args.json, meta, rows)
+            continue
+        fused = []
+        for backend in backends:
+            try:
+                fused.append((backend, measured(kind, "fused", shape, dtype, device, backend=backend)))
+            except Exception as error:
+                fused.append((backend, error))
         # Timed last in its case: compilation may leave work behind (compile workers, garbage).
         compiled = SKIPPED
         if not args.no_compile_baseline:
@@ -145,14 +164,12 @@ def cmd_bench(args) -> int:
                 compiled = measured(kind, "compiled", shape, dtype, device)
             except BaselineUnavailable as error:
                 compiled = str(error)
-        case = (kind, shape_name, shape, dtype_name)
         rows.append(_row(*case, "diffusers", baseline, baseline, compiled, moved, bandwidth))
         if isinstance(compiled, Timing):
             rows.append(_row(*case, COMPILED, compiled, baseline, compiled, moved, bandwidth))
-        rows += [_row(*case, backend, timing, baseline, compiled, moved, bandwidth) for backend, timing in fused]
-        if args.json:  # after every case, so a run cut short keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump(dict(meta=meta, rows=rows), f, indent=2)
+        rows += [_row(*case, backend, timing, baseline, compiled, moved, bandwidth) if isinstance(timing, Timing)
+                 else _failed_row(*case, backend, timing) for backend, timing in fused]
+        _write_report(args.json, meta, rows)  # after every case, so a run cut short keeps what it measured
     print(file=sys.stderr)
     _print_table(rows, device, bandwidth, load, compile_skipped=args.no_compile_baseline)
     if args.plot:
@@ -170,7 +187,7 @@ def cmd_plot(args) -> int:
         bandwidth = meta["copy_bandwidth_GBps"] * 1e9
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UsageError(f"{args.json} is not the --json of a bench run: {error!r}") from None
-    if not rows:
+    if not any("error" not in r for r in rows):
         raise UsageError(f"{args.json} holds no measured rows")
     _plot(rows, bandwidth, meta, args.png)
     return 0
@@ -191,6 +208,7 @@ def _plot(rows, bandwidth, meta, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "error" not in r]  # failed cases have no times
     panels = sorted({(r["scheduler"], r["dtype"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, (kind, dtype) in zip(axes[0], panels):
@@ -208,6 +226,21 @@ def _plot(rows, bandwidth, meta, path) -> None:
     fig.suptitle(f"{meta['device']}, torch {meta['torch']}, {meta['date'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _write_report(path, meta, rows) -> None:
+    if not path:
+        return
+    temporary = f"{path}.partial"
+    with open(temporary, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    os.replace(temporary, path)  # never a half-written report, even if the run is killed here
+
+
+def _failed_row(kind, shape_name, shape, dtype_name, backend, error) -> dict:
+    """An implementation that could not be timed in a case, and why."""
+    return dict(scheduler=kind, shape=shape_name, dims=list(shape), dtype=dtype_name, backend=backend,
+                error=error_summary(error))
 
 
 def _progress(done: int, total: int) -> None:
@@ -241,6 +274,9 @@ def _print_table(rows, device, bandwidth, load=None, compile_skipped=False) -> N
     print(header)
     print("-" * len(header))
     for r in rows:
+        if "error" in r:
+            print(f"{r['scheduler']:<18} {r['shape']:<14} {r['dtype']:<5} {r['backend']:<13} FAILED: {r['error']}")
+            continue
         vs_compiled = "-" if r["speedup_vs_compiled"] is None else f"{r['speedup_vs_compiled']:.2f}x"
         print(f"{r['scheduler']:<18} {r['shape']:<14} {r['dtype']:<5} {r['backend']:<13} {r['median_us']:>10.1f} "
               f"{r['iqr_us']:>8.1f} {r['speedup_vs_diffusers']:>11.2f}x {vs_compiled:>11} {r['achieved_GBps']:>8.2f} "

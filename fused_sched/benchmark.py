@@ -157,7 +157,7 @@ def time_step(kind: str, which: str, shape, dtype, device, backend: str | None =
             except BaselineUnavailable:
                 raise
             except Exception as error:  # a recompile or a failure after the first call
-                raise BaselineUnavailable(f"torch.compile failed after compiling: {_summary(error)}") from error
+                raise BaselineUnavailable(f"torch.compile failed after compiling: {error_summary(error)}") from error
         return dataclasses.replace(timing, compile_s=compile_s)
     context = ops.use_backend(backend) if (which == "fused" and backend) else contextlib.nullcontext()
     with context:
@@ -320,7 +320,7 @@ def compile_step(step, op: CompiledReferenceOp, device) -> float:
     except BaselineUnavailable:
         raise
     except Exception as error:
-        raise BaselineUnavailable(f"torch.compile failed: {_summary(error)}") from error
+        raise BaselineUnavailable(f"torch.compile failed: {error_summary(error)}") from error
     if op.calls == 0:
         raise BaselineUnavailable("the fused scheduler's step did not call fused_sched.ops.fused_step, "
                                   "so there is no op to replace with the compiled reference")
@@ -334,7 +334,7 @@ def no_recompiles():
     return set_stance("fail_on_recompile") if set_stance is not None else contextlib.nullcontext()
 
 
-def _summary(error: BaseException, limit: int = 200) -> str:
+def error_summary(error: BaseException, limit: int = 200) -> str:
     """One line for a table cell: the exception type and the first non-empty line of its message
     (inductor wraps the underlying error, e.g. a C++ compiler failure, in a long report)."""
     while getattr(error, "inner_exception", None) is not None:  # BackendCompilerFailed, InductorError

@@ -107,6 +107,36 @@ def test_bench_reports_a_baseline_that_does_not_compile(tmp_path, monkeypatch, c
     assert "torch.compile" in table and "unavailable: torch.compile failed: RuntimeError: InvalidCxxCompiler" in table
 
 
+def test_bench_keeps_going_past_a_case_that_fails(tmp_path, monkeypatch, capsys):
+    """An implementation that raises in one case is a row with the error; the run goes on to
+    the other implementations and cases, and the report is complete (and can be plotted)."""
+    from fused_sched import __main__ as cli
+
+    measure = cli.time_step
+
+    def failing(kind, which, *args, **kwargs):
+        if kind == "ddim" and which == "fused":
+            raise RuntimeError("kernel launch failed (simulated)")
+        if kind == "dpm++2m" and which == "diffusers":
+            raise ValueError("diffusers cannot run this (simulated)")
+        return measure(kind, which, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "time_step", failing)
+    path, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert cli.main(["bench", "--scheduler", "ddim,dpm++2m,ddim-inverse", "--shape", "tiny", "--backend", "torch",
+                     "--repeats", "3", "--no-compile-baseline", "--json", str(path)]) == 0
+    rows = {(r["scheduler"], r["backend"]): r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {(k, b) for k in ("ddim", "dpm++2m", "ddim-inverse") for b in ("diffusers", "torch")}
+    assert rows["ddim", "torch"]["error"] == "RuntimeError: kernel launch failed (simulated)"
+    assert "error" not in rows["ddim", "diffusers"] and rows["ddim", "diffusers"]["median_us"] > 0
+    assert all(rows["dpm++2m", b]["error"] == "ValueError: diffusers cannot run this (simulated)"
+               for b in ("diffusers", "torch"))
+    assert all("error" not in rows["ddim-inverse", b] for b in ("diffusers", "torch"))
+    assert "FAILED: RuntimeError: kernel launch failed (simulated)" in capsys.readouterr().out
+    assert cli.main(["plot", str(path), str(plot)]) == 0 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "bench.json.partial").exists()
+
+
 def test_verify_passes():
     out = run("verify", "--scheduler", "ddim,dpm++2m,cogvideox-dpm", "--steps", "10")
     assert out.returncode == 0, out.stdout + out.stderr
