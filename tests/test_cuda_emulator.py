@@ -7,8 +7,9 @@ hides shows under another), warp collectives and block reductions compute what C
 defines, a barrier that a GPU would hang on is a loud fault, undefined behaviour a GPU
 would fault on is reported by the sanitizer the emulator is built with, and the backend
 the other tests select really runs csrc/cuda's launches (counted), one per step and seven
-per thresholding scale (no host round trip between the selection passes). And csrc/cuda's
-kernels give the same bits under every schedule.
+per thresholding scale (no host round trip between the selection passes), with its outputs
+poisoned first so that a missed write shows. And csrc/cuda's kernels give the same bits
+under every schedule.
 """
 
 from __future__ import annotations
@@ -107,6 +108,16 @@ def test_a_race_the_in_order_schedule_hides_is_exposed_by_another(emulator, thre
         with cuda_emulator.schedule(order, seed):
             assert not torch.equal(emulator.selftest_broadcast(values, threads, False), expected)
             assert torch.equal(emulator.selftest_broadcast(values, threads, True), expected)
+
+
+def test_an_element_a_kernel_does_not_write_shows_the_poison(emulator):
+    """Outputs are poisoned before every emulated launch (bindings.cpp), so a missed write
+    reads as 0xA5 bytes, never as what the allocator's reused block happened to hold."""
+    assert emulator.poison_byte == 0xA5
+    out = emulator.selftest_write_even(1001)
+    index = torch.arange(1001, dtype=torch.int32)
+    assert torch.equal(out[0::2], index[0::2])
+    assert bool((out[1::2] == 0xA5A5A5A5 - 2**32).all())  # those bits as an int32
 
 
 def _every_kernel(backend) -> list:

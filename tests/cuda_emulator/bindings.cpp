@@ -4,6 +4,8 @@
 // drive them through fused_sched's CompiledBackend like the real cuda backend.
 #include <torch/extension.h>
 
+#include <cstring>
+
 #include "cuda_emulator.h"
 #include "kernels.h"
 #include "launch_arguments.h"
@@ -14,6 +16,21 @@ namespace {
 namespace cuda = fused_sched::cuda;
 
 constexpr const char* kBackend = "cuda-emulator";
+
+// A GPU's fresh memory holds whatever was there before. The host allocator here often hands
+// back the block just freed, which may hold the very values a test expects (the reference's
+// result of the same shape), so an element a kernel fails to write could pass unseen. The
+// outputs and the selection workspace of every emulated launch are therefore filled first
+// with a pattern no step computes (0xA5 bytes: -2.9e-16 as fp32 or bf16, -0.022 as fp16).
+constexpr int kPoisonByte = 0xA5;
+
+void poison(const at::Tensor& t) {
+  if (t.defined() && t.numel() > 0) std::memset(t.data_ptr(), kPoisonByte, t.nbytes());
+}
+
+void poison(const std::optional<at::Tensor>& t) {
+  if (t.has_value()) poison(*t);
+}
 
 void check_launch(cudaError_t status, const char* what) {
   TORCH_CHECK(status == cudaSuccess, "fused_sched ", kBackend, ": launching the ", what, " kernels failed: ",
@@ -31,6 +48,9 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
                                                      philox_offset, philox_base, scale, clip, clip_range, out,
                                                      history_out, x0_out);
   if (a.row_size == 0) return;
+  poison(out);
+  poison(history_out);
+  poison(x0_out);
   check_launch(cuda::launch_fused_step(a, nullptr), "fused-step");
 }
 
@@ -38,12 +58,15 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
                            double ratio, double max_value) {
   const cuda::ThresholdScaleLaunch launch = cuda::threshold_scale_launch(
       kBackend, c10::DeviceType::CPU, sample, model_output, coefficients, ratio, max_value);
+  poison(launch.result);
+  poison(launch.workspace);
   check_launch(cuda::launch_threshold_scale(launch.args, nullptr), "threshold-scale");
   return launch.result;
 }
 
 void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out) {
   fused_sched::check_philox_bits(kBackend, at::kCPU, offset, out);
+  poison(out);
   check_launch(cuda::launch_philox_bits(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), out.size(0),
                                         static_cast<uint32_t*>(out.data_ptr()), nullptr),
                "philox-bits");
@@ -101,6 +124,15 @@ std::vector<at::Tensor> selftest_arrival_order(int64_t blocks, int64_t threads) 
   return {thread_order, block_order};
 }
 
+// A fresh output poisoned as fused_step's are, then half written: what a missed write shows.
+at::Tensor selftest_write_even(int64_t n) {
+  TORCH_CHECK(n >= 1 && n <= (int64_t{1} << 24), "self-test: 1..2**24 elements");
+  at::Tensor out = at::empty({n}, at::kInt);
+  poison(out);
+  check_launch(fused_sched::emulator::selftest::write_even(out.data_ptr<int32_t>(), n), "self-test");
+  return out;
+}
+
 void set_schedule(const std::string& order, uint64_t seed) {
   namespace emulator = fused_sched::emulator;
   if (order == "in-order") {
@@ -143,10 +175,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selftest_collectives", &selftest_collectives);
   m.def("selftest_arrival_order", &selftest_arrival_order);
   m.def("selftest_divergent_barrier", &selftest_divergent_barrier);
+  m.def("selftest_write_even", &selftest_write_even);
   m.def("set_schedule", &set_schedule, py::arg("order"), py::arg("seed") = 0,
         "The order of blocks and of a block's threads in later launches: 'in-order' (the default), "
         "'reversed' or 'shuffled' (by seed, a new thread order every round).");
   m.def("selftest_misaligned_load", &selftest_misaligned_load);
   m.def("launches", &fused_sched::emulator::launches, "Kernel launches so far in this process.");
   m.attr("multiprocessors") = fused_sched::emulator::kMultiprocessors;
+  m.attr("poison_byte") = kPoisonByte;
 }

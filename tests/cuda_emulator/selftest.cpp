@@ -63,6 +63,12 @@ __global__ void arrival_order_kernel(int32_t* thread_order, int32_t* block_order
   }
 }
 
+// Writes out[i] = i for even i only: what a kernel that misses elements leaves behind.
+__global__ void write_even_kernel(int32_t* out, int64_t n) {
+  const int64_t i = 2 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (i < n) out[i] = static_cast<int32_t>(i);
+}
+
 // Thread 0 returns while the others wait at a barrier: a hang on a GPU.
 __global__ void divergent_barrier_kernel() {
   if (threadIdx.x == 0) return;
@@ -102,6 +108,12 @@ cudaError_t collectives(const int64_t* in, int64_t* scan, int64_t* ballot, int64
 cudaError_t arrival_order(int32_t* thread_order, int32_t* block_order, unsigned* counters, unsigned blocks,
                           unsigned threads) {
   FS_LAUNCH(blocks, threads, nullptr, arrival_order_kernel)(thread_order, block_order, counters);
+  return cudaGetLastError();
+}
+
+cudaError_t write_even(int32_t* out, int64_t n) {
+  const unsigned threads = 128;
+  FS_LAUNCH(static_cast<unsigned>((n / 2 + threads) / threads), threads, nullptr, write_even_kernel)(out, n);
   return cudaGetLastError();
 }
 

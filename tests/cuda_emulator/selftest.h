@@ -13,6 +13,7 @@ cudaError_t collectives(const int64_t* in, int64_t* scan, int64_t* ballot, int64
                         unsigned blocks, unsigned threads);
 cudaError_t arrival_order(int32_t* thread_order, int32_t* block_order, unsigned* counters, unsigned blocks,
                           unsigned threads);
+cudaError_t write_even(int32_t* out, int64_t n);
 cudaError_t divergent_barrier(unsigned threads);
 cudaError_t misaligned_load(const float* p, float* out);
 
