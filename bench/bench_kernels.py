@@ -32,10 +32,11 @@ import statistics
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# (label, shape), most wanted first: the CogVideoX 49-frame video latent, a 16M and a 4M
-# case, an SD latent batch, SDXL.
-SHAPES = [("cogvideox-49f", (1, 13, 16, 60, 90)), ("16M", (2, 8, 1024, 1024)), ("4M", (1, 4, 1024, 1024)),
-          ("sd15-b4", (4, 4, 64, 64)), ("sdxl-b2", (2, 4, 128, 128))]
+# (label, shape), most wanted first: the three video latents the Triton issue names
+# (CogVideoX 49 frames, Wan 720p, HunyuanVideo 720p with a batch of 2), then an SD latent
+# batch and SDXL's.
+SHAPES = [("cogvideox-49f", (1, 13, 16, 60, 90)), ("wan-720p", (1, 16, 21, 90, 160)),
+          ("hunyuan-720p-b2", (2, 16, 33, 90, 160)), ("sd15-b4", (4, 4, 64, 64)), ("sdxl-b2", (2, 4, 128, 128))]
 # (label, history terms, noise, writes d, writes x0, clip): what each scheduler's step reads
 # and writes (DDIM returns x0 as pred_original_sample; DPM writes its history value).
 STEPS = [("ddim", 0, False, False, True, "none"), ("ddim-eta", 0, True, False, True, "none"),

@@ -102,11 +102,12 @@ run_bench() {
     local device
     device=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
     # What the issues ask for, most wanted first: the fused step against diffusers' on the
-    # video latents (host time included), then the kernels alone against the copy roofline;
-    # fp32, then bf16; last the torch.compile baseline, which compiles every case.
+    # video latents the Triton issue names (host time included), then the kernels alone
+    # against the copy roofline; fp32, then bf16; last the torch.compile baseline, which
+    # compiles every case.
     for dtype in fp32 bf16; do
         step 90 python3 -m fused_sched bench --device cuda --backend "$backends" --no-compile-baseline \
-            --shape cogvideox-49f,wan-720p,hunyuan-720p --dtype "$dtype" --json "$out/$device-$dtype.json" || true
+            --shape cogvideox-49f,wan-720p,2x16x33x90x160 --dtype "$dtype" --json "$out/$device-$dtype.json" || true
         step 90 python3 bench/bench_kernels.py --backend "$backends" --dtype "$dtype" \
             --json "$out/$device-kernels-$dtype.json" || true
     done

@@ -165,7 +165,7 @@ def time_step(kind: str, which: str, shape, dtype, device, backend: str | None =
 
 
 # A GPU idles at a low clock: warm up for this long at least, not only `warmup` steps.
-CUDA_WARMUP_S = 0.25
+CUDA_WARMUP_S = 0.1
 
 
 def _measure(step, device, repeats: int, warmup: int) -> Timing:
