@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
 import statistics
 
@@ -91,13 +89,6 @@ def copies_for(nbytes: int, cold_bytes: int) -> int:
     return max(2, min(64, -(-cold_bytes // max(nbytes, 1))))
 
 
-def write_json(path: str, meta: dict, rows: list) -> None:
-    temporary = path + ".partial"
-    with open(temporary, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    os.replace(temporary, path)  # never a half-written file, even if killed here
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="triton,cuda", help="comma-separated: triton, cuda")
@@ -110,6 +101,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU (interpreted or emulated kernels' timings are meaningless)")
 
+    from fused_sched.benchmark import write_report
     from fused_sched.ops import backends, layout, reference
 
     names = args.backend.split(",")
@@ -206,7 +198,7 @@ def main() -> None:
                           flush=True)
                 rows.append(row)
             if args.json:
-                write_json(args.json, meta, rows)
+                write_report(args.json, meta, rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__, ops
 from .benchmark import (DTYPES, device_name, SCHEDULERS, SHAPES, BaselineUnavailable, Timing, bytes_per_step, copy_bandwidth,
-                        error_summary, time_step)
+                        error_summary, time_step, write_report)
 
 COMPILED = "torch.compile"  # the compiled-reference baseline's name in the rows (see benchmark.py)
 SKIPPED = "skipped (--no-compile-baseline)"
@@ -149,7 +149,8 @@ def cmd_bench(args) -> int:
         except Exception as error:  # a case that cannot run says why in its rows; the others still run
             rows += [_failed_row(*case, name, error) for name in ["diffusers"] + backends]
             done += len(backends) + (0 if args.no_compile_baseline else 1)
-            _write_report(args.json, meta, rows)
+            if args.json:
+                write_report(args.json, meta, rows)
             continue
         fused = []
         for backend in backends:
@@ -169,7 +170,8 @@ def cmd_bench(args) -> int:
             rows.append(_row(*case, COMPILED, compiled, baseline, compiled, moved, bandwidth))
         rows += [_row(*case, backend, timing, baseline, compiled, moved, bandwidth) if isinstance(timing, Timing)
                  else _failed_row(*case, backend, timing) for backend, timing in fused]
-        _write_report(args.json, meta, rows)  # after every case, so a run cut short keeps what it measured
+        if args.json:  # after every case, so a run cut short keeps what it measured
+            write_report(args.json, meta, rows)
     print(file=sys.stderr)
     _print_table(rows, device, bandwidth, load, compile_skipped=args.no_compile_baseline)
     if args.plot:
@@ -226,15 +228,6 @@ def _plot(rows, bandwidth, meta, path) -> None:
     fig.suptitle(f"{meta['device']}, torch {meta['torch']}, {meta['date'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def _write_report(path, meta, rows) -> None:
-    if not path:
-        return
-    temporary = f"{path}.partial"
-    with open(temporary, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    os.replace(temporary, path)  # never a half-written report, even if the run is killed here
 
 
 def _failed_row(kind, shape_name, shape, dtype_name, backend, error) -> dict:

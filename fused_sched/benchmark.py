@@ -34,6 +34,8 @@ import collections.abc
 import contextlib
 import dataclasses
 import inspect
+import json
+import os
 import platform
 import statistics
 import time
@@ -340,6 +342,15 @@ def no_recompiles():
     a no-op before): a timed call never compiles, nor falls back to eager at the recompile limit."""
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
     return set_stance("fail_on_recompile") if set_stance is not None else contextlib.nullcontext()
+
+
+def write_report(path: str, meta: dict, rows: list) -> None:
+    """A bench run's JSON, ``{"meta": ..., "rows": ...}``, replaced whole: rewritten after
+    every case, a run cut short (killed at a time limit, say) leaves a complete file."""
+    temporary = f"{path}.partial"
+    with open(temporary, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    os.replace(temporary, path)
 
 
 def error_summary(error: BaseException, limit: int = 200) -> str:

@@ -8,7 +8,9 @@ tests that need it are skipped with the reason.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,34 @@ if os.environ.get("FUSED_SCHED_REQUIRE_NVCC") == "1":
         raise RuntimeError("FUSED_SCHED_REQUIRE_NVCC=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
     if INCLUDE is None:
         raise RuntimeError("FUSED_SCHED_REQUIRE_NVCC=1 but the toolkit's cuda_runtime_api.h was not found")
+
+
+
+def _find_nvdisasm() -> str | None:
+    """The toolkit's nvdisasm, else the one Triton ships (CI's toolkit is nvcc alone)."""
+    found = shutil.which("nvdisasm") or (str(Path(NVCC).resolve().parent / "nvdisasm") if NVCC else None)
+    if found and Path(found).is_file():
+        return found
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError:
+        return None
+    bundled = Path(nvidia.__file__).parent / "bin" / "nvdisasm"
+    return str(bundled) if bundled.is_file() else None
+
+
+NVDISASM = _find_nvdisasm()
+
+
+def sass_instructions(cubin: Path) -> list[str]:
+    """The machine instructions of a cubin, in order, without addresses, encodings, labels
+    or directives: what two builds of the same code are compared by."""
+    if NVDISASM is None:
+        raise RuntimeError("no nvdisasm (CUDA toolkit or Triton's bundled copy)")
+    listing = subprocess.run([NVDISASM, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    lines = [re.sub(r"/\*.*?\*/", "", line).strip().rstrip(";").strip() for line in listing.splitlines()]
+    return [line for line in lines if line and not line.startswith(".") and not line.endswith(":")]
+
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
 needs_headers = pytest.mark.skipif(

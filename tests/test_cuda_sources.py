@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cuda_toolkit import INCLUDE, NVCC, needs_headers, needs_nvcc
+from cuda_toolkit import INCLUDE, NVCC, NVDISASM, needs_headers, needs_nvcc, sass_instructions
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -99,19 +99,6 @@ def test_packed_kernels_access_memory_128_bits_at_a_time(source, kernel, accesse
         assert ".v4." not in body, f"{name}: vector access on the element path"
 
 
-def _nvdisasm() -> str | None:
-    """The toolkit's nvdisasm, else the one Triton ships (CI's toolkit is nvcc alone)."""
-    found = shutil.which("nvdisasm") or (str(Path(NVCC).resolve().parent / "nvdisasm") if NVCC else None)
-    if found and Path(found).is_file():
-        return found
-    try:
-        import triton.backends.nvidia as nvidia
-    except ImportError:
-        return None
-    bundled = Path(nvidia.__file__).parent / "bin" / "nvdisasm"
-    return str(bundled) if bundled.is_file() else None
-
-
 @needs_nvcc
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: str(p.relative_to(CSRC)))
 def test_device_code_is_the_same_with_and_without_fma_contraction(source, tmp_path):
@@ -120,16 +107,14 @@ def test_device_code_is_the_same_with_and_without_fma_contraction(source, tmp_pa
     must not change when contraction is off: then the GPU rounds as the reference does.
     (sm_90a only: the arithmetic is the same source for every architecture.)"""
     arch = "90a"
-    nvdisasm = _nvdisasm()
-    if nvdisasm is None:
+    if NVDISASM is None:
         pytest.skip("no nvdisasm (CUDA toolkit or Triton's bundled copy)")
     listings = {}
     for fmad in ("true", "false"):
         cubin = tmp_path / f"fmad-{fmad}.cubin"
         _run([NVCC, "-std=c++17", "-O3", "-cubin", f"-arch=sm_{arch}", f"--fmad={fmad}", *TORCH_NVCC_DEFINES,
               f"-I{CSRC / 'include'}", str(source), "-o", str(cubin)], cwd=tmp_path)
-        listing = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-        listings[fmad] = [re.sub(r"/\*.*?\*/", "", line).strip() for line in listing.splitlines()]
+        listings[fmad] = sass_instructions(cubin)
     assert any("FMUL" in line or "FADD" in line or "FFMA" in line or "MUFU" in line or "IMAD" in line
                for line in listings["true"]), "the listing holds no instructions"
     assert listings["true"] == listings["false"]

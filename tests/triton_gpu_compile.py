@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -137,15 +136,12 @@ def _ptx_summary(ptx: str) -> dict:
 
 
 def _sass(cubin: bytes, tmp: Path) -> list[str]:
-    """The instructions of a cubin (nvdisasm from Triton's own toolchain), without addresses."""
-    import triton.backends.nvidia as nvidia
+    """The instructions of a cubin (cuda_toolkit.sass_instructions)."""
+    from cuda_toolkit import sass_instructions  # the script's folder, tests/, is on sys.path
 
     path = tmp / "kernel.cubin"
     path.write_bytes(cubin)
-    nvdisasm = Path(nvidia.__file__).parent / "bin" / "nvdisasm"
-    listing = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
-    instructions = [re.sub(r"/\*.*?\*/", "", line).strip().rstrip(";").strip() for line in listing.splitlines()]
-    return [i for i in instructions if i and not i.startswith(".") and not i.endswith(":")]
+    return sass_instructions(path)
 
 
 def main(sm: int, out: Path) -> None:
