@@ -126,7 +126,9 @@ def cmd_bench(args) -> int:
     bandwidth = copy_bandwidth(device)
     meta = dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9, load_average_at_start=load,
                 cpu_count=os.cpu_count(),
-                timing="per sample: wall time of one step and a device synchronize (host time included)")
+                timing="per sample: wall time of one step and a device synchronize (host time included)",
+                bytes_per_step="the op's least traffic: each tensor it reads and writes once at its own dtype, "
+                               "x and m once more where thresholding (fused_sched.benchmark.bytes_per_step)")
     cases = [(k, s, d) for k in kinds for s in shapes for d in dtypes]
     rows = []
     total = len(cases) * (1 + len(backends) + (0 if args.no_compile_baseline else 1))
@@ -142,9 +144,9 @@ def cmd_bench(args) -> int:
 
     for kind, (shape_name, shape), dtype_name in cases:
         dtype = DTYPES[dtype_name]
-        moved = bytes_per_step(kind, shape, dtype)
         case = (kind, shape_name, shape, dtype_name)
         try:
+            moved = bytes_per_step(kind, shape, dtype, device)
             baseline = measured(kind, "diffusers", shape, dtype, device)
         except Exception as error:  # a case that cannot run says why in its rows; the others still run
             rows += [_failed_row(*case, name, error) for name in ["diffusers"] + backends]

@@ -363,25 +363,68 @@ def error_summary(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def bytes_per_step(kind: str, shape, dtype) -> int:
-    """Minimum bytes a fused step must move (reads + writes of full tensors), DESIGN.md."""
-    _, _, config = SCHEDULERS[kind]
-    numel = 1
-    for d in shape:
-        numel *= d
-    element = torch.tensor([], dtype=dtype).element_size()
-    reads, writes = 2, 2  # x, m -> prev and x0 (DDIM family) or prev and history value (DPM)
-    if kind in ("dpm++2m", "dpm++2m-threshold", "sde-dpm++2m", "cogvideox-dpm"):
-        reads += 1  # one history tensor
-    if kind == "dpm++3m":
-        reads += 2
-    if kind.startswith("sde") or kind == "cogvideox-dpm":
-        reads += 1  # the noise tensor (fp32 for SDE-DPM)
-    if "threshold" in kind:
-        # The selection re-reads x and m once per radix digit: counted as the Triton backend's
-        # four (the cuda backend makes three, so its rows overstate its bytes by 2/(reads+writes)).
-        reads += 2 * 4
-    return numel * element * (reads + writes)
+def bytes_per_step(kind: str, shape, dtype, device=torch.device("cpu")) -> int:
+    """The least a fused step of ``kind`` must move: every tensor its op reads (x, m, history
+    values, a noise tensor) and writes (its outputs) once, each at its own dtype, plus, with
+    dynamic thresholding, x and m once more (the quantile must be known before any output
+    is written). Counted from the op's arguments and outputs in one real step (on the torch
+    backend: the tensors do not depend on the backend), so mixed dtypes, an fp32 noise
+    tensor and history values are counted as they are.
+
+    It is a floor, the same for every row of a case: a radix selection reads x and m more
+    often (Triton in 4 passes, cuda in 3), so a thresholded row's "% copy" also shows what
+    the extra passes cost. Noise a scheduler draws into a tensor (``randn``) before the op
+    is not counted: that is the work in-kernel noise avoids."""
+    with recorded_op_traffic() as traffic, ops.use_backend("torch"):
+        make_step(kind, True, shape, dtype, device)()
+    if not traffic:
+        raise RuntimeError(f"the fused {kind} step did not call fused_sched.ops: nothing to count")
+    return sum(traffic)
+
+
+def op_bytes(sample, model_output, history, noise, clip, outputs) -> int:
+    """Bytes one call of the op reads and writes at the least (see :func:`bytes_per_step`)."""
+    read = [sample, model_output, *history]
+    if isinstance(noise, torch.Tensor):
+        read.append(noise)
+    if clip == "threshold":
+        read += [sample, model_output]
+    return sum(t.nbytes for t in read) + sum(t.nbytes for t in outputs if t is not None)
+
+
+@contextlib.contextmanager
+def recorded_op_traffic():
+    """While active, every call of ``ops.fused_step``, and every ``run`` of a plan made by
+    ``ops.plan_step``, appends :func:`op_bytes` of the call to the yielded list. A plan made
+    before entering is not recorded: use a scheduler with a fresh schedule."""
+    original, original_plan = ops.fused_step, ops.plan_step
+    traffic = []
+
+    def fused_step(sample, model_output, coefficients, *, history=(), noise=None, clip="none", **options):
+        outputs = original(sample, model_output, coefficients, history=history, noise=noise, clip=clip, **options)
+        traffic.append(op_bytes(sample, model_output, history, noise, clip, outputs))
+        return outputs
+
+    def plan_step(sample, model_output, coefficients, *, clip="none", **options):
+        return _RecordedPlan(original_plan(sample, model_output, coefficients, clip=clip, **options), clip, traffic)
+
+    ops.fused_step, ops.plan_step = fused_step, plan_step
+    try:
+        yield traffic
+    finally:
+        ops.fused_step, ops.plan_step = original, original_plan
+
+
+class _RecordedPlan:
+    """A plan whose runs :func:`recorded_op_traffic` counts."""
+
+    def __init__(self, plan, clip, traffic):
+        self.plan, self.clip, self.traffic = plan, clip, traffic
+
+    def run(self, sample, model_output, coefficients, history=(), noise=None):
+        outputs = self.plan.run(sample, model_output, coefficients, history, noise)
+        self.traffic.append(op_bytes(sample, model_output, history, noise, self.clip, outputs))
+        return outputs
 
 
 def copy_bandwidth(device: torch.device, megabytes: int | None = None, repeats: int = 10) -> float:
