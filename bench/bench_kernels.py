@@ -15,6 +15,10 @@ autotunes:
 - ``call_us``: one eager call between CUDA events: on a small tensor this is the host's
   dispatch time, since the device waits for it.
 
+The ``threshold_scale`` rows time the selection alone (its radix passes over x and m)
+against the eager reference (``reference_call_us``), replayed over copies of (x, m) alike;
+their ``bytes`` are x and m once, which each backend reads once per pass.
+
 A case that fails is a row with its ``error``; the others still run. The JSON is rewritten
 after every shape, so a run cut short keeps what it measured. Needs a GPU: the Triton
 interpreter's or an emulator's timings say nothing about kernels.
@@ -176,17 +180,22 @@ def main() -> None:
                         print(f"{label:<14} {dtype_name:<5} {name:<16} {backend:<7} FAILED {row['error']}", flush=True)
                     rows.append(row)
                 del data
-            # Thresholding: the selection (radix passes over x and m) against the eager reference.
-            x, m = fresh(), fresh()
+            # Thresholding: the selection (radix passes over x and m) against the eager reference,
+            # replayed over copies of (x, m) like the steps, so its first pass reads HBM.
+            nbytes = 2 * torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+            copies = copies_for(nbytes, args.cold_bytes)
+            pairs = [(fresh(), fresh()) for _ in range(copies)]
+            x, m = pairs[0]
             reference_s = call_seconds(lambda: reference.threshold_scale(x, m, c, 0.995, 1.5),
                                        max(5, args.repeats // 5))
             for backend, kernel in kernels.items():
                 row = dict(shape=label, dims=list(shape), dtype=dtype_name, step="threshold_scale", backend=backend,
-                           reference_call_us=reference_s * 1e6)
+                           bytes=nbytes, copies=copies, reference_call_us=reference_s * 1e6)
                 try:
-                    select = lambda kernel=kernel: kernel.threshold_scale(x, m, c, 0.995, 1.5)  # noqa: E731
-                    call_s = call_seconds(select, args.repeats)
-                    select_s = kernel_seconds([select], args.repeats)
+                    selects = [lambda x=x, m=m, kernel=kernel: kernel.threshold_scale(x, m, c, 0.995, 1.5)
+                               for x, m in pairs]
+                    call_s = call_seconds(selects[0], args.repeats)
+                    select_s = kernel_seconds(selects, args.repeats)
                     row.update(call_us=call_s * 1e6, kernel_us=select_s * 1e6,
                                speedup_vs_reference=reference_s / call_s)
                     print(f"{label:<14} {dtype_name:<5} {'threshold_scale':<16} {backend:<7} "
@@ -197,6 +206,7 @@ def main() -> None:
                     print(f"{label:<14} {dtype_name:<5} {'threshold_scale':<16} {backend:<7} FAILED {row['error']}",
                           flush=True)
                 rows.append(row)
+            del pairs
             if args.json:
                 write_report(args.json, meta, rows)
 
