@@ -102,13 +102,31 @@ def test_low_precision_is_no_farther_from_float64_than_diffusers(backend, device
     _check_low_precision_contract(kind, DETERMINISTIC[kind], dtype, device)
 
 
-def _check_low_precision_contract(kind, config, dtype, device) -> None:
+def _check_low_precision_contract(kind, config, dtype, device, model_dtype=None) -> None:
+    """``model_dtype``: m's dtype where it differs from the sample's (``dtype``, whose ulp is
+    then the contract's margin: the coarser of the two)."""
+    model_dtype = dtype if model_dtype is None else model_dtype
+    coarse = dtype if torch.finfo(dtype).eps >= torch.finfo(model_dtype).eps else model_dtype
     if kind in MULTISTEP:
-        steps, histories = _teacher_forced(kind, config, dtype, dtype, StepArgs(), True, device, share_history=True)
-        _assert_low_precision_contract(histories, dtype, "history value")
+        steps, histories = _teacher_forced(kind, config, dtype, model_dtype, StepArgs(), True, device,
+                                           share_history=True)
+        _assert_low_precision_contract(histories, coarse, "history value")
     else:
-        steps = _teacher_forced(kind, config, dtype, dtype, StepArgs(), True, device)
-    _assert_low_precision_contract(steps, dtype)
+        steps = _teacher_forced(kind, config, dtype, model_dtype, StepArgs(), True, device)
+    _assert_low_precision_contract(steps, coarse)
+
+
+@pytest.mark.parametrize("algorithm, prediction_type, thresholding", [
+    ("dpmsolver", "sample", False), ("dpmsolver", "epsilon", True), ("dpmsolver++", "sample", False),
+    ("dpmsolver++", "epsilon", False)])
+def test_half_model_output_with_fp32_sample(backend, device, algorithm, prediction_type, thresholding):
+    """An fp16 model output stepping an fp32 latent: diffusers keeps m, or a history value
+    computed from it, in fp16 or fp32 by its formula (see
+    test_dpm_history_and_output_dtypes_follow_diffusers); either way the fused step is no
+    farther from float64 than diffusers, history included."""
+    config = dict(algorithm_type=algorithm, prediction_type=prediction_type, thresholding=thresholding,
+                  solver_order=3, final_sigmas_type="sigma_min")
+    _check_low_precision_contract("dpm", config, torch.float32, device, model_dtype=torch.float16)
 
 
 BETAS = ["linear", "scaled_linear", "squaredcos_cap_v2"]
@@ -197,3 +215,34 @@ def test_bf16_sample_with_fp32_model_output(backend, device, kind):
     for i, (ref, fused) in enumerate(steps):
         assert fused.dtype == ref.dtype == torch.float32
         assert relative_error(fused, ref) <= LOW_PRECISION_TOLERANCE, f"step {i}"
+
+
+@pytest.mark.parametrize("kind", ["dpm", "dpm_inverse"])
+@pytest.mark.parametrize("sample_dtype, model_dtype", [(torch.float32, torch.float16), (torch.bfloat16, torch.float32)])
+def test_dpm_history_and_output_dtypes_follow_diffusers(kind, sample_dtype, model_dtype):
+    """diffusers stores the converted model output at the dtype its formula yields: m's own
+    where it is m (data prediction from "sample", noise prediction from "epsilon" without
+    thresholding), else promote(x, m); prev takes that dtype (the inverse class: promoted
+    with x's). Over every algorithm, prediction type and thresholding, with mixed dtypes."""
+    reference_cls, fused_cls = PAIRS[kind]
+    algorithms = ["dpmsolver++", "dpmsolver"] + (["sde-dpmsolver++", "sde-dpmsolver"] if kind == "dpm" else [])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    m = torch.randn(2, 3, 4, 4, generator=g)
+    for algorithm in algorithms:
+        for prediction_type in ("epsilon", "sample", "v_prediction"):
+            for thresholding in (False, True):
+                config = dict(algorithm_type=algorithm, prediction_type=prediction_type, thresholding=thresholding)
+                if kind == "dpm":  # a last step to sigma 0 would not run noise-prediction solvers
+                    config.update(final_sigmas_type="sigma_min")
+                dtypes = []
+                for cls in (reference_cls, fused_cls):
+                    scheduler = cls(**config)
+                    scheduler.set_timesteps(6)
+                    seen = []
+                    for t in scheduler.timesteps[:3]:
+                        noise = torch.zeros(x.shape) if algorithm.startswith("sde") else None
+                        prev = scheduler.step(m.to(model_dtype), t, x.to(sample_dtype), variance_noise=noise).prev_sample
+                        seen.append((prev.dtype, scheduler.model_outputs[-1].dtype))
+                    dtypes.append(seen)
+                assert dtypes[1] == dtypes[0], config

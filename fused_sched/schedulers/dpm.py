@@ -195,10 +195,13 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         return 3
 
     def _history_dtype(self, sample, model_output) -> torch.dtype:
+        # diffusers stores the converted output at the dtype its formula yields: m's own where
+        # the output is m itself (thresholding keeps its input's dtype), else promote(x, m).
         c = self.config
-        keeps_model_dtype = c.prediction_type == "sample" or (
-            c.algorithm_type not in DATA_PREDICTION_ALGORITHMS and c.prediction_type == "epsilon" and not c.thresholding
-        )
+        if c.algorithm_type in DATA_PREDICTION_ALGORITHMS:
+            keeps_model_dtype = c.prediction_type == "sample"
+        else:
+            keeps_model_dtype = c.prediction_type == "epsilon" and not c.thresholding
         return model_output.dtype if keeps_model_dtype else torch.promote_types(sample.dtype, model_output.dtype)
 
     def step(
