@@ -75,6 +75,12 @@ def test_eta_out_of_range():
 def test_generator_and_variance_noise_together():
     with pytest.raises(ValueError, match="both generator and variance_noise"):
         _ready().step(X, 901, X, eta=0.5, generator=torch.Generator(), variance_noise=torch.randn_like(X))
+    # At eta 0 neither is used, and diffusers accepts both: so does the drop-in.
+    reference = PAIRS["ddim"][0]()
+    reference.set_timesteps(10)
+    both = dict(eta=0.0, generator=torch.Generator(), variance_noise=torch.randn_like(X))
+    assert torch.allclose(_ready().step(X, 901, X, **both).prev_sample, reference.step(X, 901, X, **both).prev_sample,
+                          rtol=1e-5, atol=1e-6)
 
 
 def test_cogvideox_dpm_history_without_timestep_back():

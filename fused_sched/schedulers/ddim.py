@@ -80,7 +80,7 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
                 f"eta={eta} is outside [0, 1]: the DDIM direction term sqrt(1 - a_prev - std^2) has no real "
                 "value for eta > 1 (diffusers returns NaN there)"
             )
-        if generator is not None and variance_noise is not None:
+        if eta > 0 and generator is not None and variance_noise is not None:  # at eta 0 neither is used
             raise ValueError(
                 "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
                 " `variance_noise` stays `None`."
