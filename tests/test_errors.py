@@ -196,3 +196,22 @@ def test_fused_op_argument_checks():
     with pytest.raises(ValueError, match=rf"coefficients has shape \(3, {k}\)"):
         ops.fused_step(X, X, torch.zeros(3, k))
     assert math.isfinite(float(ops.fused_step(X, X, c).prev_sample.sum()))
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+@pytest.mark.parametrize("value, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError),
+                                          ("10", TypeError)])
+def test_num_inference_steps_must_be_a_positive_integer(kind, value, error):
+    # diffusers divides by zero on 0 and builds an empty or mis-indexed schedule otherwise
+    with pytest.raises(error, match="num_inference_steps must be"):
+        PAIRS[kind][1]().set_timesteps(value)
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_num_inference_steps_as_a_whole_float_is_taken(kind):
+    # diffusers' DDIM family takes 12.0 as 12; its DPM classes raise a TypeError deep in numpy
+    reference, fused = (cls() for cls in PAIRS[kind])
+    reference.set_timesteps(12)
+    fused.set_timesteps(12.0)
+    assert torch.equal(fused.timesteps, reference.timesteps)
+    assert fused.num_inference_steps == 12

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -203,6 +204,19 @@ class FusedSchedulerMixin:
             counter = old.to(device)
         self._philox_counter = counter
         return counter
+
+
+def checked_num_inference_steps(value) -> int:
+    """``value`` as a positive int (a float holding one is taken, as diffusers takes it):
+    diffusers divides by zero on 0, and builds an empty or mis-indexed schedule from a
+    negative or fractional count that fails only later."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"num_inference_steps must be an integer, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {value}")
+    return int(value)
 
 
 def stream_capturing(device: torch.device) -> bool:

@@ -9,7 +9,7 @@ from .. import ops
 from ..coefficients.table import PlacedTable
 from ..ops import layout as L
 from ..ops.philox import PhiloxNoise
-from .base import FusedSchedulerMixin, check_finite_rows
+from .base import FusedSchedulerMixin, check_finite_rows, checked_num_inference_steps
 
 
 class DDIMFamilyMixin(FusedSchedulerMixin):
@@ -17,6 +17,7 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
     _retired_tables: dict  # tables of earlier schedules, by key, for refilling in place
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        num_inference_steps = checked_num_inference_steps(num_inference_steps)
         super().set_timesteps(num_inference_steps, device=device)
         self._remember_schedule()
         # Tables rebuilt with their old shapes are refilled in place (see _install_table).

@@ -10,7 +10,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from .. import ops
 from ..coefficients.dpm import DATA_PREDICTION_ALGORITHMS, SDE_ALGORITHMS, dpm_table, row_index
 from ..coefficients.table import PlacedTable
-from .base import FusedSchedulerMixin, stream_capturing, validated_init
+from .base import FusedSchedulerMixin, checked_num_inference_steps, stream_capturing, validated_init
 from .step_cursor import DeviceStepCursor
 from .step_output import step_output
 
@@ -354,6 +354,8 @@ class FusedDPMSolverMultistepScheduler(DPMFamilyMixin, DPMSolverMultistepSchedul
     __init__ = validated_init(DPMSolverMultistepScheduler.__init__, _check_config)
 
     def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None):
+        if num_inference_steps is not None:  # else timesteps, which diffusers checks
+            num_inference_steps = checked_num_inference_steps(num_inference_steps)
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, mu=mu, timesteps=timesteps)
         self._build_schedule(device)
 
@@ -363,5 +365,6 @@ class FusedDPMSolverMultistepInverseScheduler(DPMFamilyMixin, DPMSolverMultistep
     __init__ = validated_init(DPMSolverMultistepInverseScheduler.__init__, _check_inverse_config)
 
     def set_timesteps(self, num_inference_steps=None, device=None):
+        num_inference_steps = checked_num_inference_steps(num_inference_steps)
         super().set_timesteps(num_inference_steps, device=device)
         self._build_schedule(device)
