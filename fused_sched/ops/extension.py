@@ -68,6 +68,15 @@ def cuda_unavailable_reason() -> str | None:
 
     if cpp_extension.CUDA_HOME is None:
         return "no CUDA toolkit found to compile the kernels (set CUDA_HOME or put nvcc on PATH)"
+    # torch takes CUDA_HOME from nvcc's path without following links (/usr/local/bin/nvcc
+    # gives /usr/local): the build would then fail, taking the cpu backend down with it.
+    if not (Path(cpp_extension.CUDA_HOME) / "include" / "cuda_runtime.h").is_file():
+        return (f"the CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h "
+                "(set CUDA_HOME to the toolkit's root, e.g. /usr/local/cuda)")
+    # Without a device, torch's build asks for its architecture and fails (IndexError).
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        return ("no CUDA device is visible to take the GPU architecture from (set TORCH_CUDA_ARCH_LIST, "
+                "e.g. '9.0', to build the CUDA kernels without one)")
     return None
 
 

@@ -116,7 +116,10 @@ def load_backend(cuda_include: Path):
         # -ffp-contract=off to round as the reference does.
         extra_cflags=extension.CXX_FLAGS + SANITIZE + ["-DFUSED_SCHED_CUDA_EMULATOR"],
         extra_include_paths=[str(extension.CSRC / "include"), str(CUDA_SOURCES), str(HERE), str(cuda_include)],
-        extra_ldflags=SANITIZE,
+        # Calls to the emulated runtime (cudaGetLastError, ...) bind to runtime.cpp's own
+        # definitions: a CUDA build of torch loads the real libcudart into the global symbol
+        # scope, which would otherwise take them (and report no driver on a GPU-less host).
+        extra_ldflags=SANITIZE + ["-Wl,-Bsymbolic"],
         build_directory=str(directory),
         verbose=False,
     )
