@@ -426,3 +426,15 @@ def test_build_directory_honours_environment(monkeypatch, tmp_path):
     assert extension.build_directory(False).parent == tmp_path / "te" / "fused_sched"
     monkeypatch.setenv("FUSED_SCHED_BUILD_DIR", str(tmp_path / "fs"))
     assert extension.build_directory(False).parent == tmp_path / "fs"
+
+
+def test_a_cuda_backend_without_a_device_says_so(monkeypatch):
+    """Built (a CUDA build of torch, TORCH_CUDA_ARCH_LIST) on a machine with no GPU, the
+    cuda backend must not claim CUDA tensors it cannot make."""
+    from fused_sched.ops import extension
+
+    backend = extension.CompiledBackend("cuda", "cuda", None, None, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backend.unavailable_reason(torch.device("cuda"), (torch.float32,)) == "torch reports no usable CUDA device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backend.unavailable_reason(torch.device("cuda"), (torch.float32,)) is None

@@ -268,6 +268,8 @@ class CompiledBackend:
         device = torch.device(device)
         if device.type != self.device_type:
             return f"the {self.name} backend runs on {self.device_type} tensors, not {device.type}"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "torch reports no usable CUDA device"
         return _dtype_reason(dtypes)
 
     def threshold_scale(self, sample, model_output, coefficients, ratio: float, max_value: float):
