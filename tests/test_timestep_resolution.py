@@ -87,3 +87,23 @@ def test_ddim_family_step_passes_the_cached_row(kind, monkeypatch):
     t = scheduler.timesteps.tolist()[4]
     placed = next(iter(scheduler._tables.values()))
     assert seen[0] is seen[1] is placed.row(t, x.device, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["dpm", "dpm_inverse"])
+@pytest.mark.parametrize("form", ["clone", "one-element 1-D", "int32", "absent value"])
+def test_dpm_first_timestep_given_as_another_tensor_is_looked_up_like_diffusers(kind, form):
+    """A first timestep that is not an element of scheduler.timesteps is found by value
+    (second match when repeated, the last step when absent), in both DPM classes."""
+    results = []
+    for cls in PAIRS[kind]:
+        scheduler = cls()
+        scheduler.set_timesteps(8)
+        t = scheduler.timesteps[3]
+        t = {"clone": t.clone(), "one-element 1-D": t.reshape(1).clone(), "int32": t.to(torch.int32),
+             "absent value": t + 1}[form]
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        prev = scheduler.step(0.1 * x, t, x).prev_sample
+        results.append((scheduler.step_index, prev))
+    (index_ref, prev_ref), (index_fused, prev_fused) = results
+    assert index_fused == index_ref
+    torch.testing.assert_close(prev_fused, prev_ref, rtol=1e-5, atol=1e-6)

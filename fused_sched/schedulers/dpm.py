@@ -159,9 +159,16 @@ class DPMFamilyMixin(FusedSchedulerMixin):
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
         """diffusers' rule (second match when repeated, last index when absent), on host values."""
-        t = self._host_timestep(timestep) if schedule_timesteps is None else None
-        if t is None:
+        if schedule_timesteps is not None:
             return super().index_for_timestep(timestep, schedule_timesteps)
+        t = self._host_timestep(timestep)
+        if t is None:
+            # A tensor that is not an element of scheduler.timesteps: its value must be read,
+            # one sync on the first step, as diffusers does (the inverse class inherits no
+            # index_for_timestep from diffusers, so this is its lookup too).
+            if timestep.numel() != 1:
+                raise ValueError(f"timestep must hold one value, got a tensor of shape {tuple(timestep.shape)}")
+            t = timestep.detach().reshape(()).item()
         matches = [i for i, v in enumerate(self._host_timesteps) if v == t]
         if not matches:
             return len(self._host_timesteps) - 1
