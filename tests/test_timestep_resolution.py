@@ -107,3 +107,26 @@ def test_dpm_first_timestep_given_as_another_tensor_is_looked_up_like_diffusers(
     (index_ref, prev_ref), (index_fused, prev_fused) = results
     assert index_fused == index_ref
     torch.testing.assert_close(prev_fused, prev_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_a_timestep_edited_in_place_is_read_again(kind):
+    """Elements of scheduler.timesteps are resolved by position against host values read at
+    set_timesteps; an in-place edit of the schedule afterwards must not leave them stale."""
+    results = []
+    for cls in PAIRS[kind]:
+        scheduler = cls()
+        scheduler.set_timesteps(5)
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        m = 0.1 * x
+        ts = scheduler.timesteps
+        if kind == "cogvideox_dpm":
+            scheduler.step(m, None, ts[0], None, x, generator=torch.Generator().manual_seed(1))
+            ts[1] = ts[1] - 17
+            prev = scheduler.step(m, m, ts[1], ts[0], x, generator=torch.Generator().manual_seed(2))[0]
+        else:
+            scheduler.step(m, ts[0], x)
+            ts[1] = ts[1] - 17
+            prev = scheduler.step(m, ts[1], x).prev_sample
+        results.append(prev)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)

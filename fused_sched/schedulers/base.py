@@ -44,7 +44,7 @@ class FusedSchedulerMixin:
 
     def _remember_schedule(self) -> None:
         self._schedule_timesteps = schedule = self.timesteps
-        self._host_timesteps = [int(v) for v in schedule.cpu().tolist()]
+        self._read_host_timesteps()
         # what _schedule_position needs (an expanded schedule, stride 0, gives no position
         # per address: None)
         stride = schedule.stride(0) if schedule.dim() == 1 and schedule.numel() > 1 else 1
@@ -52,6 +52,13 @@ class FusedSchedulerMixin:
             (schedule.data_ptr(), stride * schedule.element_size(), schedule.dtype, schedule.device) if stride else None
         )
         self._reset_philox_counter()  # a new trajectory replays the same noise
+
+    def _read_host_timesteps(self) -> None:
+        """The schedule's values on the host, and the version of the tensor they were read
+        from: an in-place edit of ``scheduler.timesteps`` is seen (``_schedule_position``)."""
+        schedule = self._schedule_timesteps
+        self._host_timesteps = [int(v) for v in schedule.cpu().tolist()]
+        self._host_timesteps_version = schedule._version
 
     def _reset_philox_counter(self) -> None:
         """Counter back to 0: an existing one is zeroed in place (a CUDA graph captured
@@ -116,6 +123,8 @@ class FusedSchedulerMixin:
         position, misaligned = divmod(timestep.data_ptr() - address[0], address[1])
         if misaligned or not 0 <= position < len(self._host_timesteps):
             return None
+        if self._schedule_timesteps._version != self._host_timesteps_version:
+            self._read_host_timesteps()  # edited in place since: read again (one sync, once per edit)
         return position
 
     def _host_timestep(self, timestep) -> int | None:
