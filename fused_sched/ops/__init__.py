@@ -259,7 +259,7 @@ class StepPlan:
     custom op selects the backend when it runs)."""
 
     __slots__ = ("impl", "clip", "clip_range", "threshold_ratio", "threshold_max", "out_dtype", "history_dtype",
-                 "x0_dtype", "constant_columns", "backend", "_step", "_threshold")
+                 "x0_dtype", "constant_columns", "backend", "_step", "_threshold", "_requested", "_autograd_plan")
 
     def __init__(self, impl, sample, model_output, history, noise, clip, clip_range, threshold_ratio, threshold_max,
                  out_dtype, history_dtype, x0_dtype, constant_columns, backend=None):
@@ -270,6 +270,10 @@ class StepPlan:
         self.out_dtype, self.history_dtype, self.x0_dtype = out_dtype, history_dtype, x0_dtype
         self.constant_columns = constant_columns
         self._step = self._threshold = None
+        # What chose impl, for a step whose inputs need gradients (_with_autograd).
+        self._requested = requested_backend(backend) if impl is not None else None
+        # None: impl's outputs carry gradients themselves; False: the torch plan is not made yet.
+        self._autograd_plan = None if getattr(impl, "propagates_gradients", False) else False
         if getattr(impl, "step_program", None) is not None:
             self._specialise(sample, model_output, history, noise)
 
@@ -291,6 +295,10 @@ class StepPlan:
             noise = _check_philox_noise(noise, sample)
         if torch.compiler.is_compiling():
             return self._traced(sample, model_output, coefficients, history, noise)
+        if self._autograd_plan is not None and torch.is_grad_enabled() and (
+                sample.requires_grad or model_output.requires_grad or any(h.requires_grad for h in history)
+                or (isinstance(noise, torch.Tensor) and noise.requires_grad)):
+            return self._with_autograd(sample, model_output, coefficients, history, noise)
         step = self._step
         if step is not None:
             scale = x0 = None
@@ -304,6 +312,23 @@ class StepPlan:
         prev, d, x0 = impl.fused_step(sample, model_output, coefficients, history, noise, self.clip, self.clip_range,
                                       scale, self.out_dtype, self.history_dtype, self.x0_dtype)
         return StepOutputs(prev, d, x0)
+
+    def _with_autograd(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
+        """The step on the torch backend, whose ops autograd records, for inputs that need
+        gradients: the compiled kernels have no backward, and their outputs would silently
+        carry none. Under ``auto`` the step is handed over; a compiled backend asked for by
+        name refuses instead of being replaced."""
+        if self._requested != "auto":
+            raise BackendUnavailableError(
+                f"backend {self._requested!r} does not propagate gradients, and an input of this step requires "
+                "them: select backend 'torch' (or 'auto', which hands such steps to it), or step under "
+                "torch.no_grad()")
+        if self._autograd_plan is False:
+            self._autograd_plan = StepPlan(
+                select_backend(sample.device, (sample.dtype,), "torch"), sample, model_output, history, noise,
+                self.clip, self.clip_range, self.threshold_ratio, self.threshold_max, self.out_dtype,
+                self.history_dtype, self.x0_dtype, self.constant_columns, "torch")
+        return self._autograd_plan.run(sample, model_output, coefficients, history, noise)
 
     def _traced(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
         # One opaque node (see compiled.py): no graph break into backend code.

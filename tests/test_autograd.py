@@ -1,0 +1,71 @@
+"""Steps whose inputs require gradients: gradients flow as through diffusers' step, or the
+step refuses; they are never silently dropped (the compiled kernels have no backward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_sched
+from fused_sched import ops
+from fused_sched.ops import backends
+
+from drivers import PAIRS, record_calls
+
+CONFIGS = [("ddim", {}), ("ddim", {"thresholding": True}), ("dpm", {}), ("dpm", {"thresholding": True})]
+
+
+def _step_and_gradient(cls, config):
+    scheduler = cls(**config)
+    scheduler.set_timesteps(6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g).requires_grad_()
+    m = torch.randn(2, 4, 8, 8, generator=g).requires_grad_()
+    prev = scheduler.step(m, scheduler.timesteps[1], x).prev_sample
+    prev.square().sum().backward()
+    return prev, x.grad, m.grad
+
+
+def _compiled_backend():
+    """The backend auto runs CPU steps on, when it is not the torch reference."""
+    chosen = backends.select_backend(torch.device("cpu"), (torch.float32,), "auto")
+    if chosen.name == "torch":
+        pytest.skip("auto already runs the torch backend here (the cpu extension is unavailable)")
+    return chosen
+
+
+@pytest.mark.parametrize("kind, config", CONFIGS)
+def test_auto_hands_steps_that_need_gradients_to_the_torch_backend(monkeypatch, kind, config):
+    compiled = _compiled_backend()
+    ran = record_calls(monkeypatch, compiled, ["fused_step", "threshold_scale"])
+    reference_cls, fused_cls = PAIRS[kind]
+    prev, dx, dm = _step_and_gradient(fused_cls, config)
+    expected_prev, expected_dx, expected_dm = _step_and_gradient(reference_cls, config)
+    assert ran == []  # the compiled kernels did not run
+    assert prev.requires_grad
+    torch.testing.assert_close(prev, expected_prev, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, expected_dx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dm, expected_dm, rtol=1e-5, atol=1e-5)
+
+
+def test_without_gradients_auto_keeps_the_compiled_backend(monkeypatch):
+    compiled = _compiled_backend()
+    ran = record_calls(monkeypatch, compiled, ["fused_step"])
+    scheduler = fused_sched.FusedDDIMScheduler()
+    scheduler.set_timesteps(6)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    with torch.no_grad():
+        prev = scheduler.step(x, scheduler.timesteps[1], x).prev_sample
+    assert ran == ["fused_step"] and not prev.requires_grad
+    prev = scheduler.step(x.detach(), scheduler.timesteps[1], x.detach()).prev_sample
+    assert ran == ["fused_step"] * 2
+
+
+def test_a_compiled_backend_asked_for_by_name_refuses_gradients():
+    compiled = _compiled_backend()
+    scheduler = fused_sched.FusedDDIMScheduler()
+    scheduler.set_timesteps(6)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    with ops.use_backend(compiled.name):
+        with pytest.raises(ops.BackendUnavailableError, match="does not propagate gradients"):
+            scheduler.step(x, scheduler.timesteps[1], x)
