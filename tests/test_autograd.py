@@ -69,3 +69,25 @@ def test_a_compiled_backend_asked_for_by_name_refuses_gradients():
     with ops.use_backend(compiled.name):
         with pytest.raises(ops.BackendUnavailableError, match="does not propagate gradients"):
             scheduler.step(x, scheduler.timesteps[1], x)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("kind", ["ddim", "dpm", "cogvideox_ddim", "ddim_inverse"])
+def test_a_schedule_used_under_inference_mode_still_steps_with_gradients(backend, kind):
+    """set_timesteps and a first step under torch.inference_mode() (a pipeline run), then a
+    step that tracks gradients: nothing the scheduler keeps may be an inference tensor."""
+    results = []
+    for cls in PAIRS[kind]:
+        scheduler = cls()
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        with ops.use_backend(backend), torch.inference_mode():
+            scheduler.set_timesteps(6)
+            scheduler.step(0.1 * x, scheduler.timesteps[0], x)
+        with ops.use_backend(backend):
+            x = x.clone().requires_grad_()
+            prev = scheduler.step(0.1 * x, scheduler.timesteps[1], x).prev_sample
+        prev.square().sum().backward()
+        results.append((prev.detach(), x.grad))
+    (prev_ref, grad_ref), (prev_fused, grad_fused) = results
+    torch.testing.assert_close(prev_fused, prev_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_fused, grad_ref, rtol=1e-5, atol=1e-5)

@@ -121,7 +121,10 @@ class PlacedTable:
             key = (normalized_device(device), dtype)
             placed = self._placed.get(key)
             if placed is None:
-                placed = self.host.to(dtype=dtype).to(device).contiguous()
+                # Kept for later steps, which may track gradients: never an inference tensor,
+                # even when the first step runs under torch.inference_mode().
+                with torch.inference_mode(False):
+                    placed = self.host.to(dtype=dtype).to(device).contiguous()
                 self._placed[key] = placed
             self._placed[(device, dtype)] = placed
         return placed
@@ -132,7 +135,8 @@ class PlacedTable:
         key = (device, dtype, index)
         view = self._rows.get(key)
         if view is None:
-            view = self._rows[key] = self.on(device, dtype)[index : index + 1]
+            with torch.inference_mode(False):  # see on()
+                view = self._rows[key] = self.on(device, dtype)[index : index + 1]
         return view
 
     def __len__(self) -> int:

@@ -58,7 +58,8 @@ class FusedSchedulerMixin:
         from: an in-place edit of ``scheduler.timesteps`` is seen (``_schedule_position``)."""
         schedule = self._schedule_timesteps
         self._host_timesteps = [int(v) for v in schedule.cpu().tolist()]
-        self._host_timesteps_version = schedule._version
+        # An inference tensor (set_timesteps under torch.inference_mode) keeps no version.
+        self._host_timesteps_version = None if schedule.is_inference() else schedule._version
 
     def _reset_philox_counter(self) -> None:
         """Counter back to 0: an existing one is zeroed in place (a CUDA graph captured
@@ -123,7 +124,8 @@ class FusedSchedulerMixin:
         position, misaligned = divmod(timestep.data_ptr() - address[0], address[1])
         if misaligned or not 0 <= position < len(self._host_timesteps):
             return None
-        if self._schedule_timesteps._version != self._host_timesteps_version:
+        version = self._host_timesteps_version
+        if version is not None and self._schedule_timesteps._version != version:
             self._read_host_timesteps()  # edited in place since: read again (one sync, once per edit)
         return position
 
