@@ -215,3 +215,15 @@ def test_num_inference_steps_as_a_whole_float_is_taken(kind):
     fused.set_timesteps(12.0)
     assert torch.equal(fused.timesteps, reference.timesteps)
     assert fused.num_inference_steps == 12
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_thresholding_empty_rows_is_refused_clearly(backend):
+    reason = ops.availability(torch.device("cpu"))[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    x = torch.zeros(2, 0, 3)
+    c = torch.zeros(1, ops.layout.NUM_COEFFICIENTS)
+    with pytest.raises(ValueError, match="has empty rows"):
+        ops.fused_step(x, x, c, clip="threshold", backend=backend)
+    assert ops.fused_step(x, x, c, backend=backend).prev_sample.shape == x.shape  # without it: nothing to do

@@ -222,6 +222,9 @@ def _plan(sample, model_output, coefficients, history, noise, clip, clip_range, 
             raise ValueError(f"threshold_ratio must be in (0, 1], got {threshold_ratio}")
         if not threshold_max > 0:
             raise ValueError(f"threshold_max must be > 0, got {threshold_max}")
+        if sample.numel() == 0:
+            raise ValueError(f"dynamic thresholding takes a quantile of each batch row, and sample of shape "
+                             f"{tuple(shape)} has empty rows")
 
     if constant_columns is not None and not isinstance(constant_columns, ConstantColumns):
         if not isinstance(constant_columns, Mapping):
