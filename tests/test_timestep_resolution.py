@@ -4,6 +4,7 @@ device-side gather, and the row handed to the op is one reused view of the place
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,8 +91,9 @@ def test_ddim_family_step_passes_the_cached_row(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["dpm", "dpm_inverse"])
-@pytest.mark.parametrize("form", ["clone", "one-element 1-D", "int32", "absent value"])
-def test_dpm_first_timestep_given_as_another_tensor_is_looked_up_like_diffusers(kind, form):
+@pytest.mark.parametrize("form", ["clone", "one-element 1-D", "int32", "absent value", "python float",
+                                  "0-d numpy array", "numpy float32"])
+def test_dpm_first_timestep_given_as_another_value_is_looked_up_like_diffusers(kind, form):
     """A first timestep that is not an element of scheduler.timesteps is found by value
     (second match when repeated, the last step when absent), in both DPM classes."""
     results = []
@@ -99,8 +101,9 @@ def test_dpm_first_timestep_given_as_another_tensor_is_looked_up_like_diffusers(
         scheduler = cls()
         scheduler.set_timesteps(8)
         t = scheduler.timesteps[3]
-        t = {"clone": t.clone(), "one-element 1-D": t.reshape(1).clone(), "int32": t.to(torch.int32),
-             "absent value": t + 1}[form]
+        t = {"clone": lambda: t.clone(), "one-element 1-D": lambda: t.reshape(1).clone(),
+             "int32": lambda: t.to(torch.int32), "absent value": lambda: t + 1, "python float": lambda: float(t),
+             "0-d numpy array": lambda: np.array(int(t)), "numpy float32": lambda: np.float32(t)}[form]()
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         prev = scheduler.step(0.1 * x, t, x).prev_sample
         results.append((scheduler.step_index, prev))

@@ -3,6 +3,7 @@ thresholding), rows selected by (step index, effective order) from a table built
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
@@ -161,7 +162,10 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         """diffusers' rule (second match when repeated, last index when absent), on host values."""
         if schedule_timesteps is not None:
             return super().index_for_timestep(timestep, schedule_timesteps)
-        t = self._host_timestep(timestep)
+        if isinstance(timestep, (float, np.number, np.ndarray)):
+            t = np.asarray(timestep).reshape(()).item()  # diffusers compares any one number with the schedule
+        else:
+            t = self._host_timestep(timestep)
         if t is None:
             # A tensor that is not an element of scheduler.timesteps: its value must be read,
             # one sync on the first step, as diffusers does (the inverse class inherits no
