@@ -133,3 +133,17 @@ def test_a_timestep_edited_in_place_is_read_again(kind):
             prev = scheduler.step(m, ts[1], x).prev_sample
         results.append(prev)
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim"])
+@pytest.mark.parametrize("form", ["python int", "numpy int64", "0-d numpy array"])
+def test_ddim_family_timesteps_given_as_host_integers_step_like_diffusers(kind, form):
+    results = []
+    for cls in PAIRS[kind]:
+        scheduler = cls()
+        scheduler.set_timesteps(8)
+        t = int(scheduler.timesteps[3])
+        t = {"python int": t, "numpy int64": np.int64(t), "0-d numpy array": np.array(t)}[form]
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        results.append(scheduler.step(0.1 * x, t, x).prev_sample)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)

@@ -140,6 +140,8 @@ class FusedSchedulerMixin:
             return None if position is None else self._host_timesteps[position]
         if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
             return int(timestep)
+        if isinstance(timestep, np.ndarray) and timestep.ndim == 0 and np.issubdtype(timestep.dtype, np.integer):
+            return int(timestep)  # diffusers indexes its tables with it as with an int
         raise TypeError(f"timestep must be an int or a torch.Tensor, got {type(timestep).__name__}")
 
     def _check_training_timestep(self, t: int, argument: str = "timestep") -> int:
