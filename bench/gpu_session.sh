@@ -32,6 +32,16 @@ bench_reserve=${BENCH_RESERVE:-250}
 stop_at=$deadline
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
 export FUSED_SCHED_BUILD_DIR="$PWD/.gpu_build/extension" TRITON_CACHE_DIR="$PWD/.gpu_build/triton"
+# torch guesses CUDA_HOME as the folder above nvcc's: a wrapper script such as
+# /usr/local/bin/nvcc gives /usr/local, with no CUDA headers, and the cuda backend would not
+# build. nvcc itself says where its toolkit is (TOP in its dry run).
+if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null; then
+    top=$(nvcc --dryrun -v -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+    if [[ -n "$top" && -f "$top/include/cuda_runtime.h" ]]; then
+        CUDA_HOME=$(cd "$top" && pwd -P)
+        export CUDA_HOME
+    fi
+fi
 
 # timeout for a step: its own cap, or what is left before stop_at (less a margin).
 budget() {
@@ -58,7 +68,7 @@ step() {
 }
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m pip list 2>/dev/null |
+{ echo "CUDA_HOME=${CUDA_HOME:-unset}"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m pip list 2>/dev/null |
     grep -i -E "^(torch|triton|diffusers|pytest-xdist|pytest-timeout) "; } 2>&1 | tee -a "$log"
 # Build the extension once, announced, before anything is timed. A build cut short leaves
 # torch's build lock behind, on which every later load would wait forever: nothing else
