@@ -12,7 +12,9 @@ from fused_sched.ops import backends
 
 from drivers import PAIRS, record_calls
 
-CONFIGS = [("ddim", {}), ("ddim", {"thresholding": True}), ("dpm", {}), ("dpm", {"thresholding": True})]
+CONFIGS = [("ddim", {}), ("ddim", {"thresholding": True}), ("dpm", {}), ("dpm", {"thresholding": True}),
+           # a scale inside (1, max): its gradient flows too (test_a_compiled_step_... checks this premise)
+           ("ddim", {"thresholding": True, "dynamic_thresholding_ratio": 0.5, "sample_max_value": 20.0})]
 
 
 def _step_and_gradient(cls, config):
@@ -91,3 +93,46 @@ def test_a_schedule_used_under_inference_mode_still_steps_with_gradients(backend
     (prev_ref, grad_ref), (prev_fused, grad_fused) = results
     torch.testing.assert_close(prev_fused, prev_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_fused, grad_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, config", [
+    # the scale inside (1, max), so its gradient flows too (checked below)
+    ("ddim", {"thresholding": True, "dynamic_thresholding_ratio": 0.5, "sample_max_value": 20.0}),
+    ("dpm", {}),
+])
+def test_a_compiled_step_backpropagates_like_diffusers(kind, config):
+    """Traced, a step that needs gradients is the reference's torch ops (the fused op is an
+    opaque custom op without a backward). Tolerance: inductor reorders and contracts the
+    float32 arithmetic of forward and backward, a few ulps of the largest term: 1e-5 of the
+    largest value, relative."""
+    torch._dynamo.reset()
+    reference_cls, fused_cls = PAIRS[kind]
+    fused = fused_cls(**config)
+    fused.set_timesteps(6)
+    compiled = torch.compile(lambda m, t, x: fused.step(m, t, x).prev_sample, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g).requires_grad_()
+    m = torch.randn(2, 4, 8, 8, generator=g).requires_grad_()
+    if config.get("thresholding"):  # the premise: the median of |x0| is neither clamped to 1 nor to the max
+        alpha = fused.alphas_cumprod[int(fused.timesteps[1])]
+        x0 = (x - (1 - alpha).sqrt() * m) / alpha.sqrt()
+        median = x0.detach().abs().reshape(2, -1).quantile(0.5, dim=1)
+        assert bool(((median > 1) & (median < config["sample_max_value"])).all()), median
+    prev = compiled(m, fused.timesteps[1], x)
+    prev.square().sum().backward()
+    got = (prev.detach(), x.grad, m.grad)
+    expected = _step_and_gradient(reference_cls, config)
+    for name, a, b in zip(("prev", "d/dx", "d/dm"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), msg=name)
+
+
+def test_a_compiled_step_with_a_compiled_backend_named_refuses_gradients():
+    compiled_backend = _compiled_backend()
+    torch._dynamo.reset()
+    scheduler = fused_sched.FusedDDIMScheduler()
+    scheduler.set_timesteps(6)
+    compiled = torch.compile(lambda x, t: scheduler.step(x, t, x).prev_sample, fullgraph=True)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    with ops.use_backend(compiled_backend.name):
+        with pytest.raises(Exception, match="does not propagate gradients"):
+            compiled(x, scheduler.timesteps[1])

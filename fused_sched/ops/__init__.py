@@ -297,10 +297,11 @@ class StepPlan:
         if isinstance(noise, PhiloxNoise):  # its values differ per call
             noise = _check_philox_noise(noise, sample)
         if torch.compiler.is_compiling():
+            if torch.is_grad_enabled() and _needs_gradients(sample, model_output, history, noise):
+                return self._traced_with_autograd(sample, model_output, coefficients, history, noise)
             return self._traced(sample, model_output, coefficients, history, noise)
-        if self._autograd_plan is not None and torch.is_grad_enabled() and (
-                sample.requires_grad or model_output.requires_grad or any(h.requires_grad for h in history)
-                or (isinstance(noise, torch.Tensor) and noise.requires_grad)):
+        if (self._autograd_plan is not None and torch.is_grad_enabled()
+                and _needs_gradients(sample, model_output, history, noise)):
             return self._with_autograd(sample, model_output, coefficients, history, noise)
         step = self._step
         if step is not None:
@@ -322,16 +323,28 @@ class StepPlan:
         carry none. Under ``auto`` the step is handed over; a compiled backend asked for by
         name refuses instead of being replaced."""
         if self._requested != "auto":
-            raise BackendUnavailableError(
-                f"backend {self._requested!r} does not propagate gradients, and an input of this step requires "
-                "them: select backend 'torch' (or 'auto', which hands such steps to it), or step under "
-                "torch.no_grad()")
+            raise _refuses_gradients(self._requested)
         if self._autograd_plan is False:
             self._autograd_plan = StepPlan(
                 select_backend(sample.device, (sample.dtype,), "torch"), sample, model_output, history, noise,
                 self.clip, self.clip_range, self.threshold_ratio, self.threshold_max, self.out_dtype,
                 self.history_dtype, self.x0_dtype, self.constant_columns, "torch")
         return self._autograd_plan.run(sample, model_output, coefficients, history, noise)
+
+    def _traced_with_autograd(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
+        """Traced, a step whose inputs need gradients is the reference's torch ops, which the
+        compiled graph differentiates (inductor fuses them); the opaque custom op has no
+        backward. The same rule as eagerly: a compiled backend asked for by name refuses."""
+        requested = requested_backend(self.backend)
+        if requested not in ("auto", "torch"):
+            raise _refuses_gradients(requested)
+        scale = None
+        if self.clip == "threshold":
+            scale = reference.threshold_scale(sample, model_output, coefficients, self.threshold_ratio,
+                                              self.threshold_max)
+        return StepOutputs(*reference.fused_step(
+            sample, model_output, coefficients, history, noise, self.clip, self.clip_range, scale, self.out_dtype,
+            self.history_dtype, self.x0_dtype, self.constant_columns))
 
     def _traced(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
         # One opaque node (see compiled.py): no graph break into backend code.
@@ -343,6 +356,18 @@ class StepPlan:
         )
         return StepOutputs(prev, d if self.history_dtype is not None else None,
                            x0 if self.x0_dtype is not None else None)
+
+
+def _needs_gradients(sample, model_output, history, noise) -> bool:
+    """Whether an input of the step requires gradients (the caller checks grad mode)."""
+    return (sample.requires_grad or model_output.requires_grad or any(h.requires_grad for h in history)
+            or (isinstance(noise, torch.Tensor) and noise.requires_grad))
+
+
+def _refuses_gradients(requested: str) -> BackendUnavailableError:
+    return BackendUnavailableError(
+        f"backend {requested!r} does not propagate gradients, and an input of this step requires them: select "
+        "backend 'torch' (or 'auto', which hands such steps to it), or step under torch.no_grad()")
 
 
 def run_backend(sample, model_output, coefficients, history, noise, clip, clip_range, threshold_ratio, threshold_max,
