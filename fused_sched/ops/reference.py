@@ -83,7 +83,22 @@ class _ColumnViews:
 _column_views = _ColumnViews()
 
 
-@functools.lru_cache(maxsize=256)  # numpy scalar arithmetic costs microseconds; a schedule asks the same few
+def _memoised(fn):
+    """``fn`` behind an LRU cache of its (hashable) arguments, except while torch.compile
+    traces: dynamo then traces ``fn`` itself, and at a cache wrapper it would warn of a
+    possible silent incorrectness (these are pure functions of their arguments)."""
+    cached = functools.lru_cache(maxsize=256)(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        return cached(*args, **kwargs)
+
+    return call
+
+
+@_memoised  # numpy scalar arithmetic costs microseconds; a schedule asks the same few
 def quantile_rank(q: float, n: int) -> tuple[int, int, float]:
     """The order statistics torch.quantile interpolates, with its float32 rank arithmetic.
 
@@ -160,7 +175,7 @@ def _x0_program(known: Mapping[int, float]):
 
 # ---- dynamic thresholding ------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=256)
+@_memoised
 def threshold_program(ratio: float, max_value: float, row_shape: tuple[int, ...], dtype: torch.dtype,
                       known: tuple = ()):
     """s_b = clamp(quantile(|x0_b|, ratio), min=1, max=max_value) for batch rows of shape
@@ -216,7 +231,7 @@ def threshold_scale(sample, model_output, coefficients, ratio: float, max_value:
 
 # ---- the step ------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=256)
+@_memoised
 def step_program(clip: str, clip_range: float, history: int, noise: str, dtype: torch.dtype,
                  out_dtype: torch.dtype, history_dtype: torch.dtype | None, x0_dtype: torch.dtype | None,
                  known: tuple = ()) -> Callable:
