@@ -308,14 +308,21 @@ def compiled_reference(backend=None):
     torch.compile's backend, default :data:`COMPILE_BACKEND`. Yields the stand-in."""
     torch.compiler.reset()
     backend = COMPILE_BACKEND if backend is None else backend
+    op = CompiledReferenceOp(ops.fused_step, backend)
+    # In-process compilation: inductor's pool of compile workers would otherwise keep
+    # starting up in the background and slow the next timed case on a small machine.
+    with _op_replaced(op, op.plan), torch._inductor.config.patch(compile_threads=1):
+        yield op
+
+
+@contextlib.contextmanager
+def _op_replaced(fused_step, plan_step):
+    """``ops.fused_step`` and ``ops.plan_step``, which the schedulers call through the module,
+    replaced while active."""
     original, original_plan = ops.fused_step, ops.plan_step
-    op = CompiledReferenceOp(original, backend)
-    ops.fused_step, ops.plan_step = op, op.plan
+    ops.fused_step, ops.plan_step = fused_step, plan_step
     try:
-        # In-process compilation: inductor's pool of compile workers would otherwise keep
-        # starting up in the background and slow the next timed case on a small machine.
-        with torch._inductor.config.patch(compile_threads=1):
-            yield op
+        yield
     finally:
         ops.fused_step, ops.plan_step = original, original_plan
 
@@ -408,11 +415,8 @@ def recorded_op_traffic():
     def plan_step(sample, model_output, coefficients, *, clip="none", **options):
         return _RecordedPlan(original_plan(sample, model_output, coefficients, clip=clip, **options), clip, traffic)
 
-    ops.fused_step, ops.plan_step = fused_step, plan_step
-    try:
+    with _op_replaced(fused_step, plan_step):
         yield traffic
-    finally:
-        ops.fused_step, ops.plan_step = original, original_plan
 
 
 class _RecordedPlan:

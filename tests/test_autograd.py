@@ -17,15 +17,31 @@ CONFIGS = [("ddim", {}), ("ddim", {"thresholding": True}), ("dpm", {}), ("dpm", 
            ("ddim", {"thresholding": True, "dynamic_thresholding_ratio": 0.5, "sample_max_value": 20.0})]
 
 
-def _step_and_gradient(cls, config):
+def _step_and_gradient(cls, config, compiled=False):
+    """(prev, d/dx, d/dm) of sum(prev^2) for one mid-trajectory step, eager or through
+    torch.compile(fullgraph=True)."""
     scheduler = cls(**config)
     scheduler.set_timesteps(6)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g).requires_grad_()
     m = torch.randn(2, 4, 8, 8, generator=g).requires_grad_()
-    prev = scheduler.step(m, scheduler.timesteps[1], x).prev_sample
+    step = lambda m, t, x: scheduler.step(m, t, x).prev_sample  # noqa: E731
+    if compiled:
+        torch._dynamo.reset()
+        step = torch.compile(step, fullgraph=True)
+    prev = step(m, scheduler.timesteps[1], x)
     prev.square().sum().backward()
     return prev, x.grad, m.grad
+
+
+def _threshold_medians(config):
+    """Per batch row, the median of |x0| that _step_and_gradient's DDIM step thresholds."""
+    scheduler = PAIRS["ddim"][0](**config)
+    scheduler.set_timesteps(6)
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    alpha = scheduler.alphas_cumprod[int(scheduler.timesteps[1])]
+    return ((x - (1 - alpha).sqrt() * m) / alpha.sqrt()).abs().reshape(2, -1).quantile(0.5, dim=1)
 
 
 def _compiled_backend():
@@ -105,22 +121,11 @@ def test_a_compiled_step_backpropagates_like_diffusers(kind, config):
     opaque custom op without a backward). Tolerance: inductor reorders and contracts the
     float32 arithmetic of forward and backward, a few ulps of the largest term: 1e-5 of the
     largest value, relative."""
-    torch._dynamo.reset()
-    reference_cls, fused_cls = PAIRS[kind]
-    fused = fused_cls(**config)
-    fused.set_timesteps(6)
-    compiled = torch.compile(lambda m, t, x: fused.step(m, t, x).prev_sample, fullgraph=True)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=g).requires_grad_()
-    m = torch.randn(2, 4, 8, 8, generator=g).requires_grad_()
     if config.get("thresholding"):  # the premise: the median of |x0| is neither clamped to 1 nor to the max
-        alpha = fused.alphas_cumprod[int(fused.timesteps[1])]
-        x0 = (x - (1 - alpha).sqrt() * m) / alpha.sqrt()
-        median = x0.detach().abs().reshape(2, -1).quantile(0.5, dim=1)
+        median = _threshold_medians(config)
         assert bool(((median > 1) & (median < config["sample_max_value"])).all()), median
-    prev = compiled(m, fused.timesteps[1], x)
-    prev.square().sum().backward()
-    got = (prev.detach(), x.grad, m.grad)
+    reference_cls, fused_cls = PAIRS[kind]
+    got = _step_and_gradient(fused_cls, config, compiled=True)
     expected = _step_and_gradient(reference_cls, config)
     for name, a, b in zip(("prev", "d/dx", "d/dm"), got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.detach().abs().max()), msg=name)

@@ -12,7 +12,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
-from . import layout, reference
+from . import layout, reference, torch_backend
 from .backends import (
     BackendUnavailableError,
     availability,
@@ -309,13 +309,16 @@ class StepPlan:
             if self._threshold is not None:  # x0 is found once, for the scale and the step
                 scale, x0 = self._threshold(sample, model_output, coefficients)
             return StepOutputs(*step(sample, model_output, coefficients, history, noise, scale, x0))
-        impl = self.impl
+        return self._run_on(self.impl, sample, model_output, coefficients, history, noise)
+
+    def _run_on(self, impl, sample, model_output, coefficients, history, noise) -> StepOutputs:
+        """The step through ``impl``'s unspecialised entry points: the thresholding scale, then the step."""
         scale = None
         if self.clip == "threshold":
             scale = impl.threshold_scale(sample, model_output, coefficients, self.threshold_ratio, self.threshold_max)
-        prev, d, x0 = impl.fused_step(sample, model_output, coefficients, history, noise, self.clip, self.clip_range,
-                                      scale, self.out_dtype, self.history_dtype, self.x0_dtype)
-        return StepOutputs(prev, d, x0)
+        return StepOutputs(*impl.fused_step(sample, model_output, coefficients, history, noise, self.clip,
+                                            self.clip_range, scale, self.out_dtype, self.history_dtype,
+                                            self.x0_dtype))
 
     def _with_autograd(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
         """The step on the torch backend, whose ops autograd records, for inputs that need
@@ -338,13 +341,7 @@ class StepPlan:
         requested = requested_backend(self.backend)
         if requested not in ("auto", "torch"):
             raise _refuses_gradients(requested)
-        scale = None
-        if self.clip == "threshold":
-            scale = reference.threshold_scale(sample, model_output, coefficients, self.threshold_ratio,
-                                              self.threshold_max)
-        return StepOutputs(*reference.fused_step(
-            sample, model_output, coefficients, history, noise, self.clip, self.clip_range, scale, self.out_dtype,
-            self.history_dtype, self.x0_dtype, self.constant_columns))
+        return self._run_on(torch_backend.BACKEND, sample, model_output, coefficients, history, noise)
 
     def _traced(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
         # One opaque node (see compiled.py): no graph break into backend code.

@@ -68,8 +68,8 @@ def cuda_unavailable_reason() -> str | None:
 
     if cpp_extension.CUDA_HOME is None:
         return "no CUDA toolkit found to compile the kernels (set CUDA_HOME or put nvcc on PATH)"
-    # torch takes CUDA_HOME from nvcc's path without following links (/usr/local/bin/nvcc
-    # gives /usr/local): the build would then fail, taking the cpu backend down with it.
+    # torch guesses CUDA_HOME as the folder above nvcc's, which for a wrapper script
+    # (/usr/local/bin/nvcc) has no headers: the build would fail, taking the cpu backend with it.
     if not (Path(cpp_extension.CUDA_HOME) / "include" / "cuda_runtime.h").is_file():
         return (f"the CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h "
                 "(set CUDA_HOME to the toolkit's root, e.g. /usr/local/cuda)")
