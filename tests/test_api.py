@@ -87,9 +87,38 @@ def test_get_velocity_matches_diffusers_without_moving_tables(kind):
     assert fused.alphas_cumprod is tables_before
 
 
-def test_ddim_inverse_has_no_add_noise_like_diffusers():
-    reference_cls, fused_cls = PAIRS["ddim_inverse"]
-    assert hasattr(fused_cls, "add_noise") == hasattr(reference_cls, "add_noise")
+# What the fused classes add to diffusers' public surface, on purpose and documented.
+ADDED_PUBLIC_NAMES = {
+    "ddim": {"use_philox_noise"}, "ddim_inverse": {"use_philox_noise"}, "cogvideox_ddim": {"use_philox_noise"},
+    "cogvideox_dpm": {"use_philox_noise"}, "dpm": {"use_philox_noise", "prepare_cuda_graph"},
+    # the inverse class's own first-step lookup (diffusers' inverse has it inline in _init_step_index)
+    "dpm_inverse": {"use_philox_noise", "prepare_cuda_graph", "index_for_timestep"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_public_surface_is_diffusers_plus_the_documented_additions(kind):
+    # Pipelines probe schedulers with hasattr (set_begin_index, add_noise, get_velocity, ...)
+    # and call what they find: a method diffusers' class lacks must not appear on ours.
+    reference, fused = (cls() for cls in PAIRS[kind])
+    for s in (reference, fused):
+        s.set_timesteps(10)
+    public = lambda obj: {name for name in dir(obj) if not name.startswith("_")}  # noqa: E731
+    assert public(reference) <= public(fused)
+    assert public(fused) - public(reference) == ADDED_PUBLIC_NAMES[kind]
+
+
+def test_set_timesteps_clears_the_begin_index_like_diffusers():
+    schedulers = [cls() for cls in PAIRS["dpm"]]
+    for s in schedulers:
+        s.set_timesteps(10)
+        s.set_begin_index(3)
+        s.set_timesteps(10)
+    assert [s.begin_index for s in schedulers] == [None, None]
+    x = torch.randn(1, 4, 8, 8)
+    outputs = [s.step(0.1 * x, s.timesteps[0], x).prev_sample for s in schedulers]
+    assert [s.step_index for s in schedulers] == [1, 1]  # started at the first timestep, not 3
+    assert torch.allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["ddim", "cogvideox_ddim", "ddim_inverse"])
@@ -111,3 +140,38 @@ def test_cogvideox_dpm_first_order_returns_a_tuple_like_diffusers():
     x = torch.randn(1, 4, 8, 8)
     out = fused.step(x, None, fused.timesteps[0], None, x, return_dict=True)
     assert isinstance(out, tuple) and len(out) == 2
+
+
+@pytest.mark.parametrize("kind, config, n", [
+    ("ddim_inverse", dict(timestep_spacing="linspace"), 10),  # the inverse takes leading / trailing only
+    ("ddim", {}, 1001), ("ddim_inverse", {}, 1001), ("cogvideox_ddim", {}, 1001), ("cogvideox_dpm", {}, 1001),
+], ids=["inverse-linspace", "ddim-n>T", "inverse-n>T", "cogvideox_ddim-n>T", "cogvideox_dpm-n>T"])
+def test_schedules_diffusers_refuses_are_refused_alike(kind, config, n):
+    errors = []
+    for cls in PAIRS[kind]:
+        with pytest.raises(ValueError) as raised:
+            cls(**config).set_timesteps(n)
+        errors.append(str(raised.value))
+    assert errors[1] == errors[0]
+
+
+@pytest.mark.parametrize("kind", ["dpm", "dpm_inverse"])
+def test_dpm_takes_more_steps_than_training_timesteps_like_diffusers(kind):
+    reference, fused = (cls() for cls in PAIRS[kind])
+    for s in (reference, fused):
+        s.set_timesteps(1001)
+    assert torch.equal(fused.timesteps, reference.timesteps)
+    assert torch.equal(fused.sigmas, reference.sigmas)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_ddim_inverse_maps_the_deprecated_set_alpha_to_zero(value):
+    reference, fused = (cls(set_alpha_to_zero=value) for cls in PAIRS["ddim_inverse"])
+    assert fused.config.set_alpha_to_one == reference.config.set_alpha_to_one
+    assert torch.equal(fused.initial_alpha_cumprod, reference.initial_alpha_cumprod)
+    x = torch.randn(1, 4, 8, 8)
+    outputs = []
+    for s in (reference, fused):
+        s.set_timesteps(10)
+        outputs.append(s.step(0.1 * x, s.timesteps[0], x).prev_sample)
+    assert torch.allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)

@@ -132,12 +132,6 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         for j, buffer in enumerate(self._static_history):
             self.model_outputs[-1 - j] = buffer
 
-    def set_begin_index(self, begin_index: int = 0):
-        super().set_begin_index(begin_index)
-        if self._static_history is not None:
-            self._cursor.start_at(begin_index, 0)
-            self._host_current, self._device_current = False, True
-
     @property
     def step_index(self):
         self._make_host_current()
@@ -369,6 +363,14 @@ class FusedDPMSolverMultistepScheduler(DPMFamilyMixin, DPMSolverMultistepSchedul
             num_inference_steps = checked_num_inference_steps(num_inference_steps)
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, mu=mu, timesteps=timesteps)
         self._build_schedule(device)
+
+    # Only the forward class: pipelines call set_begin_index where hasattr finds it, and
+    # diffusers' inverse class has none.
+    def set_begin_index(self, begin_index: int = 0):
+        super().set_begin_index(begin_index)
+        if self._static_history is not None:
+            self._cursor.start_at(begin_index, 0)
+            self._host_current, self._device_current = False, True
 
 
 class FusedDPMSolverMultistepInverseScheduler(DPMFamilyMixin, DPMSolverMultistepInverseScheduler):
