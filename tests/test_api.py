@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -175,3 +177,18 @@ def test_ddim_inverse_maps_the_deprecated_set_alpha_to_zero(value):
         s.set_timesteps(10)
         outputs.append(s.step(0.1 * x, s.timesteps[0], x).prev_sample)
     assert torch.allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_method_signatures_are_diffusers(kind):
+    # Pipelines read them: CogVideoX's passes eta / generator only where inspect.signature(
+    # scheduler.step) names them, and custom timesteps only where set_timesteps does.
+    # Annotations may differ (ours also name the tensor timesteps diffusers takes).
+    def parameters(method):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values()]
+
+    reference, fused = (cls() for cls in PAIRS[kind])
+    for name in ("__init__", "step", "set_timesteps", "add_noise", "get_velocity", "scale_model_input",
+                 "set_begin_index"):
+        if hasattr(reference, name):
+            assert parameters(getattr(fused, name)) == parameters(getattr(reference, name)), name

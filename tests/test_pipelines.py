@@ -1,16 +1,22 @@
 """The one-line swap in real diffusers pipelines: ``pipe.scheduler = Fused*.from_config(
 pipe.scheduler.config)`` gives diffusers' images (fp32 contract: within 1e-4 of their scale).
 
-A tiny randomly initialised UNet stands in for a trained one; the pipelines drive the
-schedulers exactly as in production (set_timesteps, init_noise_sigma, the step's keyword
-arguments, generator, output dataclass fields).
+Tiny randomly initialised models stand in for trained ones, and prompt embeddings for the
+text encoder (so nothing is downloaded; transformers is needed only because the pipelines'
+modules import it). The pipelines drive the schedulers exactly as in production:
+set_timesteps, init_noise_sigma, the step's keyword arguments chosen by inspecting its
+signature, generator, output dataclass fields, CogVideoX's (old x0, timestep_back) step,
+img2img's add_noise and set_begin_index.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import (AutoencoderKL, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
+                       CogVideoXTransformer3DModel, DDIMPipeline, DDIMScheduler, DDPMPipeline,
+                       DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel,
+                       UNet2DModel)
 
 import fused_sched
 
@@ -32,14 +38,20 @@ def _images(pipe, **kwargs):
     return pipe(batch_size=2, generator=torch.Generator().manual_seed(1), output_type="pt", **kwargs).images
 
 
-def _assert_swap_matches(pipe, fused_cls, **kwargs):
-    reference = _images(pipe, **kwargs)
+def _with_fused_scheduler(pipe, fused_cls, run):
+    """run(pipe) with the one-line swap made, then diffusers' scheduler put back."""
     diffusers_scheduler = pipe.scheduler
     pipe.scheduler = fused_cls.from_config(diffusers_scheduler.config)
     try:
-        fused = _images(pipe, **kwargs)
+        return run(pipe)
     finally:
         pipe.scheduler = diffusers_scheduler
+
+
+def _assert_swap_matches(pipe, fused_cls, run=None, **kwargs):
+    run = run or (lambda p: _images(p, **kwargs))
+    reference = run(pipe)
+    fused = _with_fused_scheduler(pipe, fused_cls, run)
     assert fused.dtype == reference.dtype and fused.shape == reference.shape
     error = float((fused - reference).abs().max() / reference.abs().max())
     assert error <= FP32_TOLERANCE, error
@@ -65,3 +77,112 @@ def test_ddpm_pipeline_with_dpm_solver(unet, config):
     pipe = DDPMPipeline(unet=unet, scheduler=DPMSolverMultistepScheduler(**config))
     pipe.set_progress_bar_config(disable=True)
     _assert_swap_matches(pipe, fused_sched.FusedDPMSolverMultistepScheduler, num_inference_steps=12)
+
+
+def _prompt_embeddings(batch, length, width):
+    return tuple(torch.randn(batch, length, width, generator=torch.Generator().manual_seed(seed)) for seed in (2, 3))
+
+
+@pytest.fixture(scope="module")
+def cogvideox_pipe():
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=16, num_layers=1, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8,
+    ).eval()
+    # Without a VAE the pipeline takes the default factors (8 spatial, 4 temporal): 32x32 px and
+    # 9 frames are a 3x4x4 latent with 4 channels, and output_type="latent" never decodes.
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _cogvideox_latents(pipe, dtype=torch.float32, **kwargs):
+    prompt, negative = (e.to(dtype) for e in _prompt_embeddings(1, 8, 16))
+    pipe.transformer.to(dtype)
+    return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=32, width=32, num_frames=9,
+                num_inference_steps=6, guidance_scale=6.0, generator=torch.Generator().manual_seed(1),
+                output_type="latent", **kwargs).frames
+
+
+COGVIDEOX = {"cogvideox_ddim": (CogVideoXDDIMScheduler, fused_sched.FusedCogVideoXDDIMScheduler),
+             "cogvideox_dpm": (CogVideoXDPMScheduler, fused_sched.FusedCogVideoXDPMScheduler)}
+
+
+@pytest.mark.parametrize("use_dynamic_cfg", [False, True], ids=["cfg", "dynamic-cfg"])
+@pytest.mark.parametrize("kind", sorted(COGVIDEOX))
+def test_cogvideox_pipeline(cogvideox_pipe, kind, use_dynamic_cfg):
+    diffusers_cls, fused_cls = COGVIDEOX[kind]
+    cogvideox_pipe.scheduler = diffusers_cls()
+    _assert_swap_matches(cogvideox_pipe, fused_cls, lambda p: _cogvideox_latents(p, use_dynamic_cfg=use_dynamic_cfg))
+
+
+@pytest.mark.parametrize("kind", sorted(COGVIDEOX))
+def test_cogvideox_pipeline_in_bfloat16(cogvideox_pipe, kind):
+    """As CogVideoX runs: bf16 transformer and latents, fp32 guidance, the step's result cast
+    back to bf16 by the pipeline. The bf16 transformer alone moves the result about 1.5% of
+    its scale from the fp32 pipeline's, and diffusers rounds x*sqrt(a) to bf16 inside its step
+    where the fused step does not, so the two bf16 runs differ by about as much as each
+    differs from fp32. The claim tested: the fused run is no farther from the fp32 pipeline
+    than diffusers' bf16 run is, plus one bf16 ulp of the scale (the per-step contract of
+    tests/test_low_precision.py, here over a whole pipeline)."""
+    diffusers_cls, fused_cls = COGVIDEOX[kind]
+    try:
+        cogvideox_pipe.scheduler = diffusers_cls()
+        fp32 = _cogvideox_latents(cogvideox_pipe)
+        reference = _cogvideox_latents(cogvideox_pipe, torch.bfloat16)
+        fused = _with_fused_scheduler(cogvideox_pipe, fused_cls, lambda p: _cogvideox_latents(p, torch.bfloat16))
+    finally:
+        cogvideox_pipe.transformer.to(torch.float32)
+    assert fused.dtype == reference.dtype == torch.bfloat16 and fused.shape == reference.shape
+    scale = float(fp32.abs().max())
+    distance = lambda run: float((run.float() - fp32).abs().max()) / scale  # noqa: E731
+    assert distance(fused) <= distance(reference) + 2.0 ** -8, (distance(fused), distance(reference))
+
+
+@pytest.fixture(scope="module")
+def img2img_pipe():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
+    ).eval()
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).eval()
+    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                          scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _img2img_latents(pipe, **kwargs):
+    prompt, negative = _prompt_embeddings(1, 6, 16)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, image=image, strength=0.6,
+                num_inference_steps=10, guidance_scale=5.0, generator=torch.Generator().manual_seed(1),
+                output_type="latent", **kwargs).images
+
+
+@pytest.mark.parametrize("diffusers_cls, fused_cls, config, kwargs", [
+    (DDIMScheduler, fused_sched.FusedDDIMScheduler, {}, dict(eta=1.0)),
+    (DPMSolverMultistepScheduler, fused_sched.FusedDPMSolverMultistepScheduler, {}, {}),
+    (DPMSolverMultistepScheduler, fused_sched.FusedDPMSolverMultistepScheduler,
+     dict(algorithm_type="sde-dpmsolver++"), {}),
+], ids=["ddim-eta1", "dpm++2m", "sde-dpm++2m"])
+def test_img2img_pipeline_starts_mid_schedule_like_diffusers(img2img_pipe, diffusers_cls, fused_cls, config, kwargs):
+    """strength 0.6 of 10 steps: add_noise at the 5th timestep, and where the class has
+    set_begin_index (DPM), the pipeline starts the scheduler there with it."""
+    begin_indices = []
+
+    def run(pipe):
+        latents = _img2img_latents(pipe, **kwargs)
+        begin_indices.append(getattr(pipe.scheduler, "begin_index", None))
+        return latents
+
+    img2img_pipe.scheduler = diffusers_cls(**config)
+    _assert_swap_matches(img2img_pipe, fused_cls, run)
+    assert begin_indices == ([4, 4] if hasattr(diffusers_cls, "set_begin_index") else [None, None])
