@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import pickle
 
 import pytest
 import torch
@@ -192,3 +194,35 @@ def test_method_signatures_are_diffusers(kind):
                  "set_begin_index"):
         if hasattr(reference, name):
             assert parameters(getattr(fused, name)) == parameters(getattr(reference, name)), name
+
+
+
+def _steps(kind, scheduler, x, old, indices):
+    """The steps at ``indices`` of the schedule with a fixed stand-in model: (sample, old x0)."""
+    timesteps = scheduler.timesteps
+    for i in indices:
+        m = 0.1 * x
+        if kind == "cogvideox_dpm":
+            back = timesteps[i - 1] if i else None
+            x, old = scheduler.step(m, old, timesteps[i], back, x, generator=torch.Generator().manual_seed(i),
+                                    return_dict=False)
+        else:
+            x = scheduler.step(m, timesteps[i], x).prev_sample
+    return x, old
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_a_copy_mid_trajectory_continues_like_the_original(kind, how):
+    # diffusers' schedulers copy and pickle mid-trajectory; ours keep per-process state (step
+    # plans holding backend modules, the schedule's address), which a copy makes afresh.
+    scheduler = PAIRS[kind][1]()
+    scheduler.set_timesteps(8)
+    x, old = _steps(kind, scheduler, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), None,
+                    range(3))
+    copied = copy.deepcopy(scheduler) if how == "deepcopy" else pickle.loads(pickle.dumps(scheduler))
+    # its own schedule's elements resolve by address, as the original's do
+    assert copied._schedule_address[0] == copied.timesteps.data_ptr() != scheduler.timesteps.data_ptr()
+    from_copy, _ = _steps(kind, copied, x, old, range(3, 8))  # first: the original must not see it
+    from_original, _ = _steps(kind, scheduler, x, old, range(3, 8))
+    assert torch.equal(from_copy, from_original)

@@ -42,24 +42,43 @@ class FusedSchedulerMixin:
     _philox_counter: torch.Tensor | None = None
     _philox_fresh: bool = True  # no draw since the last reset: the counter holds 0
 
+    # What a copy (copy.deepcopy, pickle) makes afresh instead of carrying over: addresses
+    # are this process's, and the plans kept per schedule hold backend modules and kernels.
+    _process_local_state: tuple[str, ...] = ("_schedule_address", "_host_timesteps_version")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for name in self._process_local_state:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        if self._schedule_timesteps is not None:
+            self._note_schedule_identity()
+
     def _remember_schedule(self) -> None:
-        self._schedule_timesteps = schedule = self.timesteps
+        self._schedule_timesteps = self.timesteps
         self._read_host_timesteps()
-        # what _schedule_position needs (an expanded schedule, stride 0, gives no position
-        # per address: None)
+        self._reset_philox_counter()  # a new trajectory replays the same noise
+
+    def _note_schedule_identity(self) -> None:
+        """What _schedule_position needs: the schedule tensor's address and layout (None for
+        an expanded schedule, stride 0, which gives no position per address) and its version
+        now, matching the host values held."""
+        schedule = self._schedule_timesteps
         stride = schedule.stride(0) if schedule.dim() == 1 and schedule.numel() > 1 else 1
         self._schedule_address = (
             (schedule.data_ptr(), stride * schedule.element_size(), schedule.dtype, schedule.device) if stride else None
         )
-        self._reset_philox_counter()  # a new trajectory replays the same noise
+        # An inference tensor (set_timesteps under torch.inference_mode) keeps no version.
+        self._host_timesteps_version = None if schedule.is_inference() else schedule._version
 
     def _read_host_timesteps(self) -> None:
         """The schedule's values on the host, and the version of the tensor they were read
         from: an in-place edit of ``scheduler.timesteps`` is seen (``_schedule_position``)."""
-        schedule = self._schedule_timesteps
-        self._host_timesteps = [int(v) for v in schedule.cpu().tolist()]
-        # An inference tensor (set_timesteps under torch.inference_mode) keeps no version.
-        self._host_timesteps_version = None if schedule.is_inference() else schedule._version
+        self._host_timesteps = [int(v) for v in self._schedule_timesteps.cpu().tolist()]
+        self._note_schedule_identity()
 
     def _reset_philox_counter(self) -> None:
         """Counter back to 0: an existing one is zeroed in place (a CUDA graph captured

@@ -15,6 +15,12 @@ from .base import FusedSchedulerMixin, check_finite_rows, checked_num_inference_
 class DDIMFamilyMixin(FusedSchedulerMixin):
     _tables: dict
     _retired_tables: dict  # tables of earlier schedules, by key, for refilling in place
+    _process_local_state = FusedSchedulerMixin._process_local_state + ("_step_plans",)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if self._schedule_timesteps is not None:
+            self._step_plans = {}
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         num_inference_steps = checked_num_inference_steps(num_inference_steps)
