@@ -6,17 +6,18 @@ text encoder (so nothing is downloaded; transformers is needed only because the 
 modules import it). The pipelines drive the schedulers exactly as in production:
 set_timesteps, init_noise_sigma, the step's keyword arguments chosen by inspecting its
 signature, generator, output dataclass fields, CogVideoX's (old x0, timestep_back) step,
-img2img's add_noise and set_begin_index.
+video-to-video's and img2img's add_noise and mid-schedule start (set_begin_index).
 """
 
 from __future__ import annotations
 
+import PIL.Image
 import pytest
 import torch
-from diffusers import (AutoencoderKL, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
-                       CogVideoXTransformer3DModel, DDIMPipeline, DDIMScheduler, DDPMPipeline,
-                       DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel,
-                       UNet2DModel)
+from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
+                       CogVideoXPipeline, CogVideoXTransformer3DModel, CogVideoXVideoToVideoPipeline, DDIMPipeline,
+                       DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline,
+                       UNet2DConditionModel, UNet2DModel)
 
 import fused_sched
 
@@ -83,17 +84,20 @@ def _prompt_embeddings(batch, length, width):
     return tuple(torch.randn(batch, length, width, generator=torch.Generator().manual_seed(seed)) for seed in (2, 3))
 
 
-@pytest.fixture(scope="module")
-def cogvideox_pipe():
+def _tiny_cogvideox_transformer(temporal_compression_ratio):
     torch.manual_seed(0)
-    transformer = CogVideoXTransformer3DModel(
+    return CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
         text_embed_dim=16, num_layers=1, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=8,
+        temporal_compression_ratio=temporal_compression_ratio, max_text_seq_length=8,
     ).eval()
+
+
+@pytest.fixture(scope="module")
+def cogvideox_pipe():
     # Without a VAE the pipeline takes the default factors (8 spatial, 4 temporal): 32x32 px and
     # 9 frames are a 3x4x4 latent with 4 channels, and output_type="latent" never decodes.
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=_tiny_cogvideox_transformer(4),
                              scheduler=CogVideoXDDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -140,6 +144,32 @@ def test_cogvideox_pipeline_in_bfloat16(cogvideox_pipe, kind):
     scale = float(fp32.abs().max())
     distance = lambda run: float((run.float() - fp32).abs().max()) / scale  # noqa: E731
     assert distance(fused) <= distance(reference) + 2.0 ** -8, (distance(fused), distance(reference))
+
+
+@pytest.mark.parametrize("kind", sorted(COGVIDEOX))
+def test_cogvideox_video_to_video_pipeline_starts_mid_schedule_like_diffusers(kind):
+    """strength 0.7 of 10 steps: the input video's latents noised by add_noise (5-D) at the
+    4th timestep, and the first step there has no predecessor (CogVideoX DPM: first order)."""
+    # A VAE with one temporal halving: 9 frames of 8x8 px are a 5x4x4 latent.
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 8), latent_channels=4, layers_per_block=1,
+        norm_num_groups=2, temporal_compression_ratio=2,
+    ).eval()
+    diffusers_cls, fused_cls = COGVIDEOX[kind]
+    pipe = CogVideoXVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae,
+                                         transformer=_tiny_cogvideox_transformer(2), scheduler=diffusers_cls())
+    pipe.set_progress_bar_config(disable=True)
+    frames = torch.rand(9, 8, 8, 3, generator=torch.Generator().manual_seed(4)).mul(255).to(torch.uint8).numpy()
+    video = [PIL.Image.fromarray(frame) for frame in frames]
+    prompt, negative = _prompt_embeddings(1, 8, 16)
+
+    def run(pipe):
+        return pipe(video=video, prompt_embeds=prompt, negative_prompt_embeds=negative, height=8, width=8,
+                    num_inference_steps=10, strength=0.7, guidance_scale=6.0,
+                    generator=torch.Generator().manual_seed(1), output_type="latent").frames
+
+    _assert_swap_matches(pipe, fused_cls, run)
 
 
 @pytest.fixture(scope="module")
