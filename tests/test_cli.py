@@ -32,7 +32,7 @@ def _inductor_should_compile() -> bool:
     return torch.cuda.is_available() or any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
 
 
-def test_bench_json_and_plot_are_well_formed(tmp_path):
+def test_bench_json_and_plot_are_well_formed(tmp_path, capsys):
     path, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     out = run("bench", "--scheduler", "ddim,dpm++2m", "--shape", "tiny,2x4x16x16", "--backend", "torch",
               "--repeats", "3", "--no-compile-baseline", "--json", str(path), "--plot", str(plot))
@@ -51,13 +51,16 @@ def test_bench_json_and_plot_are_well_formed(tmp_path):
     assert "vs diffusers" in out.stdout and "skipped (--no-compile-baseline)" in out.stdout  # the terminal table
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # The same figure drawn again from the JSON alone (a GPU session brings back JSON).
+    # The same figure drawn again from the JSON alone (a GPU session brings back JSON), in
+    # process: the subprocess above has shown the entry point.
+    from fused_sched import __main__ as cli
+
     replot = tmp_path / "replot.png"
-    out = run("plot", str(path), str(replot))
-    assert out.returncode == 0, out.stderr
+    assert cli.main(["plot", str(path), str(replot)]) == 0
     assert replot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    out = run("plot", str(plot), str(replot))  # not a bench JSON: a usage error naming the file
-    assert out.returncode == 2 and "is not the --json of a bench run" in out.stderr and str(plot) in out.stderr
+    assert cli.main(["plot", str(plot), str(replot)]) == 2  # not a bench JSON: a usage error naming the file
+    stderr = capsys.readouterr().err
+    assert "is not the --json of a bench run" in stderr and str(plot) in stderr
 
 
 def test_bench_compile_baseline_fields(tmp_path):
@@ -150,7 +153,15 @@ def test_verify_passes():
     (("bench", "--dtype", "fp8"), "--dtype 'fp8' is not one of"),
     (("verify", "--scheduler", "nope"), "--scheduler 'nope' is not one of"),
 ])
-def test_bad_arguments_exit_non_zero_without_traceback(args, message):
-    out = run(*args)
-    assert out.returncode == 2
-    assert message in out.stderr and "Traceback" not in out.stderr
+def test_bad_arguments_exit_non_zero_without_traceback(args, message, capsys):
+    # In process (a subprocess costs seconds of imports; `python -m fused_sched` itself is
+    # run by the tests above): any exception but the usage exit would propagate and fail here.
+    from fused_sched import __main__ as cli
+
+    try:
+        code = cli.main(list(args))
+    except SystemExit as usage_exit:
+        code = usage_exit.code
+    assert code == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and "Traceback" not in stderr
