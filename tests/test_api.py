@@ -95,8 +95,7 @@ def test_get_velocity_matches_diffusers_without_moving_tables(kind):
 ADDED_PUBLIC_NAMES = {
     "ddim": {"use_philox_noise"}, "ddim_inverse": {"use_philox_noise"}, "cogvideox_ddim": {"use_philox_noise"},
     "cogvideox_dpm": {"use_philox_noise"}, "dpm": {"use_philox_noise", "prepare_cuda_graph"},
-    # the inverse class's own first-step lookup (diffusers' inverse has it inline in _init_step_index)
-    "dpm_inverse": {"use_philox_noise", "prepare_cuda_graph", "index_for_timestep"},
+    "dpm_inverse": {"use_philox_noise", "prepare_cuda_graph"},
 }
 
 

@@ -152,18 +152,15 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             self._step_index, self._lower_order_nums = self._cursor.read()
             self._host_current = True
 
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+    def _index_of_timestep(self, timestep) -> int:
         """diffusers' rule (second match when repeated, last index when absent), on host values."""
-        if schedule_timesteps is not None:
-            return super().index_for_timestep(timestep, schedule_timesteps)
         if isinstance(timestep, (float, np.number, np.ndarray)):
             t = np.asarray(timestep).reshape(()).item()  # diffusers compares any one number with the schedule
         else:
             t = self._host_timestep(timestep)
         if t is None:
             # A tensor that is not an element of scheduler.timesteps: its value must be read,
-            # one sync on the first step, as diffusers does (the inverse class inherits no
-            # index_for_timestep from diffusers, so this is its lookup too).
+            # one sync on the first step, as diffusers does.
             if timestep.numel() != 1:
                 raise ValueError(f"timestep must hold one value, got a tensor of shape {tuple(timestep.shape)}")
             t = timestep.detach().reshape(()).item()
@@ -181,7 +178,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         # An element of scheduler.timesteps says exactly where the trajectory starts. diffusers
         # only knows the value and takes its second occurrence, which skips a step (and later
         # fails with IndexError) when the starting timestep is repeated right after itself.
-        self._step_index = position if position is not None else self.index_for_timestep(timestep)
+        self._step_index = position if position is not None else self._index_of_timestep(timestep)
 
     def _lower_order_final(self, i: int, n: int) -> bool:
         c = self.config
@@ -351,7 +348,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         elif isinstance(timestep, torch.Tensor):
             self._cursor.start_at_timestep(self._schedule_timesteps, timestep)
         else:
-            self._cursor.start_at(self.index_for_timestep(timestep), self._lower_order_nums)
+            self._cursor.start_at(self._index_of_timestep(timestep), self._lower_order_nums)
         self._device_current = True
 
 
@@ -364,8 +361,12 @@ class FusedDPMSolverMultistepScheduler(DPMFamilyMixin, DPMSolverMultistepSchedul
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, mu=mu, timesteps=timesteps)
         self._build_schedule(device)
 
-    # Only the forward class: pipelines call set_begin_index where hasattr finds it, and
-    # diffusers' inverse class has none.
+    # Only the forward class has these two, as in diffusers: pipelines call what hasattr finds.
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        if schedule_timesteps is not None:
+            return super().index_for_timestep(timestep, schedule_timesteps)
+        return self._index_of_timestep(timestep)
+
     def set_begin_index(self, begin_index: int = 0):
         super().set_begin_index(begin_index)
         if self._static_history is not None:
