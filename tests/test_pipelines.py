@@ -17,7 +17,8 @@ import torch
 from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
                        CogVideoXPipeline, CogVideoXTransformer3DModel, CogVideoXVideoToVideoPipeline, DDIMPipeline,
                        DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline,
-                       UNet2DConditionModel, UNet2DModel)
+                       UNet2DConditionModel, UNet2DModel, UniPCMultistepScheduler, WanPipeline,
+                       WanTransformer3DModel)
 
 import fused_sched
 
@@ -170,6 +171,32 @@ def test_cogvideox_video_to_video_pipeline_starts_mid_schedule_like_diffusers(ki
                     generator=torch.Generator().manual_seed(1), output_type="latent").frames
 
     _assert_swap_matches(pipe, fused_cls, run)
+
+
+@pytest.mark.parametrize("config", [dict(), dict(algorithm_type="sde-dpmsolver++")], ids=["dpm++2m", "sde-dpm++2m"])
+def test_wan_pipeline_with_flow_matching_dpm_solver(config):
+    """Wan's pipeline with DPM-Solver on flow sigmas (its UniPC config, as users switch it):
+    it calls set_begin_index(0) before the loop and reads scheduler.sigmas[i] per step."""
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    wan_config = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0).config
+    # Without a VAE the pipeline takes the default factors (8 spatial, 4 temporal).
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                       scheduler=DPMSolverMultistepScheduler.from_config(wan_config, **config))
+    pipe.set_progress_bar_config(disable=True)
+    prompt, negative = _prompt_embeddings(1, 8, 16)
+
+    def run(pipe):
+        torch.manual_seed(5)  # Wan passes no generator to step: SDE noise comes from torch's default one
+        return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=32, width=32, num_frames=9,
+                    num_inference_steps=8, guidance_scale=5.0, generator=torch.Generator().manual_seed(1),
+                    output_type="latent").frames
+
+    _assert_swap_matches(pipe, fused_sched.FusedDPMSolverMultistepScheduler, run)
 
 
 @pytest.fixture(scope="module")
