@@ -16,9 +16,9 @@ import pytest
 import torch
 from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
                        CogVideoXPipeline, CogVideoXTransformer3DModel, CogVideoXVideoToVideoPipeline, DDIMPipeline,
-                       DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline,
-                       UNet2DConditionModel, UNet2DModel, UniPCMultistepScheduler, WanPipeline,
-                       WanTransformer3DModel)
+                       DDIMScheduler, DDPMPipeline, DiffusionPipeline, DPMSolverMultistepScheduler,
+                       StableDiffusionImg2ImgPipeline, UNet2DConditionModel, UNet2DModel, UniPCMultistepScheduler,
+                       WanPipeline, WanTransformer3DModel)
 
 import fused_sched
 
@@ -243,3 +243,18 @@ def test_img2img_pipeline_starts_mid_schedule_like_diffusers(img2img_pipe, diffu
     img2img_pipe.scheduler = diffusers_cls(**config)
     _assert_swap_matches(img2img_pipe, fused_cls, run)
     assert begin_indices == ([4, 4] if hasattr(diffusers_cls, "set_begin_index") else [None, None])
+
+
+@pytest.mark.parametrize("fused_cls", [fused_sched.FusedDDIMScheduler, fused_sched.FusedDDIMInverseScheduler,
+                                       fused_sched.FusedDPMSolverMultistepScheduler,
+                                       fused_sched.FusedDPMSolverMultistepInverseScheduler,
+                                       fused_sched.FusedCogVideoXDDIMScheduler, fused_sched.FusedCogVideoXDPMScheduler],
+                         ids=lambda cls: cls.__name__)
+def test_a_pipeline_saved_after_the_swap_loads_with_the_fused_scheduler(unet, fused_cls, tmp_path):
+    pipe = DDPMPipeline(unet=unet, scheduler=DDIMScheduler())  # DDPMPipeline keeps the scheduler it is given
+    pipe.scheduler = fused_cls.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is fused_cls
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.scheduler.config) == public(pipe.scheduler.config)

@@ -1,4 +1,10 @@
-"""What every fused scheduler shares: timestep resolution without syncs, checks, noise."""
+"""What every fused scheduler shares: timestep resolution without syncs, checks, noise.
+
+Each module defining a fused class also imports diffusers' ``SchedulerMixin``: a saved
+pipeline names its scheduler by (defining module, class), and ``DiffusionPipeline.
+from_pretrained`` looks the loader's base classes up by name in that module, so without
+it a pipeline saved after the swap would not load.
+"""
 
 from __future__ import annotations
 

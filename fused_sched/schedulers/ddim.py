@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, SchedulerMixin  # noqa: F401  (SchedulerMixin: see base.py)
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from ..ops import layout as L

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMInverseScheduler
+from diffusers import DDIMInverseScheduler, SchedulerMixin  # noqa: F401  (SchedulerMixin: see base.py)
 from diffusers.schedulers.scheduling_ddim_inverse import DDIMSchedulerOutput
 
 from ..coefficients.ddim import ddim_inverse_table
