@@ -4,6 +4,8 @@ device-side gather, and the row handed to the op is one reused view of the place
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -113,26 +115,32 @@ def test_dpm_first_timestep_given_as_another_value_is_looked_up_like_diffusers(k
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
-def test_a_timestep_edited_in_place_is_read_again(kind):
+@pytest.mark.parametrize("copied", [False, True], ids=["", "then-copied"])
+def test_a_timestep_edited_in_place_is_read_again(kind, copied):
     """Elements of scheduler.timesteps are resolved by position against host values read at
-    set_timesteps; an in-place edit of the schedule afterwards must not leave them stale."""
+    set_timesteps; an in-place edit of the schedule afterwards must not leave them stale,
+    nor in a copy made after an edit (it resolves against its own tensor's values)."""
     results = []
     for cls in PAIRS[kind]:
         scheduler = cls()
         scheduler.set_timesteps(5)
+        if copied:
+            scheduler.timesteps[0] += 5 if int(scheduler.timesteps[0]) < 500 else -5  # stays in range
+            scheduler = copy.deepcopy(scheduler)
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         m = 0.1 * x
         ts = scheduler.timesteps
         if kind == "cogvideox_dpm":
-            scheduler.step(m, None, ts[0], None, x, generator=torch.Generator().manual_seed(1))
+            first = scheduler.step(m, None, ts[0], None, x, generator=torch.Generator().manual_seed(1))[0]
             ts[1] = ts[1] - 17
             prev = scheduler.step(m, m, ts[1], ts[0], x, generator=torch.Generator().manual_seed(2))[0]
         else:
-            scheduler.step(m, ts[0], x)
+            first = scheduler.step(m, ts[0], x).prev_sample
             ts[1] = ts[1] - 17
             prev = scheduler.step(m, ts[1], x).prev_sample
-        results.append(prev)
-    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+        results.append((first, prev))
+    for fused, reference in zip(results[1], results[0]):
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim"])

@@ -50,7 +50,7 @@ class FusedSchedulerMixin:
 
     # What a copy (copy.deepcopy, pickle) makes afresh instead of carrying over: addresses
     # are this process's, and the plans kept per schedule hold backend modules and kernels.
-    _process_local_state: tuple[str, ...] = ("_schedule_address", "_host_timesteps_version")
+    _process_local_state: tuple[str, ...] = ("_schedule_address", "_host_timesteps_version", "_host_timesteps")
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -61,7 +61,9 @@ class FusedSchedulerMixin:
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
         if self._schedule_timesteps is not None:
-            self._note_schedule_identity()
+            # read from the copy's tensor: the original's may have been edited in place since
+            # its values were last read
+            self._read_host_timesteps()
 
     def _remember_schedule(self) -> None:
         self._schedule_timesteps = self.timesteps

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, SchedulerMixin  # noqa: F401  (see base.py)
+from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, SchedulerMixin  # noqa: F401  (SchedulerMixin: see base.py)
 from diffusers.schedulers.scheduling_ddim_cogvideox import DDIMSchedulerOutput
 
 from .. import ops

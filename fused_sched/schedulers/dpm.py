@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import (DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler,  # noqa: F401
-                       SchedulerMixin)  # SchedulerMixin: see base.py
+                       SchedulerMixin)  # (SchedulerMixin: see base.py)
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from .. import ops
