@@ -13,6 +13,7 @@ import sys
 import torch
 
 from . import __version__, ops
+from .ops import extension
 from .benchmark import (DTYPES, device_name, SCHEDULERS, SHAPES, BaselineUnavailable, Timing, bytes_per_step, copy_bandwidth,
                         error_summary, time_step, write_report)
 
@@ -76,6 +77,10 @@ def cmd_info(args) -> int:
     print("    backends:")
     for name, reason in ops.availability(device).items():
         print(f"{'':>14}{name:<8} {'available' if reason is None else 'unavailable: ' + reason}")
+    module = extension.loaded_extension()  # loaded by the availability check where it builds
+    if module is not None:
+        origin = "prebuilt" if module.__name__ == extension.PREBUILT_MODULE else "built just in time"
+        print(f"{'extension':>12}: {origin}, {module.__file__}")
     return 0
 
 

@@ -36,6 +36,8 @@ for clip in ("none", "threshold"):
     # test_compiled_kernels.py holds the cpu kernels to the reference (bit-exact where ATen
     # has FMA); here the question is only whether the prebuilt module is those kernels
     torch.testing.assert_close(compiled, reference)
+from fused_sched.__main__ import main
+main(["info"])  # says which module it loaded
 print("prebuilt ok")
 """
 
@@ -54,4 +56,5 @@ def test_setup_py_builds_the_extension_the_package_then_loads(tmp_path):
                          timeout=300)
     assert run.returncode == 0 and "prebuilt ok" in run.stdout, run.stdout + run.stderr
     assert "building the C++ extension" not in run.stderr
+    assert f"extension: prebuilt, {lib / 'fused_sched'}" in run.stdout
     assert not jit.exists() or not any(jit.iterdir())

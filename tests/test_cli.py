@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ def test_info_lists_every_backend():
     assert out.returncode == 0, out.stderr
     for name in ("torch", "cpu", "cuda", "triton"):
         assert f" {name} " in out.stdout
+    # where the compiled backends' module loaded, info says which one and from where
+    assert ("extension: " in out.stdout) == bool(re.search(r" cpu +available", out.stdout))
 
 
 COMPILED_FIELDS = ("compiled_median_us", "compiled_iqr_us", "compiled_compile_s", "speedup_vs_compiled")

@@ -230,6 +230,11 @@ def load_extension():
         return _extension
 
 
+def loaded_extension():
+    """The compiled module if this process has loaded it, else None (loads nothing)."""
+    return _extension
+
+
 def _dtype_reason(dtypes) -> str | None:
     unsupported = [d for d in dtypes if d not in INPUT_DTYPES]
     if unsupported:
