@@ -216,6 +216,9 @@ def quantile_rows(name: str, n: int, g: torch.Generator) -> torch.Tensor:
         return torch.randn(3, n, generator=g) * torch.exp2(torch.randint(-140, 120, (3, n), generator=g).float())
     if name == "ties":
         return torch.randint(-4, 5, (3, n), generator=g).float() * 1.5
+    if name == "above_one":  # every |value| >= 1: clamp(min=1) hides no order statistic, low ones included
+        r = torch.randn(3, n, generator=g)
+        return torch.where(r < 0, -1.0, 1.0) * (1.0 + 4.0 * r.abs())
     if name == "constant":
         return torch.full((3, n), -2.75)
     if name == "nan":

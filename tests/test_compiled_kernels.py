@@ -235,7 +235,7 @@ def test_threshold_scale_equals_reference(kernels, dtype):
     for k, shape in enumerate(SHAPES + [(4, 3, 33, 31)]):
         for rows in ("broadcast", "per_row"):
             x, m, c, _, _ = make_case(shape, (dtype,) * 5, rows, seed=30 + k, scale_values=3.0)
-            for ratio, max_value in ((0.995, 1e30), (0.5, 2.0), (0.37, 1e30), (1.0, 1e30), (1e-6, 0.5)):
+            for ratio, max_value in ((0.995, 1e30), (0.5, 2.0), (0.37, 1e30), (1.0, 1e30), (1e-6, 0.5), (0.0, 1e30)):
                 assert_same(kernels.threshold_scale(x, m, c, ratio, max_value),
                             reference.threshold_scale(x, m, c, ratio, max_value))
 
@@ -253,15 +253,15 @@ def _quantile_tolerance():
     return EXACT if ATEN_HAS_FMA else dict(rtol=2.0**-23, atol=0.0, equal_nan=True)
 
 
-@pytest.mark.parametrize("data", ["random", "ties", "constant", "nan", "signed_zeros", "inf"])
+@pytest.mark.parametrize("data", ["random", "above_one", "ties", "constant", "nan", "signed_zeros", "inf"])
 @pytest.mark.parametrize("n", [1, 2, 17, 1000, 4099])
 def test_threshold_scale_equals_torch_quantile(kernels, data, n):
     g = torch.Generator().manual_seed(n)
     x = quantile_rows(data, n, g)
     m = torch.randn(x.shape, generator=g)
     c = _identity_rows(3)
-    # 0.37 and 0.995 give non-integer ranks for most n; 1.0 the maximum.
-    for ratio, max_value in ((0.995, 1e30), (0.37, 1e30), (1.0, 1e30), (0.9, 2.5)):
+    # 0.37 and 0.995 give non-integer ranks for most n; 1.0 the maximum, 0.0 the minimum.
+    for ratio, max_value in ((0.995, 1e30), (0.37, 1e30), (1.0, 1e30), (0.9, 2.5), (0.1, 1e30), (0.0, 1e30)):
         expected = torch.quantile(x.abs(), ratio, dim=1)
         # torch.quantile lerps between two equal infinite order statistics into NaN; the op
         # defines the quantile of equal statistics as that value (see reference.py).

@@ -68,3 +68,22 @@ def test_cogvideox_ddim_ignores_eta_generator_and_clipping_options():
         given, next_draw = _run("cogvideox_ddim", cls, config, 5, eta=1.0)
         assert torch.allclose(given, plain, rtol=1e-5, atol=1e-6), cls.__name__
         assert torch.equal(next_draw, torch.randn(4, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpm"])
+def test_thresholding_at_ratio_zero_takes_the_minimum_like_diffusers(kind):
+    # torch.quantile's q = 0 is the row's minimum |x0|; diffusers' own fp16 scheduler test
+    # runs dynamic_thresholding_ratio=0, so a drop-in must too (the op once refused q = 0).
+    config = dict(thresholding=True, dynamic_thresholding_ratio=0.0, sample_max_value=1e4)
+    if kind == "ddim":
+        config["clip_sample"] = False
+    results = []
+    for cls in PAIRS[kind]:
+        scheduler = cls(**config)
+        scheduler.set_timesteps(10)
+        # the first step's |x0| are in the hundreds: the minimum sets the scale, not a clamp bound
+        x = 3.0 + torch.rand(SHAPE, generator=torch.Generator().manual_seed(1))
+        for t in scheduler.timesteps:
+            x = scheduler.step(0.1 * x, t, x).prev_sample
+        results.append(x)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)

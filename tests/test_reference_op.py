@@ -117,9 +117,9 @@ def test_thresholding_scales_each_batch_row_for_any_rank(backend, shape):
     assert torch.equal(out.x0.cpu(), expected) and torch.equal(out.prev_sample.cpu(), expected)
 
 
-@pytest.mark.parametrize("kind", ["random", "wide_range", "ties", "constant", "nan", "signed_zeros"])
+@pytest.mark.parametrize("kind", ["random", "above_one", "wide_range", "ties", "constant", "nan", "signed_zeros"])
 @pytest.mark.parametrize("n", [1, 2, 17, 1000, 4099])
-@pytest.mark.parametrize("ratio", [0.995, 0.87, 0.5, 0.1, 1.0])  # 0.1: selection from the low end
+@pytest.mark.parametrize("ratio", [0.995, 0.87, 0.5, 0.1, 1.0, 0.0])  # 0.1, 0: selection from the low end
 def test_threshold_scale_equals_torch_quantile(kind, n, ratio):
     values = quantile_rows(kind, n, torch.Generator().manual_seed(3))
     identity = torch.zeros(1, L.NUM_COEFFICIENTS)

@@ -321,10 +321,10 @@ def _identity_rows(b):
     return c
 
 
-QUANTILE_CASES = [(0.995, 1e30), (0.37, 1e30), (1.0, 1e30), (0.5, 1e30), (0.9, 2.5), (0.3, 0.5)]
+QUANTILE_CASES = [(0.995, 1e30), (0.37, 1e30), (1.0, 1e30), (0.5, 1e30), (0.9, 2.5), (0.3, 0.5), (0.0, 1e30)]
 
 
-@pytest.mark.parametrize("data", ["random", "wide_range", "ties", "constant", "nan", "signed_zeros"])
+@pytest.mark.parametrize("data", ["random", "above_one", "wide_range", "ties", "constant", "nan", "signed_zeros"])
 @pytest.mark.parametrize("n", [1, 2, 17, 1000])
 def test_threshold_scale_equals_torch_quantile(data, n):
     """Bit-exact torch.quantile(|x0|, q, dim=1).clamp(1, max): rank q*(n-1) is a fraction

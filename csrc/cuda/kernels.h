@@ -64,7 +64,7 @@ struct ThresholdLaunch {
   int64_t coefficient_rows;
   int64_t batch;
   int64_t row_size;  // >= 1
-  float ratio;       // in (0, 1]
+  float ratio;       // in [0, 1]
   float max_value;
   float* scale;     // (batch,) fp32 output on the device
   void* workspace;  // threshold_workspace_bytes(batch) bytes on the device, any content

@@ -218,8 +218,8 @@ def _plan(sample, model_output, coefficients, history, noise, clip, clip_range, 
     if clip == "clamp" and not clip_range > 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
     if clip == "threshold":
-        if not 0.0 < threshold_ratio <= 1.0:
-            raise ValueError(f"threshold_ratio must be in (0, 1], got {threshold_ratio}")
+        if not 0.0 <= threshold_ratio <= 1.0:  # torch.quantile's q; 0 is the minimum
+            raise ValueError(f"threshold_ratio must be in [0, 1], got {threshold_ratio}")
         if not threshold_max > 0:
             raise ValueError(f"threshold_max must be > 0, got {threshold_max}")
         if sample.numel() == 0:
