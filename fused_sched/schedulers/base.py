@@ -52,6 +52,13 @@ class FusedSchedulerMixin:
     # are this process's, and the plans kept per schedule hold backend modules and kernels.
     _process_local_state: tuple[str, ...] = ("_schedule_address", "_host_timesteps_version", "_host_timesteps")
 
+    @classmethod
+    def _get_compatibles(cls) -> list:
+        # diffusers lists, by name, the class itself and those in _compatibles that diffusers
+        # exports; a fused class is no export of diffusers, so it names itself and its parent.
+        parent = next(c for c in cls.__mro__ if c.__module__.startswith("diffusers.schedulers.scheduling_"))
+        return [cls] + parent._get_compatibles()
+
     def __getstate__(self):
         state = self.__dict__.copy()
         for name in self._process_local_state:
