@@ -155,3 +155,22 @@ def test_ddim_family_timesteps_given_as_host_integers_step_like_diffusers(kind, 
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         results.append(scheduler.step(0.1 * x, t, x).prev_sample)
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, argument", [
+    ("ddim", "timestep"), ("ddim_inverse", "timestep"), ("cogvideox_ddim", "timestep"),
+    ("cogvideox_dpm", "timestep"), ("cogvideox_dpm", "timestep_back"),
+])
+def test_ddim_family_refuses_floating_point_timestep_tensors(kind, argument):
+    # diffusers indexes its tables with the timestep and fails on a float tensor (IndexError);
+    # a cast would truncate 700.5 to 700 silently, so the fused class refuses it by name.
+    scheduler = PAIRS[kind][1]()
+    scheduler.set_timesteps(10)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, back = scheduler.timesteps[3], scheduler.timesteps[2]
+    with pytest.raises(TypeError, match=f"{argument} must be an integer tensor"):
+        if kind == "cogvideox_dpm":
+            t, back = (t.double() + 0.5, back) if argument == "timestep" else (t, back.float())
+            scheduler.step(0.1 * x, 0.1 * x, t, back, x)
+        else:
+            scheduler.step(0.1 * x, t.float() + 0.5, x)

@@ -18,7 +18,7 @@ from ..coefficients.table import PlacedTable, normalized_device
 from ..ops import layout as L
 from .base import validated_init
 from .ddim import _check_config
-from .ddim_family import AddNoiseMixin, DDIMFamilyMixin
+from .ddim_family import AddNoiseMixin, DDIMFamilyMixin, check_index_dtype
 from .step_output import step_output
 
 
@@ -106,6 +106,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         if t is None:
             # Not an element of scheduler.timesteps: its value decides the order and how many
             # noise draws happen, so it must be read. Pipelines pass timesteps[i] and never sync.
+            check_index_dtype(timestep, argument)
             t = int(timestep)
         return self._check_training_timestep(t, argument)
 
@@ -224,6 +225,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1:
                 raise ValueError(f"{argument} must hold one value, got shape {tuple(timestep.shape)}")
+            check_index_dtype(timestep, argument)
             return timestep.reshape(1).to(device=device, dtype=torch.int64)
         t = self._check_training_timestep(self._host_timestep(timestep), argument)
         return torch.full((1,), t, dtype=torch.int64, device=device)

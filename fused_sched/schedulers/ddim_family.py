@@ -138,12 +138,22 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         if t is not None:
             self._check_training_timestep(t)
             return placed.row(t, device, dtype)
+        check_index_dtype(timestep)
         table = placed.on(device, dtype)
         index = timestep.reshape(-1).to(device=table.device, dtype=torch.int64)
         if index.numel() != 1:
             raise ValueError(f"timestep must hold one value, got shape {tuple(timestep.shape)}")
         return table.index_select(0, index)
 
+
+
+def check_index_dtype(timestep: torch.Tensor, argument: str = "timestep") -> None:
+    """The DDIM family indexes its tables with a timestep that is not host-known: diffusers'
+    indexing fails on a floating-point tensor (IndexError), where a cast would turn 700.5
+    into 700 silently."""
+    if timestep.is_floating_point() or timestep.is_complex():
+        raise TypeError(f"{argument} must be an integer tensor (the training timestep indexes alphas_cumprod), "
+                        f"got {timestep.dtype}")
 
 
 class AddNoiseMixin:
