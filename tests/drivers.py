@@ -44,6 +44,11 @@ class StepArgs:
     seed: int = 0
 
 
+def public_config(config) -> dict:
+    """A scheduler config without diffusers' bookkeeping keys (``_class_name``, ``_use_default_values``, ...)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def make_pair(kind: str, config: dict):
     reference_cls, fused_cls = PAIRS[kind]
     return reference_cls(**config), fused_cls(**config)

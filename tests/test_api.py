@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from drivers import PAIRS
+from drivers import PAIRS, StepArgs, _step, public_config
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
@@ -32,8 +32,7 @@ def test_from_config_and_pretrained_round_trips(kind, tmp_path):
     assert fused.config.prediction_type == "v_prediction"
     fused.save_pretrained(tmp_path)
     again = fused_cls.from_pretrained(tmp_path)
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
-    assert public(again.config) == public(fused.config)
+    assert public_config(again.config) == public_config(fused.config)
     assert isinstance(reference_cls.from_pretrained(tmp_path), reference_cls)  # and back
 
 
@@ -198,18 +197,14 @@ def test_method_signatures_are_diffusers(kind):
 
 
 
-def _steps(kind, scheduler, x, old, indices):
-    """The steps at ``indices`` of the schedule with a fixed stand-in model: (sample, old x0)."""
-    timesteps = scheduler.timesteps
+def _steps(kind, scheduler, x, state, indices):
+    """The steps at ``indices`` of the schedule, as a pipeline calls them, with a fixed
+    stand-in model and noise drawn from a generator seeded afresh: the last sample."""
+    generator = torch.Generator().manual_seed(7)
     for i in indices:
-        m = 0.1 * x
-        if kind == "cogvideox_dpm":
-            back = timesteps[i - 1] if i else None
-            x, old = scheduler.step(m, old, timesteps[i], back, x, generator=torch.Generator().manual_seed(i),
-                                    return_dict=False)
-        else:
-            x = scheduler.step(m, timesteps[i], x).prev_sample
-    return x, old
+        x, _ = _step(kind, scheduler, 0.1 * x, scheduler.timesteps[i], x, i, scheduler.timesteps, state, StepArgs(),
+                     generator, torch.float32)
+    return x
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
@@ -219,11 +214,11 @@ def test_a_copy_mid_trajectory_continues_like_the_original(kind, how):
     # plans holding backend modules, the schedule's address), which a copy makes afresh.
     scheduler = PAIRS[kind][1]()
     scheduler.set_timesteps(8)
-    x, old = _steps(kind, scheduler, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), None,
-                    range(3))
+    state = {}  # the pipeline's own (CogVideoX DPM's previous x0)
+    x = _steps(kind, scheduler, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), state, range(3))
     copied = copy.deepcopy(scheduler) if how == "deepcopy" else pickle.loads(pickle.dumps(scheduler))
     # its own schedule's elements resolve by address, as the original's do
     assert copied._schedule_address[0] == copied.timesteps.data_ptr() != scheduler.timesteps.data_ptr()
-    from_copy, _ = _steps(kind, copied, x, old, range(3, 8))  # first: the original must not see it
-    from_original, _ = _steps(kind, scheduler, x, old, range(3, 8))
+    from_copy = _steps(kind, copied, x, dict(state), range(3, 8))  # first: the original must not see it
+    from_original = _steps(kind, scheduler, x, dict(state), range(3, 8))
     assert torch.equal(from_copy, from_original)

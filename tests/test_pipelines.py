@@ -21,6 +21,7 @@ from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, CogVideoXDDIMSched
                        WanPipeline, WanTransformer3DModel)
 
 import fused_sched
+from drivers import public_config
 
 FP32_TOLERANCE = 1e-4
 
@@ -256,5 +257,4 @@ def test_a_pipeline_saved_after_the_swap_loads_with_the_fused_scheduler(unet, fu
     pipe.save_pretrained(tmp_path)
     loaded = DiffusionPipeline.from_pretrained(tmp_path)
     assert type(loaded.scheduler) is fused_cls
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
-    assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
+    assert public_config(loaded.scheduler.config) == public_config(pipe.scheduler.config)
