@@ -103,9 +103,9 @@ run_tests() {
     # compile and time four kernels for each. What needs no GPU (compiling for GPUs, the
     # CUDA emulator) is CI's, not device time.
     # test_pipelines.py runs CPU tensors and needs transformers, which the image lacks;
-    # test_ahead_of_time_build.py would compile every .cu with setuptools.
+    # test_install.py builds wheels, one of them compiling every .cu with setuptools.
     local cpu_only="tests/test_cuda_sources.py tests/test_triton_gpu_compile.py tests/test_cuda_emulator.py
-                    tests/test_pipelines.py tests/test_ahead_of_time_build.py"
+                    tests/test_pipelines.py tests/test_install.py"
     local rest
     rest=$(ls tests/test_*.py | grep -v -F -x -f <(tr ' ' '\n' <<< "$tuned $cpu_only"))
     FUSED_SCHED_TRITON_AUTOTUNE=0 step 240 $pytest $rest || true

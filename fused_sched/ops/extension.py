@@ -42,7 +42,9 @@ __all__ = [
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 REPO_ROOT = PACKAGE_ROOT.parent
-CSRC = REPO_ROOT / "csrc"
+# A wheel carries the sources inside the package (setup.py's build_py puts them there); a
+# checkout, and an editable install of it, has them beside the package.
+CSRC = PACKAGE_ROOT / "csrc" if (PACKAGE_ROOT / "csrc").is_dir() else REPO_ROOT / "csrc"
 
 PREBUILT_MODULE = "fused_sched._ext"
 
@@ -185,8 +187,8 @@ def _jit_build(with_cuda: bool):
 
     if not (CSRC / "bindings.cpp").is_file():
         raise RuntimeError(
-            f"the fused_sched C++ sources are not at {CSRC}; install from a source checkout, or build "
-            "ahead of time with FUSED_SCHED_BUILD_EXT=1 pip install ."
+            f"the fused_sched C++ sources are not at {CSRC} (this install of fused_sched carries neither them nor "
+            "a prebuilt extension); reinstall it from a wheel or a source checkout"
         )
     name = _module_name(with_cuda)
     directory = build_directory(with_cuda)
