@@ -11,6 +11,8 @@ video-to-video's and img2img's add_noise and mid-schedule start (set_begin_index
 
 from __future__ import annotations
 
+import json
+
 import PIL.Image
 import pytest
 import torch
@@ -246,15 +248,30 @@ def test_img2img_pipeline_starts_mid_schedule_like_diffusers(img2img_pipe, diffu
     assert begin_indices == ([4, 4] if hasattr(diffusers_cls, "set_begin_index") else [None, None])
 
 
-@pytest.mark.parametrize("fused_cls", [fused_sched.FusedDDIMScheduler, fused_sched.FusedDDIMInverseScheduler,
-                                       fused_sched.FusedDPMSolverMultistepScheduler,
-                                       fused_sched.FusedDPMSolverMultistepInverseScheduler,
-                                       fused_sched.FusedCogVideoXDDIMScheduler, fused_sched.FusedCogVideoXDPMScheduler],
-                         ids=lambda cls: cls.__name__)
+# The (module, class) a saved pipeline's model_index.json names for each class: the module
+# that defines it (diffusers writes __module__ for libraries other than its own). Pipelines
+# saved today name these, so they must keep loading: a class moved elsewhere stays
+# importable here, with diffusers' SchedulerMixin beside it (the loader looks for it there).
+SAVED_NAMES = {
+    fused_sched.FusedDDIMScheduler: "fused_sched.schedulers.ddim",
+    fused_sched.FusedDDIMInverseScheduler: "fused_sched.schedulers.ddim_inverse",
+    fused_sched.FusedDPMSolverMultistepScheduler: "fused_sched.schedulers.dpm",
+    fused_sched.FusedDPMSolverMultistepInverseScheduler: "fused_sched.schedulers.dpm",
+    fused_sched.FusedCogVideoXDDIMScheduler: "fused_sched.schedulers.cogvideox",
+    fused_sched.FusedCogVideoXDPMScheduler: "fused_sched.schedulers.cogvideox",
+}
+
+
+@pytest.mark.parametrize("fused_cls", list(SAVED_NAMES), ids=lambda cls: cls.__name__)
 def test_a_pipeline_saved_after_the_swap_loads_with_the_fused_scheduler(unet, fused_cls, tmp_path):
     pipe = DDPMPipeline(unet=unet, scheduler=DDIMScheduler())  # DDPMPipeline keeps the scheduler it is given
     pipe.scheduler = fused_cls.from_config(pipe.scheduler.config)
     pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["scheduler"] == [fused_cls.__module__, fused_cls.__name__]
+    # As saved today, or (after a move) as saved before it: the name SAVED_NAMES pins.
+    index["scheduler"] = [SAVED_NAMES[fused_cls], fused_cls.__name__]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
     loaded = DiffusionPipeline.from_pretrained(tmp_path)
     assert type(loaded.scheduler) is fused_cls
     assert public_config(loaded.scheduler.config) == public_config(pipe.scheduler.config)

@@ -3,7 +3,9 @@
 Each module defining a fused class also imports diffusers' ``SchedulerMixin``: a saved
 pipeline names its scheduler by (defining module, class), and ``DiffusionPipeline.
 from_pretrained`` looks the loader's base classes up by name in that module, so without
-it a pipeline saved after the swap would not load.
+it a pipeline saved after the swap would not load. Those module names are therefore part
+of the API (pinned in tests/test_pipelines.py, SAVED_NAMES): a class moved elsewhere stays
+importable from its old module, with SchedulerMixin beside it.
 """
 
 from __future__ import annotations
