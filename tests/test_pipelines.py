@@ -107,11 +107,11 @@ def cogvideox_pipe():
     return pipe
 
 
-def _cogvideox_latents(pipe, dtype=torch.float32, **kwargs):
+def _cogvideox_latents(pipe, dtype=torch.float32, seed=1, **kwargs):
     prompt, negative = (e.to(dtype) for e in _prompt_embeddings(1, 8, 16))
     pipe.transformer.to(dtype)
     return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=32, width=32, num_frames=9,
-                num_inference_steps=6, guidance_scale=6.0, generator=torch.Generator().manual_seed(1),
+                num_inference_steps=6, guidance_scale=6.0, generator=torch.Generator().manual_seed(seed),
                 output_type="latent", **kwargs).frames
 
 
@@ -127,27 +127,41 @@ def test_cogvideox_pipeline(cogvideox_pipe, kind, use_dynamic_cfg):
     _assert_swap_matches(cogvideox_pipe, fused_cls, lambda p: _cogvideox_latents(p, use_dynamic_cfg=use_dynamic_cfg))
 
 
+# Seeds of the bf16 comparison (see below): what is compared is their mean.
+BF16_SEEDS = range(1, 9)
+
+
 @pytest.mark.parametrize("kind", sorted(COGVIDEOX))
 def test_cogvideox_pipeline_in_bfloat16(cogvideox_pipe, kind):
     """As CogVideoX runs: bf16 transformer and latents, fp32 guidance, the step's result cast
     back to bf16 by the pipeline. The bf16 transformer alone moves the result about 1.5% of
     its scale from the fp32 pipeline's, and diffusers rounds x*sqrt(a) to bf16 inside its step
     where the fused step does not, so the two bf16 runs differ by about as much as each
-    differs from fp32. The claim tested: the fused run is no farther from the fp32 pipeline
-    than diffusers' bf16 run is, plus one bf16 ulp of the scale (the per-step contract of
-    tests/test_low_precision.py, here over a whole pipeline)."""
+    differs from fp32. The claim tested: the fused run is on average no farther from the fp32
+    pipeline than diffusers' bf16 run is, plus one bf16 ulp of the scale (the per-step
+    contract of tests/test_low_precision.py, here over a whole pipeline).
+
+    On average over seeds, because per seed the claim is not true: the tiny transformer
+    amplifies each rounding chaotically, and the two runs' distances differ by a spread of
+    about 0.003 of the scale (at seed 5 the fused DPM run is 0.004 farther than diffusers',
+    over ten seeds 0.0006 nearer on average). The mean of eight seeds has a standard error
+    of about 0.001, so the margin of one ulp (0.0039) is four of them."""
     diffusers_cls, fused_cls = COGVIDEOX[kind]
+    distances = {"diffusers": [], "fused": []}
     try:
-        cogvideox_pipe.scheduler = diffusers_cls()
-        fp32 = _cogvideox_latents(cogvideox_pipe)
-        reference = _cogvideox_latents(cogvideox_pipe, torch.bfloat16)
-        fused = _with_fused_scheduler(cogvideox_pipe, fused_cls, lambda p: _cogvideox_latents(p, torch.bfloat16))
+        for seed in BF16_SEEDS:
+            cogvideox_pipe.scheduler = diffusers_cls()
+            fp32 = _cogvideox_latents(cogvideox_pipe, seed=seed)
+            runs = {"diffusers": _cogvideox_latents(cogvideox_pipe, torch.bfloat16, seed=seed),
+                    "fused": _with_fused_scheduler(cogvideox_pipe, fused_cls,
+                                                   lambda p: _cogvideox_latents(p, torch.bfloat16, seed=seed))}
+            for name, run in runs.items():
+                assert run.dtype == torch.bfloat16 and run.shape == fp32.shape
+                distances[name].append(float((run.float() - fp32).abs().max() / fp32.abs().max()))
     finally:
         cogvideox_pipe.transformer.to(torch.float32)
-    assert fused.dtype == reference.dtype == torch.bfloat16 and fused.shape == reference.shape
-    scale = float(fp32.abs().max())
-    distance = lambda run: float((run.float() - fp32).abs().max()) / scale  # noqa: E731
-    assert distance(fused) <= distance(reference) + 2.0 ** -8, (distance(fused), distance(reference))
+    mean = {name: sum(values) / len(values) for name, values in distances.items()}
+    assert mean["fused"] <= mean["diffusers"] + 2.0 ** -8, distances
 
 
 @pytest.mark.parametrize("kind", sorted(COGVIDEOX))
