@@ -10,7 +10,10 @@ times, side by side on a tiny latent (so the arithmetic is negligible), one eage
 with the same backend and arguments, and reports the difference: the price an eager step
 would pay if it always went through the dispatcher.
 
-    python bench/dispatch_overhead.py [--backend torch] [--json bench/results/cpu-dispatch-overhead.json]
+    python bench/dispatch_overhead.py [--backend torch] [--device cpu] [--json bench/results/cpu-dispatch-overhead.json]
+
+On a GPU (``--device cuda --backend triton``, as bench/gpu_session.sh runs it) a tiny step's
+kernel is shorter than its launch, so the times are the host's, the dispatcher's included.
 """
 
 from __future__ import annotations
@@ -30,14 +33,18 @@ from fused_sched.benchmark import device_name
 from fused_sched.ops import compiled, layout as L
 
 
-def _median_us(fn, repeats: int, inner: int = 200) -> tuple[float, float]:
+def _median_us(fn, repeats: int, sync, inner: int = 200) -> tuple[float, float]:
     for _ in range(inner):
         fn()
     samples = []
     for _ in range(repeats):
+        # On a GPU the calls are asynchronous: each block starts on an idle device and ends
+        # when its last kernel has run, so no block is charged for another's queue.
+        sync()
         start = time.perf_counter()
         for _ in range(inner):
             fn()
+        sync()
         samples.append((time.perf_counter() - start) / inner * 1e6)
     quartiles = statistics.quantiles(samples, n=4)
     return statistics.median(samples), quartiles[2] - quartiles[0]
@@ -65,8 +72,9 @@ def main() -> None:
 
     assert torch.equal(direct()[0], custom_op()[0])  # same op, same result: only the path differs
     rows_out = {}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, fn in (("direct", direct), ("custom-op", custom_op)):
-        median, spread = _median_us(fn, args.repeats)
+        median, spread = _median_us(fn, args.repeats, sync)
         rows_out[name] = dict(median_us=median, iqr_us=spread)
         print(f"{name:<10} {median:8.2f} us  (IQR {spread:.2f})")
     added = rows_out["custom-op"]["median_us"] - rows_out["direct"]["median_us"]

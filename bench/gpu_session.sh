@@ -124,6 +124,10 @@ run_bench() {
         step 90 python3 bench/bench_kernels.py --backend "$backends" --dtype "$dtype" \
             --json "$out/$device-kernels-$dtype.json" || true
     done
+    # What the registered torch.library op (the path torch.compile traces) would add to an
+    # eager Triton step, which dispatches in Python instead.
+    step 60 python3 bench/dispatch_overhead.py --device cuda --backend triton \
+        --json "$out/$device-dispatch-overhead-triton.json" || true
     step 90 python3 -m fused_sched bench --device cuda --backend "$backends" \
         --scheduler dpm++2m-threshold,ddim,dpm++2m --shape cogvideox-49f --dtype fp32,bf16 \
         --json "$out/$device-compile-baseline.json" || true
