@@ -101,23 +101,27 @@ def test_packed_kernels_access_memory_128_bits_at_a_time(source, kernel, accesse
 
 @needs_nvcc
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: str(p.relative_to(CSRC)))
-def test_device_code_is_the_same_with_and_without_fma_contraction(source, tmp_path):
-    """nvcc contracts a*b + c into an fma by default (--fmad=true); the step math rounds
-    every product and sum explicitly (__fmul_rn, __fadd_rn, __fmaf_rn), so the machine code
-    must not change when contraction is off: then the GPU rounds as the reference does.
+def test_device_code_is_the_same_whatever_nvcc_is_told_about_rounding(source, tmp_path):
+    """nvcc contracts a*b + c into an fma by default (--fmad=true), and -prec-div=false
+    (implied by --use_fast_math, which NVCC_APPEND_FLAGS can add to any build) makes a
+    float division approximate; the step math rounds every product, sum and quotient
+    explicitly (__fmul_rn, __fadd_rn, __fmaf_rn, __fdiv_rn), so the machine code must not
+    change with either: then the GPU rounds as the reference does whatever the build asked.
     (sm_90a only: the arithmetic is the same source for every architecture.)"""
     arch = "90a"
     if NVDISASM is None:
         pytest.skip("no nvdisasm (CUDA toolkit or Triton's bundled copy)")
+    flag_sets = {"default": [], "no-contraction": ["--fmad=false"], "approximate-division": ["-prec-div=false"]}
     listings = {}
-    for fmad in ("true", "false"):
-        cubin = tmp_path / f"fmad-{fmad}.cubin"
-        _run([NVCC, "-std=c++17", "-O3", "-cubin", f"-arch=sm_{arch}", f"--fmad={fmad}", *TORCH_NVCC_DEFINES,
+    for name, flags in flag_sets.items():
+        cubin = tmp_path / f"{name}.cubin"
+        _run([NVCC, "-std=c++17", "-O3", "-cubin", f"-arch=sm_{arch}", *flags, *TORCH_NVCC_DEFINES,
               f"-I{CSRC / 'include'}", str(source), "-o", str(cubin)], cwd=tmp_path)
-        listings[fmad] = sass_instructions(cubin)
+        listings[name] = sass_instructions(cubin)
     assert any("FMUL" in line or "FADD" in line or "FFMA" in line or "MUFU" in line or "IMAD" in line
-               for line in listings["true"]), "the listing holds no instructions"
-    assert listings["true"] == listings["false"]
+               for line in listings["default"]), "the listing holds no instructions"
+    for name in flag_sets:
+        assert listings[name] == listings["default"], name
 
 
 @needs_headers

@@ -75,6 +75,16 @@ FS_HD float mul(float a, float b) {
 #endif
 }
 
+// a / b correctly rounded, also where the device build is asked for approximate division
+// (-prec-div=false, which --use_fast_math implies, say through NVCC_APPEND_FLAGS).
+FS_HD float div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
 // a*b + c with one rounding. On the host this is std::fma: a single instruction where the
 // caller is compiled for FMA (the CPU kernels' FMA clones), a correctly rounded libm call
 // otherwise, so every build gives the same bits.
@@ -110,7 +120,7 @@ FS_HD float apply_clip(float x0, float clip_range, float scale) {
   if constexpr (kClip == Clip::kClamp) {
     return clamp_keep_nan(x0, -clip_range, clip_range);
   } else if constexpr (kClip == Clip::kThreshold) {
-    return nan_min(nan_max(x0, -scale), scale) / scale;
+    return div(nan_min(nan_max(x0, -scale), scale), scale);
   } else {
     (void)clip_range;
     (void)scale;
