@@ -91,3 +91,38 @@ def test_machine_code_does_not_depend_on_fp_fusion(compiled):
     assert {k["kernel"] for k in checked} == {"_step_kernel", "_init_kernel", "_histogram_kernel", "_narrow_kernel"}
     for entry in checked:
         assert entry["same_sass_with_and_without_fp_fusion"], (entry["case"], entry["kernel"], entry["config"])
+
+
+# The registered Triton ops traced as torch.compile traces them with dynamic shapes (sizes
+# as symbols), in compiled mode: there a triton_op's shapes come from running its host
+# wrapper on fake tensors, which the interpreter's hand-written fakes never do. The host
+# wrapper asks the (absent) GPU for its index and SM count only to size the grid.
+TRACE_WITH_SYMBOLIC_SIZES = """
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from fused_sched.ops import layout
+from fused_sched.ops.triton import _common, step, threshold
+assert not _common.INTERPRETED
+threshold._multiprocessors = lambda index: 132
+torch.cuda.current_device = lambda: 0
+
+def thresholded_step(x, m, c):
+    scale = threshold.threshold_scale_op(x, m, c, 0.995, 1.0)
+    return step.fused_step_op(x, m, c, [x], None, "threshold", 1.0, scale, torch.float32, torch.float32, None)
+
+x = torch.randn(2, 4096)
+graph = make_fx(thresholded_step, tracing_mode="symbolic")(x, x, torch.zeros(2, layout.NUM_COEFFICIENTS))
+print(sorted({str(n.target) for n in graph.graph.nodes if n.op == "call_function"}))
+"""
+
+
+def test_the_registered_ops_trace_with_symbolic_sizes():
+    """A compiled pipeline that changes resolution, frame count or batch, or one compiled
+    with dynamic=True, traces the ops with symbolic sizes; the thresholding wrapper hashed
+    them (its rank cache) and failed with 'unhashable type: SymInt'."""
+    pytest.importorskip("triton")
+    run = subprocess.run([sys.executable, "-c", TRACE_WITH_SYMBOLIC_SIZES], env=subprocess_env(drop=("TRITON_INTERPRET",)),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "fused_sched.triton_threshold_scale.default" in run.stdout
+    assert "fused_sched.triton_fused_step.default" in run.stdout

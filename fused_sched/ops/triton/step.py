@@ -89,7 +89,7 @@ def _step_kernel(
     mask = cols < row_numel
     # The row base is a scalar, so the per-element offsets stay narrow and contiguous.
     base = row.to(tl.int64) * row_numel
-    coef = coef_ptr + row * coef_row_stride
+    coef = coef_ptr + row.to(tl.int64) * coef_row_stride  # 13 * rows passes 2**31 first
 
     ax = tl.load(coef + C.AX)
     am = tl.load(coef + C.AM)

@@ -92,7 +92,7 @@ def _histogram_kernel(
     prefix_lo = tl.load(state + _PREFIX_LO).to(tl.int32)
     prefix_hi = tl.load(state + _PREFIX_HI).to(tl.int32)
     split = prefix_lo != prefix_hi
-    coef = coef_ptr + row * coef_row_stride
+    coef = coef_ptr + row.to(tl.int64) * coef_row_stride  # 13 * rows passes 2**31 first
     ax = tl.load(coef + C.AX)
     am = tl.load(coef + C.AM)
     a_s = tl.load(coef + C.AS)
@@ -214,8 +214,10 @@ def threshold_scale_impl(sample, model_output, coefficients, ratio: float, max_v
     x = sample if sample.is_contiguous() else sample.contiguous()
     m = model_output if model_output.is_contiguous() else model_output.contiguous()
     c = coefficients if coefficients.is_contiguous() else coefficients.contiguous()
-    rows = x.shape[0]
-    row_numel = x.numel() // rows if rows else 0
+    # Concrete sizes: the ranks and the grid depend on them, so a symbolic trace (a
+    # torch.compile with dynamic shapes) specialises on them here instead of failing.
+    rows = int(x.shape[0])
+    row_numel = int(x.numel()) // rows if rows else 0
     if row_numel == 0:
         raise ValueError(f"threshold_scale needs at least one element per batch row, got shape {tuple(x.shape)}")
     if rows > C.INT32_LIMIT:
