@@ -185,6 +185,30 @@ def _launches(emulator, call) -> int:
     return emulator.launches() - before
 
 
+def test_grid_stride_kernels_launch_one_wave_of_blocks(emulator):
+    """The step and the thresholding passes launch as many blocks as the device runs at once
+    (its SMs times the blocks of that kernel one SM holds, as cudaOccupancyMaxActiveBlocks-
+    PerMultiprocessor says), or fewer where there is less work: each block of a grid-stride
+    loop then does the same share, where a fixed count per SM would end in a partial wave,
+    or leave SMs idle, depending on the kernel's registers."""
+    wave = emulator.multiprocessors * emulator.resident_blocks_per_multiprocessor
+    g = torch.Generator().manual_seed(0)
+    rows = 3
+    # Two rounds of 8-element packs for every thread of a wave, per row.
+    x, m = (torch.randn(rows, wave * 256 * 8 * 2, generator=g) for _ in range(2))
+    c = torch.randn(rows, layout.NUM_COEFFICIENTS, generator=g)
+    emulator.take_launch_grids()
+    ops.fused_step(x, m, c, clip="clamp", clip_range=1.0, backend="cuda-emulator")
+    assert emulator.take_launch_grids() == [wave]
+    ops.fused_step(x, m, c, clip="threshold", threshold_ratio=0.9, threshold_max=2.0, backend="cuda-emulator")
+    blocks_per_row = -(-wave // rows)
+    selection = [rows] + [rows * blocks_per_row, rows] * 3  # init, then (histogram, narrow) per pass
+    assert emulator.take_launch_grids() == selection + [wave]
+    tiny = torch.randn(1, 17, generator=g)
+    ops.fused_step(tiny, tiny, c[:1], clip="none", backend="cuda-emulator")
+    assert emulator.take_launch_grids() == [1]
+
+
 def test_the_emulated_backend_runs_the_cuda_launches(emulator):
     """ops.fused_step(backend='cuda-emulator') runs csrc/cuda's launch code: one kernel per
     step, and for dynamic thresholding an init kernel plus a histogram and a narrowing

@@ -17,9 +17,6 @@ namespace fused_sched::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-// Enough resident blocks to cover every SM at full occupancy; more only adds scheduling.
-constexpr int kBlocksPerSM = 8;
-constexpr int kMaxDevices = 64;
 
 struct RowCache {
   int64_t row = -1;
@@ -102,12 +99,13 @@ template <Clip kClip, int kHistory, NoiseSource kNoise>
 void launch(const StepLaunch& a, bool per_row, bool packed, cudaStream_t stream) {
   const int64_t units = a.batch * a.row_size / (packed ? kPack : 1);
   const int64_t wanted = (units + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(wanted, static_cast<int64_t>(multiprocessor_count()) * kBlocksPerSM)));
+  const auto grid = [wanted](int wave) { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, wave))); };
   if (packed) {
-    FS_LAUNCH(blocks, kThreads, stream, fused_step_kernel<kClip, kHistory, kNoise, true>)(a, per_row);
+    constexpr auto kernel = fused_step_kernel<kClip, kHistory, kNoise, true>;
+    FS_LAUNCH(grid(blocks_per_wave<kernel, kThreads>()), kThreads, stream, kernel)(a, per_row);
   } else {
-    FS_LAUNCH(blocks, kThreads, stream, fused_step_kernel<kClip, kHistory, kNoise, false>)(a, per_row);
+    constexpr auto kernel = fused_step_kernel<kClip, kHistory, kNoise, false>;
+    FS_LAUNCH(grid(blocks_per_wave<kernel, kThreads>()), kThreads, stream, kernel)(a, per_row);
   }
 }
 

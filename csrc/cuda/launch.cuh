@@ -12,3 +12,41 @@
 #else
 #define FS_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
 #endif
+
+#include <atomic>
+
+#include "kernels.h"
+
+namespace fused_sched::cuda {
+
+constexpr int kMaxDevices = 64;
+
+// How many blocks of kKernel, launched with kThreadsPerBlock threads and no dynamic shared
+// memory, the current device runs at once: its SMs times the blocks one SM holds, which the
+// kernel's registers and shared memory decide (ptxas gives the step kernels 48 to 95
+// registers a thread across their specialisations: 2 to 5 blocks of 256). A grid-stride
+// kernel launched with this many blocks runs as one full wave, each block with the same
+// share; a fixed number of blocks per SM would leave SMs idle below it, or end in a partial
+// last wave above it. Asked once per kernel and device; a failed query is not kept, and its
+// error is the launch's to report (cudaGetLastError).
+template <auto kKernel, int kThreadsPerBlock>
+int blocks_per_wave() {
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return multiprocessor_count();
+  if (device < kMaxDevices) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int per_multiprocessor = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, reinterpret_cast<const void*>(kKernel),
+                                                    kThreadsPerBlock, 0) != cudaSuccess ||
+      per_multiprocessor < 1) {
+    return multiprocessor_count();
+  }
+  const int blocks = per_multiprocessor * multiprocessor_count();
+  if (device < kMaxDevices) cached[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
+}
+
+}  // namespace fused_sched::cuda

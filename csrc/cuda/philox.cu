@@ -27,7 +27,7 @@ cudaError_t launch_philox_bits(uint64_t seed, uint64_t offset, int64_t n, uint32
   if (n <= 0) return cudaSuccess;
   const int64_t wanted = (n + kBitsThreads - 1) / kBitsThreads;
   const int blocks = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(wanted, static_cast<int64_t>(multiprocessor_count()) * 8)));
+      std::max<int64_t>(1, std::min<int64_t>(wanted, blocks_per_wave<philox_bits_kernel, kBitsThreads>())));
   FS_LAUNCH(blocks, kBitsThreads, stream, philox_bits_kernel)(seed, offset, n, out);
   return cudaGetLastError();
 }

@@ -193,10 +193,12 @@ cudaError_t launch_threshold_scale(const ThresholdLaunch& a, cudaStream_t stream
 
   const bool packed = a.row_size % kPack == 0 && aligned16(a.x) && aligned16(a.m);
   const int64_t units = packed ? a.row_size / kPack : a.row_size;
-  // Enough blocks to fill the device about four times over across all rows, but at
-  // least a few thousand elements per block so the per-block histogram flush stays small.
-  const int64_t per_row_for_device =
-      (4 * static_cast<int64_t>(multiprocessor_count()) + a.batch - 1) / a.batch;
+  // One full wave of blocks across all rows (the passes differ only in which digit they
+  // count, so pass 0 stands for all three), but at least a few thousand elements per
+  // block so the per-block histogram flush stays small.
+  const int64_t wave = packed ? blocks_per_wave<histogram_kernel<0, true>, kThreads>()
+                              : blocks_per_wave<histogram_kernel<0, false>, kThreads>();
+  const int64_t per_row_for_device = (wave + a.batch - 1) / a.batch;
   const int64_t per_row_for_work = (units + 8 * kThreads - 1) / (8 * kThreads);
   const int64_t grid_limit = 0x7fffffff / a.batch;
   const int blocks_per_row = static_cast<int>(

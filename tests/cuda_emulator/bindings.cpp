@@ -181,6 +181,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "'reversed' or 'shuffled' (by seed, a new thread order every round).");
   m.def("selftest_misaligned_load", &selftest_misaligned_load);
   m.def("launches", &fused_sched::emulator::launches, "Kernel launches so far in this process.");
+  m.def("take_launch_grids", &fused_sched::emulator::take_launch_grids,
+        "The grid sizes (blocks) of the launches since the last call, in issue order.");
   m.attr("multiprocessors") = fused_sched::emulator::kMultiprocessors;
+  m.attr("resident_blocks_per_multiprocessor") = fused_sched::emulator::kResidentBlocksPerMultiprocessor;
   m.attr("poison_byte") = kPoisonByte;
 }

@@ -29,6 +29,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // Host compilers get the execution-space keywords from the toolkit as nothing; shared
 // memory must be one array per kernel instantiation that every thread of a block sees.
@@ -50,8 +51,10 @@ struct ThreadPosition {
 // The emulated thread running on this CPU thread (set for the duration of a kernel body).
 extern thread_local ThreadPosition current;
 
-// Multiprocessor count the emulated device reports (fixed: grids are sized from it).
+// Multiprocessor count the emulated device reports, and the blocks of any kernel one of
+// them holds at once (fixed: grids are sized from both; 3 makes a wave no power of two).
 constexpr int kMultiprocessors = 2;
+constexpr int kResidentBlocksPerMultiprocessor = 3;
 
 void sync_block();
 int sync_block_or(int predicate);
@@ -74,6 +77,8 @@ void set_schedule(Schedule schedule, uint64_t seed);
 void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* context);
 // Kernel launches so far in this process (refused configurations included).
 unsigned long long launches();
+// The grid sizes (blocks) of the launches since the last call, in issue order.
+std::vector<unsigned> take_launch_grids();
 
 inline unsigned lane_of_current() { return current.thread_index.x % 32u; }
 

@@ -71,6 +71,7 @@ Block* active = nullptr;
 std::mutex launch_mutex;
 cudaError_t last_error = cudaSuccess;
 unsigned long long launch_count = 0;
+std::vector<unsigned> launch_grids;  // since the last take_launch_grids()
 Schedule schedule = Schedule::kInOrder;
 uint64_t schedule_seed = 0;
 
@@ -185,6 +186,13 @@ unsigned long long launches() {
   return launch_count;
 }
 
+std::vector<unsigned> take_launch_grids() {
+  std::lock_guard<std::mutex> guard(launch_mutex);
+  std::vector<unsigned> taken;
+  taken.swap(launch_grids);
+  return taken;
+}
+
 void sync_block() { arrive_and_wait(active->block_barrier, 0); }
 
 int sync_block_or(int predicate) { return arrive_and_wait(active->block_barrier, predicate != 0 ? 1 : 0); }
@@ -211,6 +219,7 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* context) {
   // One launch at a time: a launch owns the kernels' static shared arrays.
   std::lock_guard<std::mutex> guard(launch_mutex);
   ++launch_count;
+  if (launch_grids.size() < 4096) launch_grids.push_back(grid.x);  // bounded: nobody may take them
   const unsigned threads = block.x * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > kMaxGridX || threads == 0 ||
       threads > kMaxThreadsPerBlock) {
@@ -268,6 +277,15 @@ cudaError_t cudaGetDevice(int* device) {
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
   if (device != 0 || attribute != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
   *value = fused_sched::emulator::kMultiprocessors;
+  return cudaSuccess;
+}
+
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* kernel, int block_size,
+                                                          size_t dynamic_shared_memory) {
+  if (kernel == nullptr || block_size < 1 || block_size > 1024 || dynamic_shared_memory != 0) {
+    return cudaErrorInvalidValue;
+  }
+  *blocks = fused_sched::emulator::kResidentBlocksPerMultiprocessor;
   return cudaSuccess;
 }
 
