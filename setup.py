@@ -28,7 +28,8 @@ ext_modules, cmdclass = [], {"build_py": build_py_with_sources}
 if os.environ.get("FUSED_SCHED_BUILD_EXT") == "1":
     # Loaded by path: importing the package would import diffusers, which a build
     # environment need not have yet.
-    spec = importlib.util.spec_from_file_location("fused_sched_build_extension", ROOT / "fused_sched" / "ops" / "extension.py")
+    path = ROOT / "fused_sched" / "ops" / "extension.py"
+    spec = importlib.util.spec_from_file_location("fused_sched_build_extension", path)
     extension = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(extension)
     ext_modules, build_commands = extension.extension_modules()

@@ -121,8 +121,8 @@ def test_the_registered_ops_trace_with_symbolic_sizes():
     with dynamic=True, traces the ops with symbolic sizes; the thresholding wrapper hashed
     them (its rank cache) and failed with 'unhashable type: SymInt'."""
     pytest.importorskip("triton")
-    run = subprocess.run([sys.executable, "-c", TRACE_WITH_SYMBOLIC_SIZES], env=subprocess_env(drop=("TRITON_INTERPRET",)),
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", TRACE_WITH_SYMBOLIC_SIZES],
+                         env=subprocess_env(drop=("TRITON_INTERPRET",)), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "fused_sched.triton_threshold_scale.default" in run.stdout
     assert "fused_sched.triton_fused_step.default" in run.stdout

@@ -99,7 +99,9 @@ template <Clip kClip, int kHistory, NoiseSource kNoise>
 void launch(const StepLaunch& a, bool per_row, bool packed, cudaStream_t stream) {
   const int64_t units = a.batch * a.row_size / (packed ? kPack : 1);
   const int64_t wanted = (units + kThreads - 1) / kThreads;
-  const auto grid = [wanted](int wave) { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, wave))); };
+  const auto grid = [wanted](int wave) {
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, wave)));
+  };
   if (packed) {
     constexpr auto kernel = fused_step_kernel<kClip, kHistory, kNoise, true>;
     FS_LAUNCH(grid(blocks_per_wave<kernel, kThreads>()), kThreads, stream, kernel)(a, per_row);
