@@ -18,18 +18,25 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The row a thread's elements [first, end) belong to, with what it reads per row.
 struct RowCache {
-  int64_t row = -1;
+  int64_t first = 0;
+  int64_t end = 0;  // empty until the first element: no row is loaded yet
   Coefficients c;
   float scale = 1.0f;
 };
 
 // Coefficients are read from device memory (not kernel arguments) so that a captured
-// CUDA graph replays any step; a thread re-reads them only when its row changes.
+// CUDA graph replays any step; a thread re-reads them only when its element i leaves the
+// row it has, and only then divides (a 64-bit division is dozens of instructions, and a
+// grid-stride thread stays in one row for many iterations). Without per-row data every
+// element is in row 0.
 template <Clip kClip>
-__device__ __forceinline__ void select_row(const StepLaunch& a, int64_t row, RowCache& cache) {
-  if (row == cache.row) return;
-  cache.row = row;
+__device__ __forceinline__ void select_row(const StepLaunch& a, int64_t i, bool per_row, RowCache& cache) {
+  if (i >= cache.first && i < cache.end) return;
+  const int64_t row = per_row ? i / a.row_size : 0;
+  cache.first = per_row ? row * a.row_size : 0;
+  cache.end = per_row ? cache.first + a.row_size : a.batch * a.row_size;
   cache.c = load_coefficients(a.coefficients + (a.coefficient_rows == 1 ? 0 : row) * kNumCoefficients);
   if constexpr (kClip == Clip::kThreshold) cache.scale = a.scale[row];
 }
@@ -50,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const StepLaunch a
   for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += stride) {
     const int64_t i = kPacked ? u * kPack : u;
     // A pack never straddles rows: packing needs row_size % kPack == 0 when rows differ.
-    select_row<kClip>(a, per_row ? i / a.row_size : 0, cache);
+    select_row<kClip>(a, i, per_row, cache);
     if constexpr (kPacked) {
       float x[kPack], m[kPack], h1[kPack], h2[kPack], z[kPack];
       load_pack(a.x, a.x_type, i, x);
