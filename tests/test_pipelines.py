@@ -262,6 +262,36 @@ def test_img2img_pipeline_starts_mid_schedule_like_diffusers(img2img_pipe, diffu
     assert begin_indices == ([4, 4] if hasattr(diffusers_cls, "set_begin_index") else [None, None])
 
 
+@pytest.mark.parametrize("diffusers_cls, fused_cls", [
+    (DDIMScheduler, fused_sched.FusedDDIMScheduler),
+    (DPMSolverMultistepScheduler, fused_sched.FusedDPMSolverMultistepScheduler),
+], ids=["ddim", "dpm++2m"])
+def test_a_channels_last_unet_gives_diffusers_latents_in_diffusers_layout(img2img_pipe, diffusers_cls, fused_cls):
+    """diffusers' memory-format advice, unet.to(memory_format=torch.channels_last): the model
+    output is channels-last and the latents contiguous. The fused step reads the strided
+    model output, and the latents it returns have diffusers' layout at every step."""
+    model_output_channels_last, latents_contiguous = [], []
+
+    def record_model_output(module, inputs, output):
+        model_output_channels_last.append(output[0].is_contiguous(memory_format=torch.channels_last))
+
+    def record_latents(pipe, i, t, callback_kwargs):
+        latents_contiguous.append(callback_kwargs["latents"].is_contiguous())
+        return callback_kwargs
+
+    img2img_pipe.scheduler = diffusers_cls()
+    img2img_pipe.unet.to(memory_format=torch.channels_last)
+    hook = img2img_pipe.unet.register_forward_hook(record_model_output)
+    try:
+        _assert_swap_matches(img2img_pipe, fused_cls, lambda p: _img2img_latents(p, callback_on_step_end=record_latents))
+    finally:
+        hook.remove()
+        img2img_pipe.unet.to(memory_format=torch.contiguous_format)
+    steps = len(latents_contiguous) // 2
+    assert steps > 0 and all(model_output_channels_last)  # the premise: every model output channels-last
+    assert latents_contiguous[:steps] == latents_contiguous[steps:] == [True] * steps
+
+
 # The (module, class) a saved pipeline's model_index.json names for each class: the module
 # that defines it (diffusers writes __module__ for libraries other than its own). Pipelines
 # saved today name these, so they must keep loading: a class moved elsewhere stays
