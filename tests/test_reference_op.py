@@ -184,6 +184,29 @@ def test_auto_hands_float64_to_torch():
     assert chosen.name == "torch"
 
 
+def test_auto_says_once_that_it_passes_over_a_backend_that_failed_to_load(monkeypatch):
+    """A failed build (no compiler, say) leaves every step on the reference: auto runs it,
+    and warns once per process, naming the backend and the error. A backend that merely
+    cannot run a case (float64 on the compiled ones) is passed over without a word."""
+    import warnings
+
+    monkeypatch.delitem(backends._loaded, "cpu", raising=False)
+    monkeypatch.setitem(backends._load_errors, "cpu", "RuntimeError: building the extension failed")
+    monkeypatch.setattr(backends, "_load_errors_reported", set())
+    monkeypatch.setattr(backends, "_choices", {})
+    with pytest.warns(RuntimeWarning, match="backend 'cpu' failed to load .RuntimeError: building the extension"):
+        chosen = backends.select_backend(torch.device("cpu"), (torch.float32,), "auto")
+    assert chosen.name == "torch"
+    monkeypatch.setattr(backends, "_choices", {})  # not merely a cached choice: the warning is once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select_backend(torch.device("cpu"), (torch.float16,), "auto").name == "torch"
+    monkeypatch.delitem(backends._load_errors, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select_backend(torch.device("cpu"), (torch.float64,), "auto").name == "torch"
+
+
 def test_auto_on_cpu_prefers_the_extension_when_it_loads():
     chosen = backends.select_backend(torch.device("cpu"), (torch.float32,), "auto")
     cpu_reason = backends.why_unavailable("cpu", torch.device("cpu"), (torch.float32,))

@@ -10,8 +10,10 @@ fused_sched never imports Triton or builds the C++ extension.
 
 Selection: an explicit ``backend=`` argument, else :func:`set_backend` / :func:`use_backend`,
 else the ``FUSED_SCHED_BACKEND`` environment variable, else ``auto``. ``auto`` takes the
-first backend of the device's preference list that can run the case. A backend named
-explicitly that cannot run the case is an error, never a silent substitute.
+first backend of the device's preference list that can run the case, and says so once
+(a RuntimeWarning) where it passes over one that failed to load: a build or import that
+failed leaves every step on a slower backend. A backend named explicitly that cannot run
+the case is an error, never a silent substitute.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from typing import Iterable
 
 import torch
@@ -44,6 +47,7 @@ _loaded: dict[str, object] = {}
 # Availability depends only on these (and on the machine), so a choice never goes stale.
 _choices: dict[tuple, object] = {}
 _load_errors: dict[str, str] = {}
+_load_errors_reported: set[str] = set()
 _selected: str | None = None
 
 
@@ -135,7 +139,21 @@ def select_backend(device: torch.device, dtypes: Iterable[torch.dtype], explicit
         if why_unavailable(candidate, device, dtypes) is None:
             _choices[key] = _loaded[candidate]
             return _loaded[candidate]
+        if candidate in _load_errors:
+            _report_passed_over(candidate)
     raise BackendUnavailableError(f"no backend can run on {device}")  # torch runs everywhere
+
+
+def _report_passed_over(name: str) -> None:
+    # Once per backend and process: the warning is about the machine, not about a call.
+    if name in _load_errors_reported:
+        return
+    _load_errors_reported.add(name)
+    warnings.warn(
+        f"fused_sched: backend {name!r} failed to load ({_load_errors[name]}), so 'auto' runs a slower one "
+        f"instead. `fused-sched info` lists the backends; set {ENV_VAR} (e.g. 'torch') to choose one.",
+        RuntimeWarning, stacklevel=2,
+    )
 
 
 def availability(device: torch.device) -> dict[str, str | None]:
