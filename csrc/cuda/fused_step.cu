@@ -147,16 +147,11 @@ bool all_aligned(const StepLaunch& a) {
 
 int multiprocessor_count() {
   static std::atomic<int> cached[kMaxDevices] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return 1;
-  if (device < kMaxDevices) {
-    const int known = cached[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count < 1) count = 1;
-  if (device < kMaxDevices) cached[device].store(count, std::memory_order_relaxed);
-  return count;
+  const int count = once_per_device(cached, [](int device) {
+    int value = 0;
+    return cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device) == cudaSuccess ? value : 0;
+  });
+  return count > 0 ? count : 1;
 }
 
 cudaError_t launch_fused_step(const StepLaunch& a, cudaStream_t stream) {
