@@ -161,6 +161,25 @@ def test_epsilon_with_zero_snr_is_refused_where_diffusers_gives_nan(kind):
         fused_cls(**config).set_timesteps(10)
 
 
+@pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim", "cogvideox_dpm"])
+def test_a_trailing_schedule_reaching_timestep_minus_one_is_refused_in_set_timesteps(kind):
+    """61 trailing steps of 1000: diffusers' np.arange yields 62 timesteps, one of them -1,
+    where its step reads alphas_cumprod[-1], the noisiest value, at the clean end; refused
+    before the pipeline spends its steps, not at the step that reads it."""
+    reference_cls, fused_cls = PAIRS[kind]
+    config = dict(timestep_spacing="trailing")
+    reference = reference_cls(**config)
+    reference.set_timesteps(61)
+    assert len(reference.timesteps) == 62 and int(reference.timesteps.min()) == -1  # the refusal is justified
+    fused = fused_cls(**config)
+    with pytest.raises(ValueError, match=r"num_inference_steps=61 .* gives 62 timesteps, \[-1\] outside the "
+                                         r"training range \[0, 1000\)"):
+        fused.set_timesteps(61)
+    fused.set_timesteps(60)  # a count whose schedule stays in range is taken
+    reference.set_timesteps(60)
+    assert torch.equal(fused.timesteps, reference.timesteps)
+
+
 @pytest.mark.parametrize("order,solver_type", [(2, "heun"), (3, "midpoint")])
 def test_inverse_duplicated_final_sigma_is_the_identity(order, solver_type):
     """diffusers evaluates 0/0 on the last step (h = 0) and returns NaN; the h -> 0 limit of the

@@ -26,6 +26,7 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         num_inference_steps = checked_num_inference_steps(num_inference_steps)
         super().set_timesteps(num_inference_steps, device=device)
         self._remember_schedule()
+        self._check_schedule_in_training_range()
         # Tables rebuilt with their old shapes are refilled in place (see _install_table).
         self._retired_tables = {**getattr(self, "_retired_tables", {}), **getattr(self, "_tables", {})}
         self._tables = {}
@@ -36,6 +37,28 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         self._dtypes_by_input = getattr(self, "_dtypes_by_input", {})
         self._host_alphas = (self.alphas_cumprod.cpu(), self._boundary_alpha().cpu())
         self._build_tables(device)  # each class installs the tables its step reads
+
+    def _check_schedule_in_training_range(self) -> None:
+        """Refuse a schedule holding a timestep outside [0, num_train_timesteps), here rather
+        than at that step, after a pipeline has spent every step before it.
+
+        diffusers' trailing spacing takes np.arange over a fractional step, which for some
+        counts (61, 103, 121, ... of 1000 training steps) yields one element too many: the
+        schedule then ends at timestep -1, where diffusers indexes alphas_cumprod from its
+        end (the noisiest alpha) and wrecks the sample the step before made clean (the
+        inverse's schedule starts at -1: its first step sends a clean sample to full noise).
+        """
+        T = self.config.num_train_timesteps
+        outside = [t for t in self._host_timesteps if not 0 <= t < T]
+        if outside:
+            n = self.num_inference_steps
+            raise ValueError(
+                f"{type(self).__name__}: timestep_spacing={self.config.timestep_spacing!r} with "
+                f"num_inference_steps={n} and num_train_timesteps={T} gives {len(self._host_timesteps)} timesteps, "
+                f"{outside} outside the training range [0, {T}): diffusers' np.arange overshoots for this count, and "
+                "its step at -1 reads alphas_cumprod[-1], the noisiest value, at the clean end of the schedule. "
+                "Use another num_inference_steps or timestep_spacing"
+            )
 
     def _step_dtypes(self, sample: torch.Tensor, model_output: torch.Tensor):
         """(coefficients, prev, x0) dtypes of a step on these inputs: the rows' dtype, the
