@@ -4,6 +4,7 @@ configurations where diffusers breaks are refused or computed correctly, never N
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -212,6 +213,14 @@ def test_fused_op_argument_checks():
         ops.fused_step(X, X, c, history=(X, X, X))
     with pytest.raises(ValueError, match="threshold_ratio must be in"):
         ops.fused_step(X, X, c, clip="threshold", threshold_ratio=1.5)
+    for beyond_float32 in (1e-50, 1e-40, 3.4028235e38, 1e39):  # 0, subnormal, and overflowing as float32
+        with pytest.raises(ValueError, match=re.escape(f"threshold_max={beyond_float32!r} must be inf or a normal float32")):
+            ops.fused_step(X, X, c, clip="threshold", threshold_max=beyond_float32)
+        # where the step computes in float64, the bound is float64 too, as in diffusers
+        ops.fused_step(X.double(), X.double(), c.double(), clip="threshold", threshold_max=beyond_float32,
+                       backend="torch")
+    for bound in (torch.finfo(torch.float32).tiny, float(torch.finfo(torch.float32).max), math.inf):
+        ops.fused_step(X, X, c, clip="threshold", threshold_max=bound)
     with pytest.raises(ValueError, match=rf"coefficients has shape \(3, {k}\)"):
         ops.fused_step(X, X, torch.zeros(3, k))
     assert math.isfinite(float(ops.fused_step(X, X, c).prev_sample.sum()))

@@ -246,3 +246,27 @@ def test_dpm_history_and_output_dtypes_follow_diffusers(kind, sample_dtype, mode
                         seen.append((prev.dtype, scheduler.model_outputs[-1].dtype))
                     dtypes.append(seen)
                 assert dtypes[1] == dtypes[0], config
+
+
+@pytest.mark.parametrize("sample_dtype, model_dtype, noise_dtype", [
+    (torch.float16, torch.float16, torch.float32), (torch.bfloat16, torch.float32, torch.float16),
+    (torch.float32, torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16, torch.bfloat16)])
+def test_ddim_output_dtype_follows_diffusers_with_variance_noise(backend, device, sample_dtype, model_dtype,
+                                                                 noise_dtype):
+    """diffusers adds std * variance_noise to the prev it has formed, so a caller's noise of
+    another dtype joins the promotion of prev (x0 keeps the promotion of x and m), at every
+    eta > 0 step; the values stay within the low-precision tolerance of diffusers'."""
+    reference_cls, fused_cls = PAIRS["ddim"]
+    g = torch.Generator().manual_seed(0)
+    x, m, z = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    results = []
+    for cls in (reference_cls, fused_cls):
+        scheduler = cls()
+        scheduler.set_timesteps(6)
+        results.append(scheduler.step(m.to(device, model_dtype), scheduler.timesteps[2], x.to(device, sample_dtype),
+                                      eta=0.5, variance_noise=z.to(device, noise_dtype)))
+    ref, fused = results
+    assert fused.prev_sample.dtype == ref.prev_sample.dtype == torch.promote_types(
+        torch.promote_types(sample_dtype, model_dtype), noise_dtype)
+    assert fused.pred_original_sample.dtype == ref.pred_original_sample.dtype
+    assert relative_error(fused.prev_sample, ref.prev_sample) <= LOW_PRECISION_TOLERANCE

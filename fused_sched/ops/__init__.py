@@ -8,6 +8,7 @@ signature, then the plan's ``run``); kernels never see unchecked arguments. See
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32 = torch.finfo(torch.float32)
 
 
 class StepOutputs(NamedTuple):
@@ -222,6 +224,14 @@ def _plan(sample, model_output, coefficients, history, noise, clip, clip_range, 
             raise ValueError(f"threshold_ratio must be in [0, 1], got {threshold_ratio}")
         if not threshold_max > 0:
             raise ValueError(f"threshold_max must be > 0, got {threshold_max}")
+        if not wide and not (FLOAT32.tiny <= threshold_max <= FLOAT32.max or threshold_max == math.inf):
+            # s = clamp(q, 1, threshold_max) is float32 here: a bound that rounds to 0 or to a
+            # subnormal (flushed on GPUs) makes x0/s NaN, one beyond float32's range is refused
+            # by torch.clamp, so backends would disagree (diffusers gives NaN or a RuntimeError)
+            raise ValueError(
+                f"threshold_max={threshold_max!r} must be inf or a normal float32 value, from {FLOAT32.tiny:.6g} to "
+                f"float32's largest, {float(FLOAT32.max)!r}: a float32 step takes the thresholding scale in float32"
+            )
         if sample.numel() == 0:
             raise ValueError(f"dynamic thresholding takes a quantile of each batch row, and sample of shape "
                              f"{tuple(shape)} has empty rows")

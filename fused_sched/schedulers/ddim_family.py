@@ -104,6 +104,9 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         else:
             self._check_model_io(model_output, sample)
             coefficient_dtype, promoted, x0_dtype = self._step_dtypes(sample, model_output)
+            if type(noise) is not PhiloxNoise and noise is not None:
+                # diffusers adds std * variance_noise last, so a caller's noise joins the promotion
+                promoted = torch.promote_types(promoted, noise.dtype)
             rows = self._row(placed, timestep, sample.device, coefficient_dtype)
             plan = ops.plan_step(sample, model_output, rows, noise=noise, out_dtype=promoted, x0_dtype=x0_dtype,
                                  constant_columns=placed.constant_columns, **(clip or {}))
