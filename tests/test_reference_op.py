@@ -137,6 +137,21 @@ def test_quantile_rank_is_float32_arithmetic():
     assert 0.995 * (1_123_200 - 1) != float(np.float32(0.995) * np.float32(1_123_200 - 1))
 
 
+@pytest.mark.parametrize("n, ratio", [(1_123_200, 0.995), (101, 0.29)])
+def test_quantile_rank_follows_the_input_dtype(n, ratio):
+    """A float64 step ranks in float64, as torch.quantile does for float64 input: here the
+    float32 and float64 ranks pick different weights, and each dtype matches torch."""
+    assert reference.quantile_rank(ratio, n, torch.float64) != reference.quantile_rank(ratio, n, torch.float32)
+    values = torch.randn(2, n, generator=torch.Generator().manual_seed(0)) * 3
+    identity = torch.zeros(1, L.NUM_COEFFICIENTS)
+    identity[0, L.AM] = identity[0, L.AS] = 1.0
+    for dtype in (torch.float32, torch.float64):
+        v = values.to(dtype)
+        got = reference.threshold_scale(torch.zeros_like(v), v, identity.to(dtype), ratio, 1e6)
+        want = torch.clamp(torch.quantile(v.abs(), ratio, dim=1), min=1, max=1e6)
+        assert torch.equal(got, want), dtype
+
+
 def test_threshold_scale_beyond_torch_quantile_limit():
     """torch.quantile refuses rows above 2**24 elements; selection has no such limit. Checked
     against a sort of the same row with the same float32 rank rule."""

@@ -99,18 +99,18 @@ def _memoised(fn):
 
 
 @_memoised  # numpy scalar arithmetic costs microseconds; a schedule asks the same few
-def quantile_rank(q: float, n: int) -> tuple[int, int, float]:
-    """The order statistics torch.quantile interpolates, with its float32 rank arithmetic.
+def quantile_rank(q: float, n: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, float]:
+    """The order statistics torch.quantile interpolates, with its rank arithmetic.
 
-    torch computes rank = q * (n - 1) in the input dtype (float32); a float64 rank would
-    pick a different weight for large n (e.g. n = 1,123,200).
+    torch computes rank = q * (n - 1) in the input dtype: float32 for every storage dtype
+    the kernels take (a float64 rank would pick a different weight for large n, e.g.
+    n = 1,123,200), float64 for a float64 step.
     """
-    rank = np.float32(q) * np.float32(n - 1)
-    # Above 2**24 elements (where torch.quantile refuses) n - 1 itself rounds in float32 and
-    # the rank can land past the last index: clamp, as the kernels do.
+    real = np.float64 if dtype == torch.float64 else np.float32
+    rank = real(q) * real(n - 1)
     lo = min(int(np.floor(rank)), n - 1)
     hi = min(int(np.ceil(rank)), n - 1)
-    return lo, hi, float(rank - np.float32(lo))
+    return lo, hi, float(rank - real(lo))
 
 
 def hashable_columns(known: Mapping[int, float] | None) -> tuple:
@@ -189,7 +189,7 @@ def threshold_program(ratio: float, max_value: float, row_shape: tuple[int, ...]
     """
     x0_of = _x0_program(dict(known))
     numel = math.prod(row_shape)
-    lo, hi, weight = quantile_rank(ratio, numel)
+    lo, hi, weight = quantile_rank(ratio, numel, dtype)
     from_top = numel - lo <= hi + 1  # the usual case (ratio near 1)
     # Each batch row laid out along the last dimension, so every statistic keeps the shape
     # (B, 1, ..., 1) that clipping broadcasts; a 1-D sample's rows are (B, 1), and its
