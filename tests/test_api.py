@@ -159,15 +159,6 @@ def test_schedules_diffusers_refuses_are_refused_alike(kind, config, n):
     assert errors[1] == errors[0]
 
 
-@pytest.mark.parametrize("kind", ["dpm", "dpm_inverse"])
-def test_dpm_takes_more_steps_than_training_timesteps_like_diffusers(kind):
-    reference, fused = (cls() for cls in PAIRS[kind])
-    for s in (reference, fused):
-        s.set_timesteps(1001)
-    assert torch.equal(fused.timesteps, reference.timesteps)
-    assert torch.equal(fused.sigmas, reference.sigmas)
-
-
 @pytest.mark.parametrize("value", [True, False])
 def test_ddim_inverse_maps_the_deprecated_set_alpha_to_zero(value):
     reference, fused = (cls(set_alpha_to_zero=value) for cls in PAIRS["ddim_inverse"])

@@ -181,6 +181,50 @@ def test_a_trailing_schedule_reaching_timestep_minus_one_is_refused_in_set_times
     assert torch.equal(fused.timesteps, reference.timesteps)
 
 
+def _first_non_finite_step(scheduler, x) -> int | None:
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(0.1 * x, t, x).prev_sample
+        if not torch.isfinite(x).all():
+            return i
+    return None
+
+
+@pytest.mark.parametrize("kind, schedule, bad_step", [
+    ("dpm", dict(num_inference_steps=1001), 251),  # more steps than training timesteps: repeats
+    ("dpm_inverse", dict(num_inference_steps=1001), 251),
+    ("dpm", dict(timesteps=[999, 800, 600, 600, 400, 200, 100]), 3),
+])
+def test_dpm_repeated_timesteps_are_refused_where_diffusers_gives_nan(kind, schedule, bad_step):
+    """A step between equal sigmas is the identity, but the multistep update after it
+    divides by h0 = 0: diffusers returns inf/NaN from that step on. The schedule is refused
+    in set_timesteps, naming that step."""
+    reference_cls, fused_cls = PAIRS[kind]
+    config = dict(final_sigmas_type="sigma_min") if "timesteps" in schedule else {}
+    reference = reference_cls(**config)
+    reference.set_timesteps(**schedule)
+    assert _first_non_finite_step(reference, torch.randn(1, 2, 4, 4)) == bad_step  # the refusal is justified
+    with pytest.raises(ValueError, match=rf"\(step, timestep, order\) \[\({bad_step}, \d+, 2\).* are not finite"):
+        fused_cls(**config).set_timesteps(**schedule)
+
+
+def test_dpm_flat_last_step_stores_diffusers_history_value():
+    """karras sigmas ending at sigma_min: the last step is between equal sigmas, prev = x,
+    and the data prediction diffusers stores in model_outputs is kept (it was stored as 0)."""
+    config = dict(use_karras_sigmas=True, final_sigmas_type="sigma_min")
+    reference, fused = (cls(**config) for cls in PAIRS["dpm"])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for scheduler in (reference, fused):
+        scheduler.set_timesteps(10)
+    assert reference.sigmas[-1] == reference.sigmas[-2]
+    x_ref = x_fused = x
+    for t in reference.timesteps:
+        x_ref = reference.step(torch.tanh(x_ref) + 0.1, t, x_ref).prev_sample
+        x_fused = fused.step(torch.tanh(x_fused) + 0.1, t, x_fused).prev_sample
+    torch.testing.assert_close(x_fused, x_ref, rtol=1e-5, atol=1e-5)
+    assert reference.model_outputs[-1].abs().max() > 1  # not a 0 that would match by accident
+    torch.testing.assert_close(fused.model_outputs[-1], reference.model_outputs[-1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("order,solver_type", [(2, "heun"), (3, "midpoint")])
 def test_inverse_duplicated_final_sigma_is_the_identity(order, solver_type):
     """diffusers evaluates 0/0 on the last step (h = 0) and returns NaN; the h -> 0 limit of the

@@ -160,10 +160,12 @@ def dpm_table(config, sigmas: torch.Tensor) -> torch.Tensor:
         table = assemble(steps, ox=ox, o0=history[0], o1=history[1], o2=history[2], on=on, **conversion)
         if config.algorithm_type not in DATA_PREDICTION_ALGORITHMS:
             table = fold_history_value(table)  # d = eps cancels against x where alpha is small
+        output = list(L.OUTPUT_COLUMNS)
         if order > 1:
-            table[: order - 1, L.OX:] = float("nan")  # needs history that cannot exist yet
-        flat = h == 0
-        table[flat, L.OX:] = 0.0
+            table[: order - 1, output] = float("nan")  # needs history that cannot exist yet
+        # A flat step's output is x; its x0 and history value stay what diffusers stores
+        flat = (h == 0).nonzero().flatten()
+        table[flat[:, None], output] = 0.0
         table[flat, L.OX] = 1.0
         tables.append(table)
     return torch.stack(tables, dim=1).reshape(MAX_ORDER * steps, L.NUM_COEFFICIENTS)

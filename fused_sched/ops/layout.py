@@ -35,6 +35,8 @@ NUM_COEFFICIENTS = 13
 # The columns forming x0 and the history value d: they follow from the prediction type and
 # the solver, never from per-call step options such as DDIM's eta.
 ESTIMATE_COLUMNS = (AX, AM, AS, PX, P0, PM)
+# The columns combining the step's terms into its output.
+OUTPUT_COLUMNS = (OX, OC, O0, OM, O1, O2, ON)
 
 COLUMN_NAMES = ("ax", "am", "px", "p0", "pm", "ox", "o0", "om", "o1", "o2", "on", "as", "oc")
 

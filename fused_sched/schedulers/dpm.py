@@ -71,6 +71,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         self._remember_schedule()
         self._clip = self._clip_options()  # made per schedule: steps read no config
         table = dpm_table(self.config, self.sigmas.cpu())
+        self._check_reachable_rows(table, len(self._host_timesteps))
         # Same shapes as the previous schedule (same number of steps): refilled in place, so a
         # CUDA graph captured over traced steps stays valid after set_timesteps.
         placed = getattr(self, "_table", None)
@@ -91,6 +92,29 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             self._cursor.start_at(0, 0)
             self._point_model_outputs_at_buffers()
             self._host_current, self._device_current = False, True
+
+    def _check_reachable_rows(self, table: torch.Tensor, n: int) -> None:
+        """Refuse a schedule on which a trajectory from its start meets inf/NaN coefficients.
+
+        After a step between equal sigmas (a repeated timestep: custom, or from as many steps
+        as training timesteps), the next multistep update divides by h0 = 0; diffusers
+        returns inf/NaN there. A trajectory starting later (set_begin_index) runs lower
+        orders, whose rows are finite wherever these are.
+        """
+        orders, lower = [], 0
+        for i in range(n):
+            orders.append(self._order_at(i, n, lower))
+            lower = min(lower + 1, self.config.solver_order)
+        rows = table[[row_index(i, order) for i, order in enumerate(orders)]]
+        bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            steps = [(i, self._host_timesteps[i], orders[i]) for i in bad[:4]]
+            raise ValueError(
+                f"{type(self).__name__}: the coefficients of (step, timestep, order) {steps} are not finite: "
+                "where two consecutive sigmas are equal (a repeated timestep), the multistep update after them "
+                "divides by their log-SNR difference, 0 (diffusers returns inf/NaN there). Remove the repeated "
+                "timestep, use fewer steps than num_train_timesteps, or solver_order=1"
+            )
 
     def prepare_cuda_graph(self, sample: torch.Tensor, model_output: torch.Tensor | None = None) -> None:
         """Make this scheduler's steps capturable in a CUDA graph (call after ``set_timesteps``
