@@ -15,7 +15,8 @@ void def_fused_step(pybind11::module_& m, const char* name, FusedStep fn, const 
   namespace py = pybind11;
   m.def(name, fn, doc, py::arg("sample"), py::arg("model_output"), py::arg("coefficients"), py::arg("history1"),
         py::arg("history2"), py::arg("noise"), py::arg("noise_mode"), py::arg("philox_seed"),
-        py::arg("philox_offset"), py::arg("philox_base"), py::arg("scale"), py::arg("clip"), py::arg("clip_range"), py::arg("out"),
+        py::arg("philox_offset"), py::arg("philox_base"), py::arg("scale"), py::arg("clip"), py::arg("clip_range"),
+        py::arg("absent_terms"), py::arg("out"),
         py::arg("history_out"), py::arg("x0_out"));
 }
 
@@ -29,7 +30,7 @@ template <typename ThresholdScale>
 void def_threshold_scale(pybind11::module_& m, const char* name, ThresholdScale fn, const char* doc) {
   namespace py = pybind11;
   m.def(name, fn, doc, py::arg("sample"), py::arg("model_output"), py::arg("coefficients"), py::arg("ratio"),
-        py::arg("max_value"));
+        py::arg("max_value"), py::arg("absent_terms"));
 }
 
 }  // namespace

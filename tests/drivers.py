@@ -205,9 +205,9 @@ def record_calls(monkeypatch, obj, attributes) -> list[str]:
     for attr in attributes:
         original = getattr(obj, attr)
 
-        def spy(*args, _original=original, _attr=attr):
+        def spy(*args, _original=original, _attr=attr, **kwargs):
             calls.append(_attr)
-            return _original(*args)
+            return _original(*args, **kwargs)
 
         monkeypatch.setattr(obj, attr, spy)
     return calls

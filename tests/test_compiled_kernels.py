@@ -378,7 +378,7 @@ def test_kernel_entry_points_reject_bad_arguments(kernels):
     def step(**overrides):
         args = dict(sample=x, model_output=x, coefficients=c, history1=None, history2=None, noise=None,
                     noise_mode=0, philox_seed=0, philox_offset=0, philox_base=None, scale=None, clip=0,
-                    clip_range=1.0, out=out, history_out=None, x0_out=None)
+                    clip_range=1.0, absent_terms=0, out=out, history_out=None, x0_out=None)
         args.update(overrides)
         return kernels._fused_step(**args)
 
@@ -402,8 +402,12 @@ def test_kernel_entry_points_reject_bad_arguments(kernels):
         step(clip=7)
     with pytest.raises(RuntimeError, match="output out has dtype Int"):
         step(out=torch.empty(2, 8, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"absent_terms=2048 has bits outside the term columns"):
+        step(absent_terms=1 << layout.AS)  # AS scales a sum, it is no term of one
     with pytest.raises(RuntimeError, match="at least one element per batch row"):
-        kernels._threshold_scale(torch.empty(2, 0), torch.empty(2, 0), c, 0.5, 1.0)
+        kernels._threshold_scale(torch.empty(2, 0), torch.empty(2, 0), c, 0.5, 1.0, 0)
+    with pytest.raises(RuntimeError, match=r"absent_terms=-1 has bits outside the term columns"):
+        kernels._threshold_scale(x, x, c, 0.5, 1.0, -1)
 
 
 def test_importing_fused_sched_builds_nothing():

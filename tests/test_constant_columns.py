@@ -1,18 +1,20 @@
 """The constant-columns hint: schedulers tell the op which coefficients are 0 or 1 in every
-row of a table, and the torch backend skips those terms. The hint must change no bit of any
-result, must hold for every row a step can select, and must never make an output alias an
-input or another output."""
+row of a table, and every backend leaves the known-zero terms out of its sums. The hint must
+change no bit of a finite result, must hold for every row a step can select, must never
+make an output alias an input or another output, and must keep inf, NaN and -0.0 out of
+the results as the reference (and diffusers, which has no such terms) does."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from conftest import backend_device, require_backend
 from drivers import make_pair, run_trajectory
 from fused_sched import ops
+from fused_sched.coefficients import table
 from fused_sched.coefficients.table import constant_columns
 from fused_sched.ops import layout as L
-from fused_sched.ops import torch_backend
 
 # (kind, config): every scheduler, with prediction types and options that change which
 # columns are constant (sample prediction: x0 = m exactly; clipping; SDE noise; 3rd order).
@@ -41,7 +43,8 @@ def _ids(case):
 
 
 def _trajectory(kind, config, monkeypatch, hint: bool):
-    monkeypatch.setattr(torch_backend.TorchBackend, "uses_constant_columns", hint)
+    if not hint:  # every table then knows no constant column
+        monkeypatch.setattr(table, "constant_columns", lambda rows: L.ConstantColumns())
     with ops.use_backend("torch"):
         _, fused = make_pair(kind, config)
         outputs, error = run_trajectory(kind, fused, config, 10)
@@ -118,3 +121,44 @@ def test_a_hint_is_checked():
         ops.fused_step(x, x, rows, constant_columns={3: "one"})
     with pytest.raises(TypeError, match="constant_columns must be a mapping"):
         ops.fused_step(x, x, rows, constant_columns=[(3, 1.0)])
+
+
+def _same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal bit patterns, the sign of zero included; any NaN matches any NaN (payloads are
+    not part of the contract)."""
+    nan = want.isnan()
+    return torch.equal(got.isnan(), nan) and torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+# (name, columns known to be 0): one term at a time, and the structures schedulers make
+# (sample prediction: x0 = m; DDIM with clipping: prev from x0 and m alone).
+ABSENT_CASES = [(L.COLUMN_NAMES[c], (c,)) for c in L.TERM_COLUMNS] + [
+    ("sample-prediction", (L.AX, L.PX, L.PM, L.O1, L.O2)),
+    ("ddim-clip", (L.OX, L.PX, L.P0, L.PM, L.O0, L.O1, L.O2)),
+]
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "cuda-emulator", "triton"])
+@pytest.mark.parametrize("clip", L.CLIP_MODES)
+def test_every_backend_leaves_absent_terms_out_like_the_reference(backend_name, clip):
+    """A term whose column is known to be 0 is left out of its sum by every backend, as the
+    reference leaves it out and diffusers has no such term: an inf or NaN in its operand
+    stays out of the result (0*inf would be NaN; with thresholding, NaN for the whole
+    row), and -0.0 sums stay -0.0. Bit for bit against the reference."""
+    require_backend(backend_name)
+    device = backend_device(backend_name)
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0, 2.5, -1.5, 1e-3])
+    x = torch.stack([special, special.roll(3)]).to(device)
+    m = torch.stack([special.roll(1), -special.roll(5)]).to(device)
+    h1, h2, z = (torch.stack([special.roll(k), special.roll(k + 1)]).to(device) for k in (2, 4, 6))
+    base = torch.tensor([[1.0, -0.5, 0.25, 1.0, -0.75, 0.5, 1.5, -0.25, 0.125, 0.375, 0.625, 2.0, 0.875]], device=device)
+    for name, columns in ABSENT_CASES:
+        rows = base.clone()
+        rows[:, list(columns)] = 0.0
+        known = L.ConstantColumns({c: 0.0 for c in columns})
+        args = dict(history=(h1, h2), noise=z, clip=clip, clip_range=1.0, threshold_ratio=0.5, threshold_max=4.0,
+                    history_dtype=torch.float32, x0_dtype=torch.float32, constant_columns=known)
+        want = ops.fused_step(x, m, rows, backend="torch", **args)
+        got = ops.fused_step(x, m, rows, backend=backend_name, **args)
+        for output, g, w in zip(("prev", "d", "x0"), got, want):
+            assert _same_bits(g, w), (name, output, g, w)

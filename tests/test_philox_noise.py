@@ -483,8 +483,8 @@ def test_triton_backend_traced_with_a_device_offset():
         assert torch.equal(got[0], expected[0]) and got[1] is None and torch.equal(got[2], expected[2])
     assert len(graphs) == 1
     (call,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.fused_sched.triton_fused_step.default]
-    *_, philox_offset, philox_base = call.args
-    assert philox_offset == 0 and philox_base.op == "placeholder"
+    *_, philox_offset, philox_base, absent_terms = call.args
+    assert philox_offset == 0 and philox_base.op == "placeholder" and absent_terms == 0
 
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
@@ -591,7 +591,7 @@ def test_kernel_entry_points_check_the_noise_mode(backend):
     def step(**overrides):
         args = dict(sample=x, model_output=x, coefficients=c, history1=None, history2=None, noise=None,
                     noise_mode=2, philox_seed=1, philox_offset=0, philox_base=None, scale=None, clip=0,
-                    clip_range=1.0, out=out,
+                    clip_range=1.0, absent_terms=0, out=out,
                     history_out=None, x0_out=None)
         args.update(overrides)
         return fn(**args)

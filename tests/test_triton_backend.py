@@ -521,8 +521,11 @@ _COMPILE_SCRIPT = """
 import re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from fused_sched.ops import layout as L
 from fused_sched.ops.triton import INTERPRETED, step, threshold
 assert not INTERPRETED
+# sample prediction's absent terms (x0 = m): the kernels leave them out at compile time
+ABSENT = L.absent_terms({L.AX: 0.0, L.PX: 0.0, L.PM: 0.0, L.OX: 0.0})
 target = GPUTarget("cuda", 90, 32)
 
 def build(fn, types, consts, num_warps=4, aligned=()):
@@ -542,7 +545,8 @@ for clip, history, noise, wide, in_memory in [(0, 0, 0, False, False), (1, 1, 1,
                                               (2, 0, 2, True, False), (0, 1, 2, False, True),
                                               (2, 2, 2, True, True)]:
     ptx = build(step._step_kernel, types, dict(CLIP=clip, HISTORY=history, NOISE=noise, WRITE_D=True,
-                WRITE_X0=True, WIDE_INDEX=wide, OFFSET_IN_MEMORY=in_memory, BLOCK=2048), 8,
+                WRITE_X0=True, WIDE_INDEX=wide, OFFSET_IN_MEMORY=in_memory, ABSENT=ABSENT if clip == 1 else 0,
+                BLOCK=2048), 8,
                 aligned=ptrs + ["row_numel"])
     # The device-resident Philox offset: one 64-bit load, only where asked for.
     assert bool(re.search(r"ld\\.global[\\w.:]*\\.b64", ptx)) == in_memory, "offset load"
@@ -557,7 +561,8 @@ narrow_types = dict(state_ptr="*i64", hist_ptr="*i64", scale_ptr="*fp32", weight
 layout = dict(PASSES=threshold.PASSES, MAX_BINS=threshold.MAX_BINS, STATE_WORDS=threshold.STATE_WORDS)
 for index, (shift, bits) in enumerate(threshold.DIGITS):
     digit = dict(PASS=index, SHIFT=shift, BITS=bits, **layout)
-    build(threshold._histogram_kernel, hist_types, dict(WIDE_INDEX=index == 3, BLOCK=threshold.GPU_BLOCK, **digit),
+    build(threshold._histogram_kernel, hist_types, dict(WIDE_INDEX=index == 3, BLOCK=threshold.GPU_BLOCK,
+                                                        ABSENT=ABSENT if index == 1 else 0, **digit),
           threshold.GPU_WARPS, aligned=["x_ptr", "m_ptr", "row_numel"])
     build(threshold._narrow_kernel, narrow_types, dict(LAST=index == threshold.PASSES - 1, **digit), 2)
 build(threshold._init_kernel, dict(state_ptr="*i64", hist_ptr="*i64", rank_lo="i64", rank_hi="i64"), layout)

@@ -139,6 +139,7 @@ struct StepArgs {
   const float* scale;
   int64_t batch, row_size;
   float clip_range;
+  uint32_t absent_terms;
   uint64_t philox_seed, philox_offset;
 };
 
@@ -335,7 +336,8 @@ void run_step(const StepArgs& a) {
       const int64_t offset = (task % chunks_per_row) * kChunk;
       const int64_t n = std::min(kChunk, a.row_size - offset);
       const int64_t begin = row * a.row_size + offset;
-      const Coefficients c = load_coefficients(a.coefficients + (a.coefficient_rows == 1 ? 0 : row) * kNumCoefficients);
+      const Coefficients c =
+          load_coefficients(a.coefficients + (a.coefficient_rows == 1 ? 0 : row) * kNumCoefficients, a.absent_terms);
       const float scale = kClip == Clip::kThreshold ? a.scale[row] : 1.0f;
 
       const float* x = a.x.chunk(begin, n, bx);
@@ -390,7 +392,7 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
                 const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
                 int64_t philox_offset, const std::optional<at::Tensor>& philox_base,
-                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range, int64_t absent_terms,
                 const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out) {
   const auto [batch, row_size] = check_step_inputs("cpu", c10::DeviceType::CPU, sample, model_output, coefficients);
@@ -413,6 +415,7 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
   a.row_size = row_size;
   // torch.clamp(x0, -r, r) on a float32 tensor rounds the Python float r to float32.
   a.clip_range = static_cast<float>(clip_range);
+  a.absent_terms = checked_absent_terms("cpu", absent_terms);
   // The seed's bits: the kernels take the key as uint64 (seeds >= 2**63 arrive negative).
   a.philox_seed = static_cast<uint64_t>(philox_seed);
   a.philox_offset = static_cast<uint64_t>(philox_offset);
@@ -462,8 +465,9 @@ void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out) {
 }
 
 at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
-                           double ratio, double max_value) {
+                           double ratio, double max_value, int64_t absent_terms) {
   const auto [batch, row_size] = check_step_inputs("cpu", c10::DeviceType::CPU, sample, model_output, coefficients);
+  const uint32_t absent = checked_absent_terms("cpu", absent_terms);
   TORCH_CHECK(row_size > 0, "fused_sched cpu backend: dynamic thresholding needs at least one element per batch row, "
               "got shape ", sample.sizes());
   TORCH_CHECK(ratio >= 0.0 && ratio <= 1.0, "fused_sched cpu backend: threshold ratio must be in [0, 1], got ", ratio);
@@ -498,7 +502,7 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
   float* s = result.data_ptr<float>();
   const float max_scale = static_cast<float>(max_value);
   for (int64_t row = 0; row < batch; ++row) {
-    const Coefficients c = load_coefficients(coef + (coefficient_rows == 1 ? 0 : row) * kNumCoefficients);
+    const Coefficients c = load_coefficients(coef + (coefficient_rows == 1 ? 0 : row) * kNumCoefficients, absent);
     std::fill(hist_lo.begin(), hist_lo.end(), 0u);
     // Pass 0: |x0| into the buffer and the histogram of its top digit.
     at::parallel_for(0, nblocks, 1, [&](int64_t bb, int64_t be) {

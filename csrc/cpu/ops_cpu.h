@@ -19,12 +19,13 @@ extern const bool vector_box_muller;
 // clipped x0 into `x0_out`. All tensors contiguous, on the CPU, with the sample's shape.
 // z comes from `noise_mode` (NoiseSource): 0 none, 1 the `noise` tensor, 2 counter-based
 // normals philox_normal(seed, philox_offset [+ *philox_base] + i) for the element with flat index i, where
-// `philox_seed` carries the seed's 64 bits (fused_sched/ops/philox.py).
+// `philox_seed` carries the seed's 64 bits (fused_sched/ops/philox.py). `absent_terms`: bits
+// 1 << column of terms left out of the sums (fused_sched/ops/layout.py, absent_terms).
 void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
                 const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
                 int64_t philox_offset, const std::optional<at::Tensor>& philox_base,
-                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range, int64_t absent_terms,
                 const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out);
 
@@ -34,6 +35,6 @@ void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out);
 
 // Per-batch-row dynamic-thresholding scale, float32 of shape (B,).
 at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
-                           double ratio, double max_value);
+                           double ratio, double max_value, int64_t absent_terms);
 
 }  // namespace fused_sched::cpu

@@ -37,7 +37,7 @@ __device__ __forceinline__ void select_row(const StepLaunch& a, int64_t i, bool 
   const int64_t row = per_row ? i / a.row_size : 0;
   cache.first = per_row ? row * a.row_size : 0;
   cache.end = per_row ? cache.first + a.row_size : a.batch * a.row_size;
-  cache.c = load_coefficients(a.coefficients + (a.coefficient_rows == 1 ? 0 : row) * kNumCoefficients);
+  cache.c = load_coefficients(a.coefficients + (a.coefficient_rows == 1 ? 0 : row) * kNumCoefficients, a.absent_terms);
   if constexpr (kClip == Clip::kThreshold) cache.scale = a.scale[row];
 }
 

@@ -47,6 +47,8 @@ struct StepLaunch {
   int64_t row_size;
   int clip;  // 0 none, 1 clamp, 2 threshold (fused_sched::Clip)
   float clip_range;
+  // Bits 1 << column of the terms left out of the sums (fused_sched::Coefficients::absent).
+  uint32_t absent_terms;
 };
 
 // Runs the fused step on `stream`; returns the launch status.
@@ -66,6 +68,7 @@ struct ThresholdLaunch {
   int64_t row_size;  // >= 1
   float ratio;       // in [0, 1]
   float max_value;
+  uint32_t absent_terms;  // as in StepLaunch
   float* scale;     // (batch,) fp32 output on the device
   void* workspace;  // threshold_workspace_bytes(batch) bytes on the device, any content
 };

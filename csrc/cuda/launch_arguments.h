@@ -39,7 +39,8 @@ inline StepLaunch fused_step_launch(const char* backend, c10::DeviceType device,
                                     int64_t noise_mode, int64_t philox_seed, int64_t philox_offset,
                                     const std::optional<at::Tensor>& philox_base,
                                     const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
-                                    const at::Tensor& out, const std::optional<at::Tensor>& history_out,
+                                    int64_t absent_terms, const at::Tensor& out,
+                                    const std::optional<at::Tensor>& history_out,
                                     const std::optional<at::Tensor>& x0_out) {
   const auto [batch, row_size] = check_step_inputs(backend, device, sample, model_output, coefficients);
   check_fused_step(backend, sample, history1, history2, noise, noise_mode, philox_offset, scale, clip, clip_range, out,
@@ -81,6 +82,7 @@ inline StepLaunch fused_step_launch(const char* backend, c10::DeviceType device,
   a.clip = static_cast<int>(clip);
   // torch.clamp(x0, -r, r) on a float32 tensor rounds the Python float r to float32.
   a.clip_range = static_cast<float>(clip_range);
+  a.absent_terms = checked_absent_terms(backend, absent_terms);
   return a;
 }
 
@@ -95,7 +97,8 @@ struct ThresholdScaleLaunch {
 
 inline ThresholdScaleLaunch threshold_scale_launch(const char* backend, c10::DeviceType device,
                                                    const at::Tensor& sample, const at::Tensor& model_output,
-                                                   const at::Tensor& coefficients, double ratio, double max_value) {
+                                                   const at::Tensor& coefficients, double ratio, double max_value,
+                                                   int64_t absent_terms) {
   const auto [batch, row_size] = check_step_inputs(backend, device, sample, model_output, coefficients);
   TORCH_CHECK(row_size > 0, "fused_sched ", backend, " backend: dynamic thresholding needs at least one element per "
               "batch row, got shape ", sample.sizes());
@@ -118,6 +121,7 @@ inline ThresholdScaleLaunch threshold_scale_launch(const char* backend, c10::Dev
   a.row_size = row_size;
   a.ratio = static_cast<float>(ratio);
   a.max_value = static_cast<float>(max_value);
+  a.absent_terms = checked_absent_terms(backend, absent_terms);
   a.scale = launch.result.data_ptr<float>();
   a.workspace = launch.workspace.data_ptr();
   return launch;

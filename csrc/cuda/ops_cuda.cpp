@@ -26,21 +26,21 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
                 const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
                 int64_t philox_offset, const std::optional<at::Tensor>& philox_base,
-                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range, int64_t absent_terms,
                 const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out) {
   const StepLaunch a = fused_step_launch("cuda", c10::DeviceType::CUDA, sample, model_output, coefficients, history1,
                                          history2, noise, noise_mode, philox_seed, philox_offset, philox_base, scale,
-                                         clip, clip_range, out, history_out, x0_out);
+                                         clip, clip_range, absent_terms, out, history_out, x0_out);
   if (a.row_size == 0) return;
   const c10::cuda::CUDAGuard guard(sample.device());
   check_launch(launch_fused_step(a, c10::cuda::getCurrentCUDAStream().stream()), "fused-step");
 }
 
 at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
-                           double ratio, double max_value) {
-  const ThresholdScaleLaunch launch =
-      threshold_scale_launch("cuda", c10::DeviceType::CUDA, sample, model_output, coefficients, ratio, max_value);
+                           double ratio, double max_value, int64_t absent_terms) {
+  const ThresholdScaleLaunch launch = threshold_scale_launch("cuda", c10::DeviceType::CUDA, sample, model_output,
+                                                            coefficients, ratio, max_value, absent_terms);
   const c10::cuda::CUDAGuard guard(sample.device());
   check_launch(launch_threshold_scale(launch.args, c10::cuda::getCurrentCUDAStream().stream()), "threshold-scale");
   return launch.result;

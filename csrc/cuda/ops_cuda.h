@@ -12,12 +12,12 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
                 const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
                 int64_t philox_offset, const std::optional<at::Tensor>& philox_base,
-                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range,
+                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range, int64_t absent_terms,
                 const at::Tensor& out, const std::optional<at::Tensor>& history_out,
                 const std::optional<at::Tensor>& x0_out);
 
 at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
-                           double ratio, double max_value);
+                           double ratio, double max_value, int64_t absent_terms);
 
 void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out);
 

@@ -64,7 +64,8 @@ __global__ void __launch_bounds__(kThreads) histogram_kernel(const ThresholdLaun
   for (int b = threadIdx.x; b < 2 * kBins; b += blockDim.x) (&counts[0][0])[b] = 0u;
   __syncthreads();
 
-  const Coefficients c = load_coefficients(a.coefficients + (a.coefficient_rows == 1 ? 0 : row) * kNumCoefficients);
+  const Coefficients c =
+      load_coefficients(a.coefficients + (a.coefficient_rows == 1 ? 0 : row) * kNumCoefficients, a.absent_terms);
   const int64_t base = row * a.row_size;
   const int64_t stride = static_cast<int64_t>(blocks_per_row) * blockDim.x;
   bool saw_nan = false;

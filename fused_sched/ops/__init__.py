@@ -291,8 +291,7 @@ class StepPlan:
             self._specialise(sample, model_output, history, noise)
 
     def _specialise(self, sample, model_output, history, noise) -> None:
-        hint = self.constant_columns if getattr(self.impl, "uses_constant_columns", False) else None
-        known = reference.hashable_columns(hint)
+        known = reference.hashable_columns(self.constant_columns)
         dtype = reference.compute_dtype(sample, model_output, *history)
         self._step = self.impl.step_program(self.clip, self.clip_range, len(history), reference.noise_kind(noise),
                                             dtype, self.out_dtype, self.history_dtype, self.x0_dtype, known)
@@ -325,10 +324,11 @@ class StepPlan:
         """The step through ``impl``'s unspecialised entry points: the thresholding scale, then the step."""
         scale = None
         if self.clip == "threshold":
-            scale = impl.threshold_scale(sample, model_output, coefficients, self.threshold_ratio, self.threshold_max)
+            scale = impl.threshold_scale(sample, model_output, coefficients, self.threshold_ratio, self.threshold_max,
+                                         constant_columns=self.constant_columns)
         return StepOutputs(*impl.fused_step(sample, model_output, coefficients, history, noise, self.clip,
                                             self.clip_range, scale, self.out_dtype, self.history_dtype,
-                                            self.x0_dtype))
+                                            self.x0_dtype, constant_columns=self.constant_columns))
 
     def _with_autograd(self, sample, model_output, coefficients, history, noise) -> StepOutputs:
         """The step on the torch backend, whose ops autograd records, for inputs that need

@@ -2,10 +2,10 @@
 
 A backend is a module-level object with ``name``, ``unavailable_reason(device, dtypes)``
 (None when it can run that case), ``fused_step(...)`` and ``threshold_scale(...)`` with
-the signatures of ``reference.py``. One that also has ``step_program`` and
-``threshold_program`` (the torch backend) is specialised once per call signature and the
-op keeps the programs (``ops.StepPlan``); with ``uses_constant_columns = True`` they are
-made knowing the caller's ``constant_columns``. Backends register lazily so that importing
+the signatures of ``reference.py``, the caller's ``constant_columns`` included: every
+backend leaves the terms it knows to be 0 out of its sums (``layout.absent_terms``). One
+that also has ``step_program`` and ``threshold_program`` (the torch backend) is specialised
+once per call signature and the op keeps the programs (``ops.StepPlan``). Backends register lazily so that importing
 fused_sched never imports Triton or builds the C++ extension.
 
 Selection: an explicit ``backend=`` argument, else :func:`set_backend` / :func:`use_backend`,

@@ -263,10 +263,11 @@ class CompiledBackend:
         self._threshold_scale = threshold_scale_fn
         self._philox_bits = philox_bits_fn
         # Imported here, not at module level: setup.py loads this file by path, outside the package.
-        from . import philox
+        from . import layout, philox
 
         self._noise_arguments = philox.kernel_arguments
         self._philox = philox
+        self._absent_terms = layout.absent_terms
 
     def __repr__(self) -> str:
         return f"<fused_sched compiled backend {self.name!r}>"
@@ -279,14 +280,16 @@ class CompiledBackend:
             return "torch reports no usable CUDA device"
         return _dtype_reason(dtypes)
 
-    def threshold_scale(self, sample, model_output, coefficients, ratio: float, max_value: float):
+    def threshold_scale(self, sample, model_output, coefficients, ratio: float, max_value: float,
+                        constant_columns=None):
         return self._threshold_scale(
-            _contiguous(sample), _contiguous(model_output), _contiguous(coefficients), float(ratio), float(max_value)
+            _contiguous(sample), _contiguous(model_output), _contiguous(coefficients), float(ratio), float(max_value),
+            self._absent_terms(constant_columns),
         )
 
     def fused_step(
         self, sample, model_output, coefficients, history, noise, clip, clip_range, scale,
-        out_dtype, history_dtype, x0_dtype,
+        out_dtype, history_dtype, x0_dtype, constant_columns=None,
     ):
         if clip not in CLIP_CODES:
             raise ValueError(f"clip={clip!r}; expected one of {tuple(CLIP_CODES)}")
@@ -315,6 +318,7 @@ class CompiledBackend:
             _contiguous(scale) if clip == "threshold" else None,
             CLIP_CODES[clip],
             float(clip_range),
+            self._absent_terms(constant_columns),
             out,
             d,
             x0,

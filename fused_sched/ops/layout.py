@@ -37,6 +37,8 @@ NUM_COEFFICIENTS = 13
 ESTIMATE_COLUMNS = (AX, AM, AS, PX, P0, PM)
 # The columns combining the step's terms into its output.
 OUTPUT_COLUMNS = (OX, OC, O0, OM, O1, O2, ON)
+# Every column that weighs a term of a sum (AS scales a sum instead).
+TERM_COLUMNS = tuple(c for c in range(NUM_COEFFICIENTS) if c != AS)
 
 COLUMN_NAMES = ("ax", "am", "px", "p0", "pm", "ox", "o0", "om", "o1", "o2", "on", "as", "oc")
 
@@ -50,7 +52,7 @@ class ConstantColumns(Mapping):
     and hands it to every step; the check then costs nothing per step.
     """
 
-    __slots__ = ("_values", "get")
+    __slots__ = ("_values", "get", "absent_terms")
 
     def __init__(self, values: Mapping = ()):
         checked = {}
@@ -62,6 +64,7 @@ class ConstantColumns(Mapping):
             checked[column] = float(value)
         self._values = checked
         self.get = checked.get  # looked up per term on the hot path
+        self.absent_terms = _absent_terms(checked)  # handed to the kernels per step
 
     def only(self, columns) -> "ConstantColumns":
         """The part of this hint that concerns ``columns``."""
@@ -79,3 +82,21 @@ class ConstantColumns(Mapping):
     def __repr__(self) -> str:
         named = ", ".join(f"{COLUMN_NAMES[c]}={v:g}" for c, v in sorted(self._values.items()))
         return f"ConstantColumns({named})"
+
+
+def absent_terms(constant_columns) -> int:
+    """Bits ``1 << column`` of the terms ``constant_columns`` knows to be 0 in every row.
+
+    Every backend leaves such a term out of its sum instead of adding 0*t: diffusers' formula
+    has no such term, and 0*t is not nothing where t is inf or NaN (NaN), nor where the sum
+    is -0.0 (-0.0 + 0*t is +0.0). A sum of no terms is -0.0, the identity of addition.
+    """
+    if not constant_columns:
+        return 0
+    if type(constant_columns) is ConstantColumns:
+        return constant_columns.absent_terms
+    return _absent_terms(constant_columns)
+
+
+def _absent_terms(constant_columns) -> int:
+    return sum(1 << c for c in TERM_COLUMNS if constant_columns.get(c) == 0.0)

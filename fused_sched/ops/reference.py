@@ -120,14 +120,18 @@ def hashable_columns(known: Mapping[int, float] | None) -> tuple:
 
 # ---- linear forms: every sum of coefficient-weighted tensors in the step -----------------
 
+# A sum of no terms, as the kernels start every sum: -0.0, the identity of addition.
+EMPTY_SUM = -0.0
+
+
 def linear_form(columns: tuple[int, ...], known: Mapping[int, float]):
     """f(c, tensors) = sum(c[column] * t for column, t in zip(columns, tensors)), rounded as
     the kernels round it: the first product, then one fused multiply-add (addcmul,
     a + b*c) per further term; None when every term is known to be zero.
 
-    Columns ``known`` to be 0 in every row are left out and known 1s are not multiplied:
-    for finite values that changes no bit (a + 0*t == a, 1*t == t), and it is what diffusers
-    computes (it has no such terms). ``f.passes_through`` is the index of the tensor f
+    Columns ``known`` to be 0 in every row are left out, as every backend leaves them out
+    (``layout.absent_terms``: diffusers has no such terms, and 0*t would be NaN for an
+    infinite t), and known 1s are not multiplied (1*t == t). ``f.passes_through`` is the index of the tensor f
     returns itself (a lone term with coefficient 1), else None: otherwise the result is a
     new tensor, which later terms accumulate into in place (the same kernels as the
     out-of-place ops, so the same bits, without an allocation per term).
@@ -164,7 +168,7 @@ def _x0_program(known: Mapping[int, float]):
     def x0(c, x, m):
         total = combination(c, (x, m))
         if total is None:
-            return torch.zeros_like(x)
+            return torch.full_like(x, EMPTY_SUM)
         if not scaled:
             return total
         return total.mul_(c[L.AS]) if owned else total * c[L.AS]
@@ -221,11 +225,11 @@ def threshold_program(ratio: float, max_value: float, row_shape: tuple[int, ...]
     return scale
 
 
-def threshold_scale(sample, model_output, coefficients, ratio: float, max_value: float):
+def threshold_scale(sample, model_output, coefficients, ratio: float, max_value: float, constant_columns=None):
     """Per-batch-row dynamic-thresholding scale s_b, shape (B,), float32 (float64 for fp64):
     see ``threshold_program``."""
     program = threshold_program(float(ratio), float(max_value), tuple(sample.shape[1:]),
-                                compute_dtype(sample, model_output))
+                                compute_dtype(sample, model_output), hashable_columns(constant_columns))
     return program(sample, model_output, coefficients)[0].reshape(-1)
 
 
@@ -274,7 +278,7 @@ def step_program(clip: str, clip_range: float, history: int, noise: str, dtype: 
 
         d = d_of(c, (x, x0, m))
         if d is None:
-            d = torch.zeros_like(x)
+            d = torch.full_like(x, EMPTY_SUM)
         terms = (x, x0, d, m) if clipped else (x, d, m)
         if history:
             terms += tuple(_as(h, dtype) for h in history)
@@ -282,7 +286,7 @@ def step_program(clip: str, clip_range: float, history: int, noise: str, dtype: 
             terms += (noise_like(noise, x, dtype) if philox else _as(noise, dtype),)
         out = out_of(c, terms)
         if out is None:
-            out = torch.zeros_like(x)
+            out = torch.full_like(x, EMPTY_SUM)
 
         outputs = (
             _as(out, out_dtype),

@@ -7,9 +7,6 @@ from . import reference
 
 class TorchBackend:
     name = "torch"
-    # Skipping known-zero terms is what makes eager torch cheap on small latents; the
-    # kernels read every scalar of a row either way and need no such hint.
-    uses_constant_columns = True
     # Its steps are torch ops, which autograd records (the op hands steps whose inputs need
     # gradients to this backend: StepPlan._with_autograd).
     propagates_gradients = True

@@ -41,12 +41,13 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
                 const std::optional<at::Tensor>& history1, const std::optional<at::Tensor>& history2,
                 const std::optional<at::Tensor>& noise, int64_t noise_mode, int64_t philox_seed,
                 int64_t philox_offset, const std::optional<at::Tensor>& philox_base,
-                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range, const at::Tensor& out,
+                const std::optional<at::Tensor>& scale, int64_t clip, double clip_range, int64_t absent_terms,
+                const at::Tensor& out,
                 const std::optional<at::Tensor>& history_out, const std::optional<at::Tensor>& x0_out) {
   const cuda::StepLaunch a = cuda::fused_step_launch(kBackend, c10::DeviceType::CPU, sample, model_output,
                                                      coefficients, history1, history2, noise, noise_mode, philox_seed,
-                                                     philox_offset, philox_base, scale, clip, clip_range, out,
-                                                     history_out, x0_out);
+                                                     philox_offset, philox_base, scale, clip, clip_range,
+                                                     absent_terms, out, history_out, x0_out);
   if (a.row_size == 0) return;
   poison(out);
   poison(history_out);
@@ -55,9 +56,9 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
 }
 
 at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
-                           double ratio, double max_value) {
+                           double ratio, double max_value, int64_t absent_terms) {
   const cuda::ThresholdScaleLaunch launch = cuda::threshold_scale_launch(
-      kBackend, c10::DeviceType::CPU, sample, model_output, coefficients, ratio, max_value);
+      kBackend, c10::DeviceType::CPU, sample, model_output, coefficients, ratio, max_value, absent_terms);
   poison(launch.result);
   poison(launch.workspace);
   check_launch(cuda::launch_threshold_scale(launch.args, nullptr), "threshold-scale");
@@ -166,9 +167,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_step", &fused_step, py::arg("sample"), py::arg("model_output"), py::arg("coefficients"),
         py::arg("history1"), py::arg("history2"), py::arg("noise"), py::arg("noise_mode"), py::arg("philox_seed"),
         py::arg("philox_offset"), py::arg("philox_base"), py::arg("scale"), py::arg("clip"), py::arg("clip_range"),
-        py::arg("out"), py::arg("history_out"), py::arg("x0_out"));
+        py::arg("absent_terms"), py::arg("out"), py::arg("history_out"), py::arg("x0_out"));
   m.def("threshold_scale", &threshold_scale, py::arg("sample"), py::arg("model_output"), py::arg("coefficients"),
-        py::arg("ratio"), py::arg("max_value"));
+        py::arg("ratio"), py::arg("max_value"), py::arg("absent_terms"));
   m.def("philox_bits", &philox_bits, py::arg("seed"), py::arg("offset"), py::arg("out"));
   m.def("selftest_reverse", &selftest_reverse);
   m.def("selftest_broadcast", &selftest_broadcast);

@@ -47,10 +47,15 @@ enum class Clip : int { kNone = 0, kClamp = 1, kThreshold = 2 };
 
 struct Coefficients {
   float ax, am, px, p0, pm, ox, o0, om, o1, o2, on, as, oc;
+  // Bits 1 << column of the terms known to be 0 in every row (layout.absent_terms): left
+  // out of the sums, not multiplied, since 0 * inf is NaN and -0 + 0*t is +0 where the
+  // reference and diffusers have no such term.
+  uint32_t absent;
 };
 
-FS_HD Coefficients load_coefficients(const float* row) {
+FS_HD Coefficients load_coefficients(const float* row, uint32_t absent) {
   Coefficients c;
+  c.absent = absent;
   c.ax = row[kAX];
   c.am = row[kAM];
   c.px = row[kPX];
@@ -106,11 +111,20 @@ FS_HD float nan_min(float a, float b) { return (a < b || is_nan(a)) ? a : b; }
 // torch.clamp(v, lo, hi) for lo <= hi: NaN passes through.
 FS_HD float clamp_keep_nan(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// Every sum starts here: -0 is the identity of addition, so a first term fmadd(a, t, -0) is
+// the product a*t rounded once, sign of zero included, as the reference's first product.
+constexpr float kEmptySum = -0.0f;
+
+// sum + a*t with one rounding, or sum itself where the term is absent (see Coefficients).
+FS_HD float add_term(float sum, const Coefficients& c, Column column, float a, float t) {
+  return ((c.absent >> column) & 1u) ? sum : fmadd(a, t, sum);
+}
+
 // x0 = AS*(AX*x + AM*m), before clipping (an addcmul, then a product, in the reference). The sum is formed first and scaled after (see
 // layout.py): for epsilon prediction AS = 1/sqrt(alpha), which is +inf on zero-SNR
 // schedules, and scaling the cancelled sum gives the +-inf that clipping then bounds.
 FS_HD float data_estimate(const Coefficients& c, float x, float m) {
-  return mul(fmadd(c.am, m, mul(c.ax, x)), c.as);
+  return mul(add_term(add_term(kEmptySum, c, kAX, c.ax, x), c, kAM, c.am, m), c.as);
 }
 
 // clamp: x0 to [-r, r]. threshold: clamp(x0, -s, s) / s with the row's scale s; a true
@@ -130,7 +144,7 @@ FS_HD float apply_clip(float x0, float clip_range, float scale) {
 
 // d = PX*x + P0*x0 + PM*m: what the multistep history stores (two addcmuls in the reference).
 FS_HD float history_value(const Coefficients& c, float x, float x0, float m) {
-  return fmadd(c.pm, m, fmadd(c.p0, x0, mul(c.px, x)));
+  return add_term(add_term(add_term(kEmptySum, c, kPX, c.px, x), c, kP0, c.p0, x0), c, kPM, c.pm, m);
 }
 
 // out = OX*x (+ OC*x0) + O0*d + OM*m (+ O1*h1) (+ O2*h2) (+ ON*z), terms added left to
@@ -140,12 +154,12 @@ FS_HD float history_value(const Coefficients& c, float x, float x0, float m) {
 template <Clip kClip, int kHistory, bool kNoise>
 FS_HD float combine(const Coefficients& c, float x, float x0, float d, float m, float h1, float h2, float z) {
   static_assert(kHistory >= 0 && kHistory <= 2, "at most two history terms");
-  float out = mul(c.ox, x);
-  if constexpr (kClip != Clip::kNone) out = fmadd(c.oc, x0, out);
-  out = fmadd(c.om, m, fmadd(c.o0, d, out));
-  if constexpr (kHistory >= 1) out = fmadd(c.o1, h1, out);
-  if constexpr (kHistory >= 2) out = fmadd(c.o2, h2, out);
-  if constexpr (kNoise) out = fmadd(c.on, z, out);
+  float out = add_term(kEmptySum, c, kOX, c.ox, x);
+  if constexpr (kClip != Clip::kNone) out = add_term(out, c, kOC, c.oc, x0);
+  out = add_term(add_term(out, c, kO0, c.o0, d), c, kOM, c.om, m);
+  if constexpr (kHistory >= 1) out = add_term(out, c, kO1, c.o1, h1);
+  if constexpr (kHistory >= 2) out = add_term(out, c, kO2, c.o2, h2);
+  if constexpr (kNoise) out = add_term(out, c, kON, c.on, z);
   (void)x0;
   (void)h1;
   (void)h2;

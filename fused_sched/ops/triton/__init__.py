@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import philox
+from ..layout import absent_terms
 from . import _common, step, threshold
 from .noise import philox_bits as _philox_bits
 
@@ -60,9 +61,10 @@ class TritonBackend:
 
     @staticmethod
     def fused_step(sample, model_output, coefficients, history, noise, clip, clip_range, scale,
-                   out_dtype, history_dtype, x0_dtype):
+                   out_dtype, history_dtype, x0_dtype, constant_columns=None):
+        absent = absent_terms(constant_columns)
         if torch.compiler.is_compiling():
-            philox_args = ()
+            philox_args = (None, 0, None)
             if isinstance(noise, philox.PhiloxNoise):  # a schema takes no NamedTuple
                 # (seed, int offset, offset tensor): a device offset stays a graph input
                 offset = noise.offset
@@ -72,7 +74,7 @@ class TritonBackend:
                 noise = None
             outs = iter(step.fused_step_op(
                 sample, model_output, coefficients, list(history), noise, clip, clip_range, scale,
-                out_dtype, history_dtype, x0_dtype, *philox_args,
+                out_dtype, history_dtype, x0_dtype, *philox_args, absent,
             ))
             prev = next(outs)
             d = None if history_dtype is None else next(outs)
@@ -80,7 +82,7 @@ class TritonBackend:
             return prev, d, x0
         return step.fused_step_impl(
             sample, model_output, coefficients, history, noise, clip, clip_range, scale,
-            out_dtype, history_dtype, x0_dtype,
+            out_dtype, history_dtype, x0_dtype, absent_terms=absent,
         )
 
     @staticmethod
@@ -91,11 +93,13 @@ class TritonBackend:
             return _philox_bits(seed, offset, numel, device)
 
     @staticmethod
-    def threshold_scale(sample, model_output, coefficients, ratio, max_value):
+    def threshold_scale(sample, model_output, coefficients, ratio, max_value, constant_columns=None):
+        absent = absent_terms(constant_columns)
         if torch.compiler.is_compiling():
-            return threshold.threshold_scale_op(sample, model_output, coefficients, ratio, max_value)
+            return threshold.threshold_scale_op(sample, model_output, coefficients, ratio, max_value, absent)
         with _common.device_guard(sample.device):
-            return threshold.threshold_scale_impl(sample, model_output, coefficients, ratio, max_value)
+            return threshold.threshold_scale_impl(sample, model_output, coefficients, ratio, max_value,
+                                                  absent_terms=absent)
 
 
 BACKEND = TritonBackend()

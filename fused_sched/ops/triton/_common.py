@@ -80,10 +80,31 @@ def _interpreted() -> bool:
 INTERPRETED = _interpreted()
 
 
+_ONE = tl.constexpr(1)
+
+
 @triton.jit
-def data_estimate(x, m, ax, am, a_s):
+def empty_sum(like):
+    """-0.0 per element, where every sum starts: the identity of addition, so a first term
+    fma(a, t, -0.0) is the product a*t rounded once, sign of zero included."""
+    return tl.full(like.shape, -0.0, tl.float32)
+
+
+@triton.jit
+def add_term(total, a, t, COLUMN: tl.constexpr, ABSENT: tl.constexpr):
+    """total + a*t rounded once, or total where bit COLUMN of ABSENT says the term is known
+    to be 0 in every row (layout.absent_terms): left out, since 0*inf is NaN."""
+    if (_ONE << COLUMN) & ABSENT:  # constexpr first: the interpreter passes ABSENT as an int
+        result = total
+    else:
+        result = tl.fma(a, t, total)
+    return result
+
+
+@triton.jit
+def data_estimate(x, m, ax, am, a_s, ABSENT: tl.constexpr):
     """x0 = AS*(AX*x + AM*m) in fp32, rounded as the reference's addcmul-then-product."""
-    return tl.fma(am, m, ax * x) * a_s
+    return add_term(add_term(empty_sum(x), ax, x, AX, ABSENT), am, m, AM, ABSENT) * a_s
 
 
 # Triton's interpreter (3.x) converts float32 to bfloat16 by truncation, where the GPU and

@@ -79,7 +79,7 @@ def _step_kernel(
     offset_ptr,  # OFFSET_IN_MEMORY only: an int64 added to noise_offset (a scheduler's device counter)
     CLIP: tl.constexpr, HISTORY: tl.constexpr, NOISE: tl.constexpr,
     WRITE_D: tl.constexpr, WRITE_X0: tl.constexpr, WIDE_INDEX: tl.constexpr,
-    OFFSET_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr,
+    OFFSET_IN_MEMORY: tl.constexpr, ABSENT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = row_start + tl.program_id(1)
     block = tl.program_id(0)
@@ -105,7 +105,7 @@ def _step_kernel(
     x = tl.load(x_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
     m = tl.load(m_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
 
-    x0 = C.data_estimate(x, m, ax, am, a_s)
+    x0 = C.data_estimate(x, m, ax, am, a_s, ABSENT)
     if CLIP == C.CLIP_CLAMP:
         # torch.clamp: a NaN stays NaN (both comparisons are false).
         x0 = tl.where(x0 < -clip_range, -clip_range, tl.where(x0 > clip_range, clip_range, x0))
@@ -116,27 +116,28 @@ def _step_kernel(
         x0 = tl.where((x0 < s) | (x0 != x0), x0, s)
         x0 = tl.math.div_rn(x0, s)
 
-    d = tl.fma(pm, m, tl.fma(p0, x0, px * x))
-    out = ox * x
+    empty = C.empty_sum(x)
+    d = C.add_term(C.add_term(C.add_term(empty, px, x, C.PX, ABSENT), p0, x0, C.P0, ABSENT), pm, m, C.PM, ABSENT)
+    out = C.add_term(empty, ox, x, C.OX, ABSENT)
     if CLIP != C.CLIP_NONE:  # unclipped, x0 is folded into OX and OM and may be +-inf (layout.py)
-        out = tl.fma(tl.load(coef + C.OC), x0, out)
-    out = tl.fma(om, m, tl.fma(o0, d, out))
+        out = C.add_term(out, tl.load(coef + C.OC), x0, C.OC, ABSENT)
+    out = C.add_term(C.add_term(out, o0, d, C.O0, ABSENT), om, m, C.OM, ABSENT)
     if HISTORY >= 1:
         h1 = tl.load(h1_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
-        out = tl.fma(tl.load(coef + C.O1), h1, out)
+        out = C.add_term(out, tl.load(coef + C.O1), h1, C.O1, ABSENT)
     if HISTORY >= 2:
         h2 = tl.load(h2_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
-        out = tl.fma(tl.load(coef + C.O2), h2, out)
+        out = C.add_term(out, tl.load(coef + C.O2), h2, C.O2, ABSENT)
     if NOISE == C.NOISE_TENSOR:
         z = tl.load(z_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
-        out = tl.fma(tl.load(coef + C.ON), z, out)
+        out = C.add_term(out, tl.load(coef + C.ON), z, C.ON, ABSENT)
     elif NOISE == C.NOISE_PHILOX:
         # The element's flat index in the whole tensor keys its number: any split agrees.
         first = noise_offset
         if OFFSET_IN_MEMORY:
             first = first + tl.load(offset_ptr)
         z = tl.randn(seed, first + base + cols)
-        out = tl.fma(tl.load(coef + C.ON), z, out)
+        out = C.add_term(out, tl.load(coef + C.ON), z, C.ON, ABSENT)
 
     C.store(out_ptr + base + cols, out, mask)
     if WRITE_D:
@@ -172,7 +173,7 @@ def _dense(tensor: torch.Tensor) -> torch.Tensor:
 
 def launch_step(
     sample, model_output, coefficients, history, noise,
-    clip: str, clip_range: float, scale, out, d, x0, wrap=C.direct,
+    clip: str, clip_range: float, scale, out, d, x0, wrap=C.direct, absent_terms: int = 0,
 ) -> None:
     """Runs the kernel into the preallocated contiguous outputs (d / x0 may be None).
 
@@ -208,7 +209,7 @@ def launch_step(
     args = dict(
         CLIP=C.CLIP_CODES[clip], HISTORY=len(hist), NOISE=noise_code,
         WRITE_D=d is not None, WRITE_X0=x0 is not None, WIDE_INDEX=wide,
-        OFFSET_IN_MEMORY=offset_base is not None,
+        OFFSET_IN_MEMORY=offset_base is not None, ABSENT=absent_terms,
     )
     size_class = numel.bit_length()
     for row_start in range(0, rows, C.MAX_GRID_ROWS):
@@ -227,7 +228,7 @@ def launch_step(
 
 def fused_step_impl(
     sample, model_output, coefficients, history, noise,
-    clip, clip_range, scale, out_dtype, history_dtype, x0_dtype, wrap=C.direct,
+    clip, clip_range, scale, out_dtype, history_dtype, x0_dtype, wrap=C.direct, absent_terms: int = 0,
 ):
     """``reference.fused_step`` semantics: returns (prev, d or None, x0 or None)."""
     shape, device = sample.shape, sample.device
@@ -235,7 +236,8 @@ def fused_step_impl(
     d = None if history_dtype is None else torch.empty(shape, dtype=history_dtype, device=device)
     x0 = None if x0_dtype is None else torch.empty(shape, dtype=x0_dtype, device=device)
     with C.device_guard(device):
-        launch_step(sample, model_output, coefficients, history, noise, clip, clip_range, scale, out, d, x0, wrap)
+        launch_step(sample, model_output, coefficients, history, noise, clip, clip_range, scale, out, d, x0, wrap,
+                    absent_terms)
     return out, d, x0
 
 
@@ -258,6 +260,7 @@ def fused_step_op(
     philox_seed: Optional[int] = None,
     philox_offset: int = 0,
     philox_base: Optional[torch.Tensor] = None,
+    absent_terms: int = 0,
 ) -> list[torch.Tensor]:
     """[prev] + [d if history_dtype] + [x0 if x0_dtype]: a schema has no optional outputs.
 
@@ -270,7 +273,7 @@ def fused_step_op(
         noise = PhiloxNoise(philox.unsigned_seed(philox_seed), philox_offset if philox_base is None else philox_base)
     out, d, x0 = fused_step_impl(
         sample, model_output, coefficients, history, noise,
-        clip, clip_range, scale, out_dtype, history_dtype, x0_dtype, torch.library.wrap_triton,
+        clip, clip_range, scale, out_dtype, history_dtype, x0_dtype, torch.library.wrap_triton, absent_terms,
     )
     return [t for t in (out, d, x0) if t is not None]
 
@@ -281,6 +284,6 @@ if C.INTERPRETED:
     # interpreted kernel and returns it as is, which would read fake data. State the shapes.
     @fused_step_op.register_fake
     def _(sample, model_output, coefficients, history, noise, clip, clip_range, scale,
-          out_dtype, history_dtype, x0_dtype, philox_seed=None, philox_offset=0, philox_base=None):
+          out_dtype, history_dtype, x0_dtype, philox_seed=None, philox_offset=0, philox_base=None, absent_terms=0):
         dtypes = (out_dtype, history_dtype, x0_dtype)
         return [torch.empty(sample.shape, dtype=t, device=sample.device) for t in dtypes if t is not None]

@@ -79,7 +79,7 @@ def _histogram_kernel(
     row_numel, tiles_per_program,
     PASS: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
     PASSES: tl.constexpr, MAX_BINS: tl.constexpr, STATE_WORDS: tl.constexpr,
-    WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr,
+    WIDE_INDEX: tl.constexpr, ABSENT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     BINS: tl.constexpr = 1 << BITS
     ABOVE: tl.constexpr = SHIFT + BITS
@@ -107,7 +107,7 @@ def _histogram_kernel(
         mask = cols < row_numel
         x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-        v = C.data_estimate(x, m, ax, am, a_s)
+        v = C.data_estimate(x, m, ax, am, a_s, ABSENT)
         key = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         digit = (key >> SHIFT) & (BINS - 1)
         if PASS == 0:
@@ -209,7 +209,7 @@ else:
 
 
 def threshold_scale_impl(sample, model_output, coefficients, ratio: float, max_value: float,
-                         wrap=C.direct) -> torch.Tensor:
+                         wrap=C.direct, absent_terms: int = 0) -> torch.Tensor:
     """(B,) float32 scale; the semantics of ``reference.threshold_scale``."""
     x = sample if sample.is_contiguous() else sample.contiguous()
     m = model_output if model_output.is_contiguous() else model_output.contiguous()
@@ -242,7 +242,7 @@ def threshold_scale_impl(sample, model_output, coefficients, ratio: float, max_v
         digit = dict(PASS=index, SHIFT=shift, BITS=bits, **layout)
         wrap(_histogram_launcher)[(rows, parts)](
             x, m, c, coef_row_stride, state, hist, row_numel, tiles_per_program,
-            WIDE_INDEX=wide, **tile, **digit,
+            WIDE_INDEX=wide, ABSENT=absent_terms, **tile, **digit,
         )
         wrap(_narrow_launcher)[(rows,)](
             state, hist, scale, weight, max_value, LAST=index == PASSES - 1, **digit,
@@ -257,13 +257,15 @@ def threshold_scale_op(
     coefficients: torch.Tensor,
     ratio: float,
     max_value: float,
+    absent_terms: int = 0,
 ) -> torch.Tensor:
     with C.device_guard(sample.device):
-        return threshold_scale_impl(sample, model_output, coefficients, ratio, max_value, torch.library.wrap_triton)
+        return threshold_scale_impl(sample, model_output, coefficients, ratio, max_value, torch.library.wrap_triton,
+                                    absent_terms)
 
 
 if C.INTERPRETED:
     # See step.py: triton_op's derived fake cannot run an interpreted kernel.
     @threshold_scale_op.register_fake
-    def _(sample, model_output, coefficients, ratio, max_value):
+    def _(sample, model_output, coefficients, ratio, max_value, absent_terms=0):
         return sample.new_empty((sample.shape[0],), dtype=torch.float32)
