@@ -114,6 +114,29 @@ def test_dpm_first_timestep_given_as_another_value_is_looked_up_like_diffusers(k
     torch.testing.assert_close(prev_fused, prev_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["element", "python int"])
+def test_dpm_inverse_repeated_first_timestep_starts_where_diffusers_does(form):
+    """Exponential sigmas give the inverse schedule timesteps [0, 0, ...] (np.unique of the
+    fractional timesteps, then the int cast); diffusers starts at the second 0 and, with a
+    sigma to spare, finishes finite. The inverse class follows it whether given the element
+    scheduler.timesteps[0] or its value (the forward class, where diffusers would end in
+    IndexError, starts at the element's own position: README, Where diffusers breaks)."""
+    results = []
+    for cls in PAIRS["dpm_inverse"]:
+        scheduler = cls(use_exponential_sigmas=True)
+        scheduler.set_timesteps(26)
+        assert scheduler.timesteps[:2].tolist() == [0, 0]
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        for i, t in enumerate(scheduler.timesteps[:-1]):  # diffusers' trajectory is one step short
+            t = t if form == "element" or i else int(t)
+            x = scheduler.step(0.6 * torch.tanh(x), t, x).prev_sample
+            if i == 0:
+                assert scheduler.step_index == 2
+        results.append(x)
+    assert torch.isfinite(results[0]).all()
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 @pytest.mark.parametrize("copied", [False, True], ids=["", "then-copied"])
 def test_a_timestep_edited_in_place_is_read_again(kind, copied):

@@ -199,10 +199,13 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         if begin is not None:
             self._step_index = begin
             return
-        position = self._schedule_position(timestep)
         # An element of scheduler.timesteps says exactly where the trajectory starts. diffusers
-        # only knows the value and takes its second occurrence, which skips a step (and later
-        # fails with IndexError) when the starting timestep is repeated right after itself.
+        # only knows the value and takes its second occurrence, which skips a step when the
+        # starting timestep is repeated right after itself: the forward class then fails with
+        # IndexError at the end, and starts at the element's own position instead; the inverse
+        # class (exponential / beta sigmas give timesteps [0, 0, ...]) has a sigma to spare,
+        # finishes finite, and follows diffusers, whether given the element or its value.
+        position = None if self._inverse else self._schedule_position(timestep)
         self._step_index = position if position is not None else self._index_of_timestep(timestep)
 
     def _lower_order_final(self, i: int, n: int) -> bool:
