@@ -432,6 +432,27 @@ def test_build_directory_honours_environment(monkeypatch, tmp_path):
     assert extension.build_directory(False).parent == tmp_path / "fs"
 
 
+def test_build_directory_follows_the_sources(monkeypatch, tmp_path):
+    """Two installs whose C++ sources differ (two versions in two environments) build into
+    different folders: neither rebuilds over the other's library nor loads it."""
+    import shutil
+
+    from fused_sched.ops import extension
+
+    monkeypatch.setenv("FUSED_SCHED_BUILD_DIR", str(tmp_path / "fs"))
+    copy = tmp_path / "csrc"
+    shutil.copytree(extension.CSRC, copy)
+    monkeypatch.setattr(extension, "CSRC", copy)
+    before = extension.build_directory(False)
+    assert before == extension.build_directory(False)  # stable for the same sources
+    (copy / "cpu" / "ops_cpu.cpp").write_text((copy / "cpu" / "ops_cpu.cpp").read_text() + "\n// another version\n")
+    assert extension.build_directory(False) != before
+    cuda_only = extension.build_directory(False)
+    (copy / "cuda" / "philox.cu").write_text((copy / "cuda" / "philox.cu").read_text() + "\n")
+    assert extension.build_directory(False) == cuda_only  # a CPU build does not compile csrc/cuda
+    assert extension.build_directory(True) != cuda_only
+
+
 def test_a_cuda_backend_without_a_device_says_so(monkeypatch):
     """Built (a CUDA build of torch, TORCH_CUDA_ARCH_LIST) on a machine with no GPU, the
     cuda backend must not claim CUDA tensors it cannot make."""

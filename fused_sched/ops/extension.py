@@ -20,6 +20,7 @@ can load it by path (without importing fused_sched) to get the ahead-of-time bui
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import os
 import platform
@@ -149,8 +150,26 @@ def extension_modules():
     return [aot_extension()], {"build_ext": BuildExtension}
 
 
+def _build_inputs(with_cuda: bool) -> list[Path]:
+    """The files a build compiles or includes: every file of csrc/, the CUDA ones only for
+    a CUDA build."""
+    return sorted(p for p in CSRC.rglob("*")
+                  if p.is_file() and (with_cuda or "cuda" not in p.relative_to(CSRC).parts))
+
+
+def _sources_digest(with_cuda: bool) -> str:
+    """A short hash of the build's sources, names and contents."""
+    digest = hashlib.sha256()
+    for path in _build_inputs(with_cuda):
+        digest.update(path.relative_to(CSRC).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def build_directory(with_cuda: bool) -> Path:
-    """Where the JIT build is cached: one folder per Python / torch / CUDA combination.
+    """Where the JIT build is cached: one folder per Python / torch / CUDA combination and
+    per content of the C++ sources, so that two installs of different fused_sched versions
+    (two environments, say) never rebuild over each other's library, nor load it, which
+    would fail at the first call with a signature that changed between them.
 
     ``FUSED_SCHED_BUILD_DIR`` if set, else ``$TORCH_EXTENSIONS_DIR/fused_sched``, else
     ``~/.cache/fused_sched`` (``$XDG_CACHE_HOME`` honoured).
@@ -164,7 +183,8 @@ def build_directory(with_cuda: bool) -> Path:
             cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             base = os.path.join(cache, "fused_sched")
     device = f"cu{torch.version.cuda}" if with_cuda else "cpu"
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}_{device}"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    tag = f"{python}_torch{torch.__version__}_{device}_{_sources_digest(with_cuda)}"
     return Path(base) / tag.replace("+", "_").replace("/", "_")
 
 
@@ -178,8 +198,7 @@ def _needs_build(directory: Path, name: str, with_cuda: bool) -> bool:
     if not libraries:
         return True
     built = min(p.stat().st_mtime for p in libraries)
-    inputs = [p for p in CSRC.rglob("*") if p.is_file() and (with_cuda or "cuda" not in p.relative_to(CSRC).parts)]
-    return any(p.stat().st_mtime > built for p in inputs)
+    return any(p.stat().st_mtime > built for p in _build_inputs(with_cuda))
 
 
 def _jit_build(with_cuda: bool):
