@@ -194,17 +194,27 @@ def _first_non_finite_step(scheduler, x) -> int | None:
     ("dpm_inverse", dict(num_inference_steps=1001), 251),
     ("dpm", dict(timesteps=[999, 800, 600, 600, 400, 200, 100]), 3),
 ])
-def test_dpm_repeated_timesteps_are_refused_where_diffusers_gives_nan(kind, schedule, bad_step):
+def test_dpm_repeated_timesteps_warn_and_raise_where_diffusers_gives_nan(kind, schedule, bad_step):
     """A step between equal sigmas is the identity, but the multistep update after it
-    divides by h0 = 0: diffusers returns inf/NaN from that step on. The schedule is refused
-    in set_timesteps, naming that step."""
+    divides by h0 = 0: diffusers returns inf/NaN from that step on. set_timesteps builds
+    diffusers' schedule (its own tests check such schedules) and warns, naming that step;
+    the step raises there instead of returning NaN."""
     reference_cls, fused_cls = PAIRS[kind]
     config = dict(final_sigmas_type="sigma_min") if "timesteps" in schedule else {}
     reference = reference_cls(**config)
     reference.set_timesteps(**schedule)
-    assert _first_non_finite_step(reference, torch.randn(1, 2, 4, 4)) == bad_step  # the refusal is justified
-    with pytest.raises(ValueError, match=rf"\(step, timestep, order\) \[\({bad_step}, \d+, 2\).* are not finite"):
-        fused_cls(**config).set_timesteps(**schedule)
+    x = torch.randn(1, 2, 4, 4)
+    assert _first_non_finite_step(reference, x) == bad_step  # the refusal is justified
+    fused = fused_cls(**config)
+    step_named = rf"\(step, timestep, order\) \[\({bad_step}, \d+, 2\).* are not finite"
+    with pytest.warns(UserWarning, match=step_named):
+        fused.set_timesteps(**schedule)
+    assert torch.equal(fused.timesteps, reference.timesteps) and torch.equal(fused.sigmas, reference.sigmas)
+    for t in fused.timesteps[:bad_step]:
+        x = fused.step(0.1 * x, t, x).prev_sample
+    assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match=step_named):
+        fused.step(0.1 * x, fused.timesteps[bad_step], x)
 
 
 def test_dpm_flat_last_step_stores_diffusers_history_value():

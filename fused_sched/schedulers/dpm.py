@@ -3,6 +3,8 @@ thresholding), rows selected by (step index, effective order) from a table built
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from diffusers import (DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler,  # noqa: F401
@@ -71,7 +73,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         self._remember_schedule()
         self._clip = self._clip_options()  # made per schedule: steps read no config
         table = dpm_table(self.config, self.sigmas.cpu())
-        self._check_reachable_rows(table, len(self._host_timesteps))
+        self._note_non_finite_rows(table, len(self._host_timesteps))
         # Same shapes as the previous schedule (same number of steps): refilled in place, so a
         # CUDA graph captured over traced steps stays valid after set_timesteps.
         placed = getattr(self, "_table", None)
@@ -93,28 +95,37 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             self._point_model_outputs_at_buffers()
             self._host_current, self._device_current = False, True
 
-    def _check_reachable_rows(self, table: torch.Tensor, n: int) -> None:
-        """Refuse a schedule on which a trajectory from its start meets inf/NaN coefficients.
+    def _note_non_finite_rows(self, table: torch.Tensor, n: int) -> None:
+        """Find the rows whose coefficients are inf/NaN; warn when a trajectory from the start
+        reaches one, and let the step that would select one raise (``_refuse_non_finite_row``).
 
         After a step between equal sigmas (a repeated timestep: custom, or from as many steps
         as training timesteps), the next multistep update divides by h0 = 0; diffusers
-        returns inf/NaN there. A trajectory starting later (set_begin_index) runs lower
-        orders, whose rows are finite wherever these are.
+        returns inf/NaN from there on. The schedule itself is diffusers' (its own tests build
+        such schedules and check only their timesteps), so set_timesteps warns, and an eager
+        step raises instead of returning NaN (a traced or graph-captured step, which selects
+        its row on the device, returns diffusers' inf/NaN after that warning). Rows of orders
+        a step cannot have are NaN by construction and never selected.
         """
+        self._non_finite_rows = frozenset((~torch.isfinite(table).all(dim=1)).nonzero().flatten().tolist())
+        if not self._non_finite_rows:
+            return
         orders, lower = [], 0
         for i in range(n):
             orders.append(self._order_at(i, n, lower))
             lower = min(lower + 1, self.config.solver_order)
-        rows = table[[row_index(i, order) for i, order in enumerate(orders)]]
-        bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
-        if bad:
-            steps = [(i, self._host_timesteps[i], orders[i]) for i in bad[:4]]
-            raise ValueError(
-                f"{type(self).__name__}: the coefficients of (step, timestep, order) {steps} are not finite: "
-                "where two consecutive sigmas are equal (a repeated timestep), the multistep update after them "
-                "divides by their log-SNR difference, 0 (diffusers returns inf/NaN there). Remove the repeated "
-                "timestep, use fewer steps than num_train_timesteps, or solver_order=1"
-            )
+        reached = [i for i, order in enumerate(orders) if row_index(i, order) in self._non_finite_rows]
+        if reached:
+            warnings.warn(self._non_finite_message([(i, orders[i]) for i in reached]), UserWarning, stacklevel=3)
+
+    def _non_finite_message(self, steps) -> str:
+        named = [(i, self._host_timesteps[i], order) for i, order in steps[:4]]
+        return (
+            f"{type(self).__name__}: the coefficients of (step, timestep, order) {named} are not finite: where two "
+            "consecutive sigmas are equal (a repeated timestep), the multistep update after them divides by their "
+            "log-SNR difference, 0 (diffusers returns inf/NaN there, and this scheduler raises at that step). "
+            "Remove the repeated timestep, use fewer steps than num_train_timesteps, or solver_order=1"
+        )
 
     def prepare_cuda_graph(self, sample: torch.Tensor, model_output: torch.Tensor | None = None) -> None:
         """Make this scheduler's steps capturable in a CUDA graph (call after ``set_timesteps``
@@ -262,8 +273,11 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             model_output = model_output[:, :3]  # diffusers keeps the first 3 channels (the mean)
 
         order = self._order_at(i, n, self._lower_order_nums)
+        row = row_index(i, order)
+        if row in self._non_finite_rows:
+            raise ValueError(self._non_finite_message([(i, order)]))
         coefficient_dtype = self._coefficient_dtype(sample, model_output)
-        rows = self._table.row(row_index(i, order), sample.device, coefficient_dtype)
+        rows = self._table.row(row, sample.device, coefficient_dtype)
 
         noise = self._sde_noise(model_output, generator, variance_noise)
         history = tuple(self.model_outputs[-1 : -order : -1]) if order > 1 else ()
