@@ -27,7 +27,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fused_sched import ops
+from fused_sched import ops, verify
 
 from conftest import backend_device
 from drivers import PAIRS, StepArgs, relative_error, run_trajectory, trajectories
@@ -351,20 +351,75 @@ def test_noise_prediction_solvers_keep_float32_accuracy_at_small_alpha(backend, 
     assert diffusers_off > 10 * fused_off, "the case no longer shows the cancellation; pick a harder one"
 
 
+def _diffusers_in_float64(kind, config, n, device):
+    """diffusers' own step as a float64 evaluation, independent of the fused tables: its
+    schedule (the float32 values diffusers stores) cast to float64 after set_timesteps, so
+    every scalar its step forms from it, and the step itself on float64 inputs, is float64."""
+    scheduler = PAIRS[kind][0](**config)
+    scheduler.set_timesteps(n, device=device)
+    if kind == "dpm":
+        scheduler.sigmas = scheduler.sigmas.double()
+    else:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+        scheduler.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).double()
+    return scheduler
+
+
+@pytest.mark.parametrize("kind, config, n", [
+    ("dpm", dict(algorithm_type="dpmsolver", prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2",
+                 use_exponential_sigmas=True, final_sigmas_type="sigma_min"), 5),
+    ("dpm", dict(algorithm_type="dpmsolver", prediction_type="v_prediction", beta_schedule="linear",
+                 use_beta_sigmas=True, final_sigmas_type="sigma_min"), 10),
+    ("ddim", dict(prediction_type="v_prediction", beta_schedule="linear", timestep_spacing="trailing"), 25),
+])
+def test_steps_are_no_farther_from_float64_than_diffusers(backend, device, kind, config, n):
+    """Each step, fed diffusers' sample and the same model output, is no farther from a
+    float64 evaluation (diffusers' own step with its schedule cast to float64) than
+    diffusers' float32 step is, plus one float32 ulp of the result (DESIGN.md's contract).
+
+    This holds because the tables form every scalar (alpha, sigma, lambda, h, e^h, the
+    square roots) in float64 from the schedule's stored values and round each coefficient
+    once. Formed in float32 with diffusers' operations, as they were, the coefficients
+    carried one more float32 rounding than diffusers' own scalars, and the fold of the
+    history value (dpmsolver) or of eps into x (DDIM with v-prediction) amplified it: these
+    cases were 1.39x, 1.27x and 1.15x diffusers' distance from float64 (+ the ulp)."""
+    reference = PAIRS[kind][0](**config)
+    reference.set_timesteps(n, device=device)
+    fused = PAIRS[kind][1](**config)
+    fused.set_timesteps(n, device=device)
+    exact = _diffusers_in_float64(kind, config, n, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g).to(device)
+    pattern = torch.randn(2, 4, 8, 8, generator=g).to(device)
+    for i, t in enumerate(reference.timesteps):
+        m = verify.stand_in_model(x, t, pattern)
+        ref_prev = reference.step(m, t, x).prev_sample
+        fused_prev = fused.step(m, fused.timesteps[i], x).prev_sample
+        truth = exact.step(m.double(), t, x.double()).prev_sample
+        ulp = torch.finfo(torch.float32).eps
+        assert relative_error(fused_prev, truth) <= relative_error(ref_prev, truth) + ulp, f"step {i}"
+        x = ref_prev
+
+
 def test_ill_conditioned_trajectories_are_judged_from_identical_inputs(backend, device):
     """Zero-SNR cosine schedule, beta sigmas, thresholding: at step 8 sigma falls from 193 to
-    0.006, and x0 = (x - sigma*eps)/alpha divides the float32 rounding the sample has gathered
-    over eight steps (~1e-7) by alpha ~ 0.005. The two float32 trajectories end ~1.7e-4
-    apart, each ~1e-4 from float64, depending on which ulps each rounded. Fed identical
-    inputs (teacher forcing), the fused step there is ~4e-7 from its float64 evaluation and
-    diffusers' ~3e-5 (it rounds sigma*eps before the cancellation; the fused step forms
-    x - sigma*eps in one fused multiply-add): ``check_conformance`` accepts the trajectory
-    on that step-by-step evidence, and this test pins the evidence down."""
+    0.006, and x0 = (x - sigma*eps)/alpha divides by alpha ~ 0.005 both the float32 rounding
+    the sample has gathered over eight steps and each evaluation's own rounding of sigma*eps.
+    The two float32 trajectories end ~3e-4 apart. Fed identical inputs, history included
+    (teacher forcing), the fused step there is ~9e-6 from a float64 evaluation and
+    diffusers' ~2e-5, each the float32 rounding of sigma*eps over alpha:
+    ``check_conformance`` accepts the trajectory on that step-by-step evidence, and this
+    test pins the evidence down."""
     config = dict(beta_schedule="squaredcos_cap_v2", solver_order=3, prediction_type="epsilon",
                   algorithm_type="dpmsolver++", thresholding=True, dynamic_thresholding_ratio=0.87,
                   sample_max_value=1.0, lower_order_final=True, use_beta_sigmas=True, rescale_betas_zero_snr=True)
     shape = (2, 3, 3, 6, 6)
     check_conformance("dpm", config, 10, shape, device=device)
-    _, _, results = trajectories("dpm", config, 10, shape, device=device, oracle=True, start_at_first_step=True)
+    run = functools.partial(run_trajectory, "dpm", config=config, n=10, shape=shape, device=device)
+    fused, _ = run(PAIRS["dpm"][1](**config))
+    ref, _ = run(PAIRS["dpm"][0](**config), start_at_first_step=True)
+    assert relative_error(fused[-1][0], ref[-1][0]) > FP32_TOLERANCE, "the case no longer shows the amplification"
+    _, _, results = trajectories("dpm", config, 10, shape, device=device, oracle=True, start_at_first_step=True,
+                                 share_history=True)
     (ref_prev, _), (fused_prev, _), _, (exact_prev, _), _ = results[8]
     assert relative_error(fused_prev, exact_prev) <= relative_error(ref_prev, exact_prev)

@@ -1,9 +1,10 @@
 """Coefficient rows of the DDIM family (DDIM, DDIMInverse, CogVideoXDDIM, CogVideoXDPM).
 
 Every table here is indexed by the *training* timestep t (one row per t in [0, T)), so a
-step with any timestep selects a row without arithmetic. The schedule's scalars are formed
-in the dtype of ``alphas_cumprod`` (float32, float64 for CogVideoX's scaled_linear) with
-the operations diffusers uses; only their products are composed in float64.
+step with any timestep selects a row without arithmetic. The schedule's scalars follow
+diffusers' formulas in the dtype of the ``alphas_cumprod`` given; the schedulers pass
+float64 (``DDIMFamilyMixin``), so each coefficient is rounded to the step's dtype once,
+when the table is placed.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ def cogvideox_dpm_tables(
 
 def cogvideox_dpm_history_columns(terms_t: torch.Tensor, lambda_back: torch.Tensor):
     """(O0, O1) in float64 of the second-order rows: ``terms_t`` (N, 3) solver terms at t,
-    ``lambda_back`` (N,) lambda at the previous timesteps. r, M3 and M4 are formed in the
-    terms' dtype, as diffusers forms them; only the products with M2 are float64."""
+    ``lambda_back`` (N,) lambda at the previous timesteps, in the terms' dtype (float64 from
+    the schedulers), on the host or on the device."""
     r = (terms_t[:, LAMBDA] - lambda_back) / terms_t[:, H]
     half_inverse = 1 / (2 * r)
     m2 = terms_t[:, M2].to(torch.float64)

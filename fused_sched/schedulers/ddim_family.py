@@ -35,7 +35,10 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         # see _step_dtypes; kept across schedules (it depends on the config alone), so a
         # traced step's guards on it stay valid after set_timesteps
         self._dtypes_by_input = getattr(self, "_dtypes_by_input", {})
-        self._host_alphas = (self.alphas_cumprod.cpu(), self._boundary_alpha().cpu())
+        # float64: every scalar of the tables is formed from diffusers' stored (float32)
+        # alphas in float64 and rounded once when placed; formed in float32, their rounding
+        # was composed further and some steps landed farther from float64 than diffusers'
+        self._host_alphas = (self.alphas_cumprod.cpu().double(), self._boundary_alpha().cpu().double())
         self._build_tables(device)  # each class installs the tables its step reads
 
     def _check_schedule_in_training_range(self) -> None:

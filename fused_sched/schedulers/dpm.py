@@ -72,7 +72,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     def _build_schedule(self, device) -> None:
         self._remember_schedule()
         self._clip = self._clip_options()  # made per schedule: steps read no config
-        table = dpm_table(self.config, self.sigmas.cpu())
+        table = dpm_table(self.config, self.sigmas.cpu().double())  # float64 scalars: see dpm_table
         self._note_non_finite_rows(table, len(self._host_timesteps))
         # Same shapes as the previous schedule (same number of steps): refilled in place, so a
         # CUDA graph captured over traced steps stays valid after set_timesteps.
