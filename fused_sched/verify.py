@@ -75,3 +75,82 @@ def verify(kind: str, shape=(2, 4, 16, 16), steps: int = 20, device="cpu") -> li
                     for f, r in zip(fused, reference))
         verdicts.append(Verdict(name, error, error <= FP32_TOLERANCE, note))
     return verdicts
+
+
+# ---- distance from a float64 evaluation, step by step ------------------------------------
+
+FLOAT32_ULP = 2.0**-23
+
+
+@dataclasses.dataclass
+class StepDistance:
+    """One output of one step: max|y - y64| / max|y64| for diffusers' and the fused step."""
+
+    step: int
+    output: str  # "prev", or "stored": DPM's history value, DDIM's x0
+    diffusers: float
+    fused: float
+
+    @property
+    def ratio(self) -> float:
+        """The fused distance over diffusers' plus one float32 ulp: above 1 breaks DESIGN.md's contract."""
+        return self.fused / (self.diffusers + FLOAT32_ULP)
+
+
+def in_float64(scheduler) -> None:
+    """Cast a diffusers scheduler's schedule (after set_timesteps) to float64: every scalar its
+    step forms from it is then float64, and so is the step on float64 inputs."""
+    if hasattr(scheduler, "sigmas"):
+        scheduler.sigmas = scheduler.sigmas.double()
+    if hasattr(scheduler, "final_alpha_cumprod"):
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+        scheduler.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).double()
+
+
+def _distance(value: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((value.double() - exact).abs().max() / exact.abs().max().clamp(min=1e-30))
+
+
+def _stored(scheduler, output):
+    return scheduler.model_outputs[-1] if hasattr(scheduler, "model_outputs") else output.pred_original_sample
+
+
+def float64_distances(reference_cls, fused_cls, config: dict, steps: int, step_kwargs=None, shape=(2, 4, 8, 8),
+                      seed: int = 0, device="cpu") -> list[StepDistance]:
+    """Every step of diffusers' float32 trajectory evaluated three ways from the same sample,
+    model output, noise and multistep history: diffusers' step, the fused step (the current
+    backend), and diffusers' own step in float64 (``in_float64``), which shares nothing with
+    the fused tables. Steps where the float64 evaluation is not finite are not judged."""
+    step_kwargs = step_kwargs or {}
+    reference, exact, fused = reference_cls(**config), reference_cls(**config), fused_cls(**config)
+    for scheduler in (reference, exact, fused):
+        scheduler.set_timesteps(steps, device=device)
+    in_float64(exact)
+    multistep = hasattr(reference, "model_outputs")
+    if multistep and len(set(reference.timesteps.tolist())) < steps:
+        reference._step_index = exact._step_index = 0  # diffusers' lookup would skip a repeated first timestep
+    g = torch.Generator().manual_seed(seed)
+    x, pattern = (torch.randn(shape, generator=g).to(device) for _ in range(2))
+    distances = []
+    for i, t in enumerate(reference.timesteps):
+        m = stand_in_model(x, t, pattern)
+        noise = torch.randn(shape, generator=g).to(device) if step_kwargs.get("eta") else None
+
+        def arguments(variance_noise):
+            return step_kwargs if variance_noise is None else dict(step_kwargs, variance_noise=variance_noise)
+
+        if multistep:  # the same history for all three: each step is judged on its own
+            fused.model_outputs = [None if h is None else h.clone() for h in reference.model_outputs]
+            exact.model_outputs = [None if h is None else h.double() for h in reference.model_outputs]
+        ref_out = reference.step(m, t, x, **arguments(noise))
+        exact_out = exact.step(m.double(), t, x.double(), **arguments(None if noise is None else noise.double()))
+        fused_out = fused.step(m, fused.timesteps[i], x, **arguments(noise))
+        for name, ref_value, fused_value, exact_value in (
+                ("prev", ref_out.prev_sample, fused_out.prev_sample, exact_out.prev_sample),
+                ("stored", _stored(reference, ref_out), _stored(fused, fused_out), _stored(exact, exact_out))):
+            if bool(torch.isfinite(exact_value).all()):
+                distances.append(StepDistance(i, name, _distance(ref_value, exact_value),
+                                              _distance(fused_value, exact_value)))
+        x = ref_out.prev_sample
+    return distances
+

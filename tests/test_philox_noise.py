@@ -233,8 +233,10 @@ def test_philox_step_is_the_tensor_step_with_the_same_z(backend, clip, history, 
     bound = column(layout.ON).abs() * Z_RTOL * z_ref.abs() * 1.01 + out_ulp + 1e-30
     cpu_default = torch.backends.cpu.get_cpu_capability() == "DEFAULT"
     if DEVICE.type == "cpu" and (cpu_default or not _fma_rounds_once(backend)):
-        terms = [(layout.OX, x), (layout.OM, m), (layout.ON, z_ref), (layout.O1, h1), (layout.O2, h2)]
-        magnitude = sum(column(k).abs() * t.abs() for k, t in terms) + column(layout.O0).abs() * 4
+        d_size = 4  # |d| here, with these rows and inputs; history enters as d - h1, h1 - h2
+        terms = [(layout.OX, x.abs()), (layout.OM, m.abs()), (layout.ON, z_ref.abs()), (layout.O0, d_size),
+                 (layout.O1, d_size + h1.abs()), (layout.O2, h1.abs() + h2.abs())]
+        magnitude = sum(column(k).abs() * t for k, t in terms)
         bound = bound + magnitude * 8 * 2.0**-24
     assert bool(((got.prev_sample.float() - reference.prev_sample.float()).abs() <= bound).all())
 

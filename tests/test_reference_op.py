@@ -44,9 +44,10 @@ def test_reference_formula_in_float64():
         k = c[b].tolist()
         for j in range(33):
             e0 = min(max(k[L.AS] * (k[L.AX] * x[b, j].item() + k[L.AM] * m[b, j].item()), -0.5), 0.5)
-            ed = k[L.PX] * x[b, j].item() + k[L.P0] * e0 + k[L.PM] * m[b, j].item()
+            ed = k[L.PS] * (k[L.PX] * x[b, j].item() + k[L.P0] * e0 + k[L.PM] * m[b, j].item())
             eo = (k[L.OX] * x[b, j].item() + k[L.OC] * e0 + k[L.O0] * ed + k[L.OM] * m[b, j].item()
-                  + k[L.O1] * h1[b, j].item() + k[L.O2] * h2[b, j].item() + k[L.ON] * z[b, j].item())
+                  + k[L.O1] * (ed - h1[b, j].item()) + k[L.O2] * (h1[b, j].item() - h2[b, j].item())
+                  + k[L.ON] * z[b, j].item())
             assert x0[b, j].item() == pytest.approx(e0, rel=1e-12, abs=1e-12)
             assert d[b, j].item() == pytest.approx(ed, rel=1e-12, abs=1e-12)
             assert prev[b, j].item() == pytest.approx(eo, rel=1e-12, abs=1e-12)
@@ -65,7 +66,7 @@ def test_clipped_x0_enters_the_output_only_when_clipping(backend):
     m = torch.tensor([[0.5, 1.0, 0.25, -1.0]], device=device)
     rows = torch.zeros(1, L.NUM_COEFFICIENTS, device=device)
     rows[0, L.AX], rows[0, L.AM], rows[0, L.AS] = 1.0, -1.0, math.inf  # x0 = inf*(x - m)
-    rows[0, L.P0], rows[0, L.OX], rows[0, L.O0], rows[0, L.OC] = 1.0, 2.0, 3.0, 0.0  # d = x0
+    rows[0, L.P0], rows[0, L.PS], rows[0, L.OX], rows[0, L.O0], rows[0, L.OC] = 1.0, 1.0, 2.0, 3.0, 0.0  # d = x0
     prev = ops.fused_step(x, m, rows, backend=backend).prev_sample
     assert torch.equal(prev, torch.tensor([[math.inf, -math.inf, math.inf, math.inf]], device=device))
     rows[0, L.AS], rows[0, L.OC] = 1.0, 5.0
@@ -106,7 +107,7 @@ def test_thresholding_scales_each_batch_row_for_any_rank(backend, shape):
     g = torch.Generator().manual_seed(5)
     x, m = (torch.randn(shape, generator=g) * 3 for _ in range(2))
     rows = torch.zeros(1, L.NUM_COEFFICIENTS)
-    rows[0, L.AX], rows[0, L.AM], rows[0, L.AS], rows[0, L.P0], rows[0, L.O0] = 1.0, -0.5, 1.0, 1.0, 1.0
+    rows[0, L.AX], rows[0, L.AM], rows[0, L.AS], rows[0, L.P0], rows[0, L.PS], rows[0, L.O0] = 1.0, -0.5, 1.0, 1.0, 1.0, 1.0
     out = ops.fused_step(x.to(device), m.to(device), rows.to(device), clip="threshold", threshold_ratio=0.7,
                          threshold_max=2.0, x0_dtype=torch.float32, backend=backend)
     x0 = torch.addcmul(x, rows[0, L.AM], m)

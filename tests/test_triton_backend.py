@@ -121,8 +121,9 @@ def contraction_bound(x, m, c, h, z):
     d = column(layout.PX) * size(x) + column(layout.P0) * x0 + column(layout.PM) * size(m)
     out = (column(layout.OX) * size(x) + column(layout.OC) * x0 + column(layout.O0) * d
            + column(layout.OM) * size(m))
-    for k, t in zip((layout.O1, layout.O2), h):
-        out = out + column(k) * size(t)
+    values = (d,) + tuple(size(t) for t in h)  # history enters as d - h1, h1 - h2
+    for k, newer, older in zip((layout.O1, layout.O2), values, values[1:]):
+        out = out + column(k) * (newer + older)
     if z is not None:
         out = out + column(layout.ON) * size(z)
     return 16 * 2.0**-24 * torch.maximum(torch.maximum(x0, d), out)

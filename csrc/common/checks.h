@@ -42,10 +42,10 @@ inline void check_tensor_like(const char* backend, const char* name, const at::T
               " must be contiguous (pass ", name, ".contiguous()); got strides ", t.strides());
 }
 
-// The bits of absent terms (layout.absent_terms): term columns only, never AS, which scales a
-// sum rather than weighing a term of it.
+// The bits of absent terms (layout.absent_terms): term columns only, never AS or PS, which
+// scale a sum rather than weigh a term of it.
 inline uint32_t checked_absent_terms(const char* backend, int64_t absent_terms) {
-  constexpr int64_t kAllTerms = ((int64_t{1} << kNumCoefficients) - 1) & ~(int64_t{1} << kAS);
+  constexpr int64_t kAllTerms = ((int64_t{1} << kNumCoefficients) - 1) & ~(int64_t{1} << kAS) & ~(int64_t{1} << kPS);
   TORCH_CHECK((absent_terms & ~kAllTerms) == 0, "fused_sched ", backend, " backend: absent_terms=", absent_terms,
               " has bits outside the term columns (mask ", kAllTerms, ")");
   return static_cast<uint32_t>(absent_terms);

@@ -106,10 +106,11 @@ def cogvideox_dpm_tables(
 
     Returns (first-order rows, solver terms). A first-order row gives
     prev = M1*x - M2*x0 + Mn*z. The second-order step, prev = M1*x - M2*(M3*x0 - M4*old)
-    with old in history slot h1, differs from it only in O0 and O1, which depend on the
-    previous timestep too: ``cogvideox_dpm_history_columns`` makes them from the solver
-    terms (lambda_t, h, M2) at t and lambda at the previous timestep, with + - * / only,
-    so host and device give the same bits.
+    with M3 = 1 + M4, is M1*x - M2*x0 - M2*M4*(x0 - old) + Mn*z with old in history slot h1
+    (layout.py's differences, d = x0): it differs from the first-order row only in O1,
+    which depends on the previous timestep too: ``cogvideox_dpm_history_column`` makes it
+    from the solver terms (lambda_t, h, M2) at t and lambda at the previous timestep, with
+    + - * / only, so host and device give the same bits.
     """
     a_t, a_p = _previous_alphas(alphas_cumprod, step_gap, final_alpha_cumprod)
     x0 = x0_conversion(prediction_type, a_t**0.5, (1 - a_t) ** 0.5)
@@ -122,11 +123,9 @@ def cogvideox_dpm_tables(
     return rows, torch.stack([lam, h, m2], dim=1)
 
 
-def cogvideox_dpm_history_columns(terms_t: torch.Tensor, lambda_back: torch.Tensor):
-    """(O0, O1) in float64 of the second-order rows: ``terms_t`` (N, 3) solver terms at t,
-    ``lambda_back`` (N,) lambda at the previous timesteps, in the terms' dtype (float64 from
-    the schedulers), on the host or on the device."""
+def cogvideox_dpm_history_column(terms_t: torch.Tensor, lambda_back: torch.Tensor) -> torch.Tensor:
+    """O1 = -M2*M4 of the second-order rows, M4 = 1/(2r): ``terms_t`` (N, 3) solver terms
+    at t, ``lambda_back`` (N,) lambda at the previous timesteps, in the terms' dtype
+    (float64 from the schedulers), on the host or on the device."""
     r = (terms_t[:, LAMBDA] - lambda_back) / terms_t[:, H]
-    half_inverse = 1 / (2 * r)
-    m2 = terms_t[:, M2].to(torch.float64)
-    return -m2 * (1 + half_inverse).to(torch.float64), m2 * half_inverse.to(torch.float64)
+    return -terms_t[:, M2] * (1 / (2 * r))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import layout as L
-from .table import assemble, eps_conversion, fold_history_value, x0_conversion
+from .table import assemble, difference_weights, eps_conversion, fold_history_value, x0_conversion
 
 MAX_ORDER = 3
 DATA_PREDICTION_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
@@ -39,20 +39,24 @@ def _shifted(values: torch.Tensor, back: int, steps: int) -> torch.Tensor:
 
 
 def _conversion_columns(config, sigmas, alpha, sigma, steps):
-    """x0 = as*(ax*x + am*m) and the history value d = px*x + p0*x0c + pm*m at sigma index i."""
+    """x0 = as*(ax*x + am*m) and the history value d = ps*(px*x + p0*x0c + pm*m) at sigma index i."""
     s, a, sg = sigmas[:steps], alpha[:steps], sigma[:steps]
     prediction = config.prediction_type
     if config.algorithm_type in DATA_PREDICTION_ALGORITHMS:
         if prediction == "flow_prediction":
             return dict(ax=torch.ones_like(s), am=-s, p0=1.0)
         return dict(**x0_conversion(prediction, a, sg), p0=1.0)
-    # dpmsolver / sde-dpmsolver store eps; x0 = (x - sigma*eps)/alpha only matters for thresholding.
-    ex, em = eps_conversion(prediction, a, sg)
-    ex, em = ex.double(), em.double()
-    a64, s64 = a.double(), sg.double()
-    x0 = dict(ax=1 - s64 * ex, am=-s64 * em, **{"as": 1 / a64})
+    # dpmsolver / sde-dpmsolver store eps; x0 only matters for thresholding. Where eps is
+    # (x - alpha*x0)/sigma it is scaled after it cancels (PS, layout.py), as diffusers does.
+    if prediction == "sample":
+        x0 = dict(ax=0.0, am=1.0)
+    else:
+        ex, em = eps_conversion(prediction, a, sg)
+        x0 = dict(ax=1 - sg * ex, am=-sg * em, **{"as": 1 / a})  # (x - sigma*eps)/alpha
     if config.thresholding:
-        return dict(**x0, px=1 / s64, p0=-a64 / s64)
+        return dict(**x0, ps=1 / sg, px=1.0, p0=-a)
+    if prediction == "sample":
+        return dict(**x0, ps=1 / sg, px=1.0, pm=-a)
     return dict(**x0, px=ex, pm=em)
 
 
@@ -163,8 +167,9 @@ def dpm_table(config, sigmas: torch.Tensor) -> torch.Tensor:
         )
         D0, D1, D2 = _history_weights(order, r0, r1)
         k = [v.double() for v in (k0, k1, k2)]
-        history = [k[0] * D0[j] + k[1] * D1[j] + k[2] * D2[j] for j in range(3)]
-        table = assemble(steps, ox=ox, o0=history[0], o1=history[1], o2=history[2], on=on, **conversion)
+        weights = [k[0] * D0[j] + k[1] * D1[j] + k[2] * D2[j] for j in range(3)]  # of M0, M1, M2
+        o0, o1, o2 = difference_weights(*weights)
+        table = assemble(steps, ox=ox, o0=o0, o1=o1, o2=o2, on=on, **conversion)
         if config.algorithm_type not in DATA_PREDICTION_ALGORITHMS:
             table = fold_history_value(table)  # d = eps cancels against x where alpha is small
         output = list(L.OUTPUT_COLUMNS)

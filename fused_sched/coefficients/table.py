@@ -11,30 +11,37 @@ def assemble(rows: int, **columns) -> torch.Tensor:
     """A float64 (rows, K) table from named columns (see ``layout.COLUMN_NAMES``).
 
     Each column is a scalar or a tensor of ``rows`` values; missing columns are 0, except
-    the x0 scale AS, which is 1.
+    the scales AS and PS, which are 1.
     """
     table = torch.zeros(rows, L.NUM_COEFFICIENTS, dtype=torch.float64)
-    table[:, L.AS] = 1.0
+    table[:, L.SCALE_COLUMNS] = 1.0
     for name, value in columns.items():
         table[:, L.COLUMN_NAMES.index(name)] = torch.as_tensor(value, dtype=torch.float64)
     return table
 
 
 def fold_history_value(table: torch.Tensor) -> torch.Tensor:
-    """The table with the current step's history value d = PX*x + P0*x0 + PM*m folded into
-    the output's own columns (OX += O0*PX, OC += O0*P0, OM += O0*PM, O0 = 0), in float64.
+    """The table with the current step's history value d = PS*(PX*x + P0*x0 + PM*m) folded
+    into the output's own columns (OX += O0*PS*PX, OC += O0*PS*P0, OM += O0*PS*PM, O0 = 0),
+    in float64.
 
     For solvers whose d is eps recomputed from x (dpmsolver, sde-dpmsolver), OX and O0*PX can
     be ~1e3 and nearly opposite where alpha is small; folded here, the step never forms the
     two large terms in fp32 (layout.py). d itself is unchanged: the history still stores it.
     """
     folded = table.clone()
-    o0 = table[:, L.O0]
+    o0 = table[:, L.O0] * table[:, L.PS]
     folded[:, L.OX] += o0 * table[:, L.PX]
     folded[:, L.OC] += o0 * table[:, L.P0]
     folded[:, L.OM] += o0 * table[:, L.PM]
     folded[:, L.O0] = 0.0
     return folded
+
+
+def difference_weights(w0, w1, w2):
+    """The columns (O0, O1, O2) of the combination w0*d + w1*h1 + w2*h2, which the step
+    forms as O0*d + O1*(d - h1) + O2*(h1 - h2) (layout.py)."""
+    return w0 + w1 + w2, -(w1 + w2), -w2
 
 
 def x0_conversion(prediction_type: str, alpha, sigma):

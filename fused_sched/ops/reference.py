@@ -45,7 +45,7 @@ def _rows(coefficients: torch.Tensor, ndim: int, dtype: torch.dtype):
 class _ColumnViews:
     """Column views of recently used coefficient rows, reused across steps.
 
-    Splitting a row into thirteen views costs more than the step's arithmetic on a small
+    Splitting a row into fourteen views costs more than the step's arithmetic on a small
     latent, and a schedule passes the same few rows again and again. Schedulers pass the
     same row object for the same row (``PlacedTable.row``), found by identity; other rows
     are found by the memory they occupy (address, shape, strides, dtype, device): two live
@@ -158,22 +158,35 @@ def linear_form(columns: tuple[int, ...], known: Mapping[int, float]):
     return form
 
 
-def _x0_program(known: Mapping[int, float]):
-    """x0 = AS*(AX*x + AM*m), before any clipping, as f(c, x, m); ``f.passes_through`` as
-    for ``linear_form`` (x0 is x or m itself), else x0 is a new tensor."""
-    combination = linear_form((L.AX, L.AM), known)
-    scaled = known.get(L.AS) != 1.0
+def scaled_form(columns: tuple[int, ...], scale: int, known: Mapping[int, float]):
+    """f(c, tensors) = c[scale] * (the ``linear_form`` of ``columns``): the sum is formed
+    first and scaled after (layout.py's AS and PS); None when every term is known to be
+    zero. ``f.passes_through`` as for ``linear_form`` where the scale is known to be 1,
+    else None: the result is then a new tensor."""
+    combination = linear_form(columns, known)
+    scaled = known.get(scale) != 1.0
     owned = combination.passes_through is None  # the sum is a new tensor: scale it in place
 
-    def x0(c, x, m):
-        total = combination(c, (x, m))
-        if total is None:
-            return torch.full_like(x, EMPTY_SUM)
-        if not scaled:
+    def form(c, tensors):
+        total = combination(c, tensors)
+        if total is None or not scaled:
             return total
-        return total.mul_(c[L.AS]) if owned else total * c[L.AS]
+        return total.mul_(c[scale]) if owned else total * c[scale]
 
-    x0.passes_through = None if scaled else combination.passes_through  # 0: x, 1: m
+    form.passes_through = None if scaled else combination.passes_through
+    return form
+
+
+def _x0_program(known: Mapping[int, float]):
+    """x0 = AS*(AX*x + AM*m), before any clipping, as f(c, x, m); ``f.passes_through`` as
+    for ``scaled_form`` (x0 is x or m itself), else x0 is a new tensor."""
+    form = scaled_form((L.AX, L.AM), L.AS, known)
+
+    def x0(c, x, m):
+        total = form(c, (x, m))
+        return torch.full_like(x, EMPTY_SUM) if total is None else total
+
+    x0.passes_through = form.passes_through  # 0: x, 1: m
     return x0
 
 
@@ -251,7 +264,7 @@ def step_program(clip: str, clip_range: float, history: int, noise: str, dtype: 
     known = dict(known)
     x0_of = _x0_program(known)
     x0_owned = x0_of.passes_through is None  # a new tensor, clamped in place
-    d_of = linear_form((L.PX, L.P0, L.PM), known)
+    d_of = scaled_form((L.PX, L.P0, L.PM), L.PS, known)
     clipped = clip != "none"
     draws = noise == "tensor" or (noise == "philox" and known.get(L.ON) != 0.0)  # a known-zero term draws nothing
     philox = noise == "philox"
@@ -280,8 +293,9 @@ def step_program(clip: str, clip_range: float, history: int, noise: str, dtype: 
         if d is None:
             d = torch.full_like(x, EMPTY_SUM)
         terms = (x, x0, d, m) if clipped else (x, d, m)
-        if history:
-            terms += tuple(_as(h, dtype) for h in history)
+        if history:  # as differences of consecutive values, d - h1 and h1 - h2 (layout.py)
+            values = (d,) + tuple(_as(h, dtype) for h in history)
+            terms += tuple(newer - older for newer, older in zip(values, values[1:]))
         if draws:
             terms += (noise_like(noise, x, dtype) if philox else _as(noise, dtype),)
         out = out_of(c, terms)

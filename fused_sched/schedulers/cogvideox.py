@@ -13,7 +13,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, SchedulerMi
 from diffusers.schedulers.scheduling_ddim_cogvideox import DDIMSchedulerOutput
 
 from .. import ops
-from ..coefficients.ddim import LAMBDA, cogvideox_ddim_table, cogvideox_dpm_history_columns, cogvideox_dpm_tables
+from ..coefficients.ddim import LAMBDA, cogvideox_ddim_table, cogvideox_dpm_history_column, cogvideox_dpm_tables
 from ..coefficients.table import PlacedTable, normalized_device
 from ..ops import layout as L
 from .base import validated_init
@@ -91,8 +91,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         t = torch.tensor([p[0] for p in pairs])
         back = torch.tensor([p[1] for p in pairs])
         rows = self._tables["first"].host[t].clone()
-        rows[:, L.O0], rows[:, L.O1] = cogvideox_dpm_history_columns(
-            self._solver_terms[t], self._solver_terms[back, LAMBDA])
+        rows[:, L.O1] = cogvideox_dpm_history_column(self._solver_terms[t], self._solver_terms[back, LAMBDA])
         bad = [pair for pair, row in zip(pairs, rows) if not bool(torch.isfinite(row).all())]
         if bad:
             raise ValueError(
@@ -179,7 +178,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         """The step with the order chosen on the device, reading no timestep value.
 
         Without history it is the first-order step. With history, the first-order row and
-        the second-order row (its O0, O1 made from the solver terms at both timesteps, the
+        the second-order row (its O1 made from the solver terms at both timesteps, the
         same arithmetic as the eager table) are both formed, and ``t - gap >= 0`` selects
         one; the history term is always passed (O1 = 0 in a first-order row). Noise follows
         the eager draws: the second-order step uses the second draw, so with in-kernel noise
@@ -205,15 +204,14 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
                 )
             back = self._device_index(timestep_back, "timestep_back", device)
             terms = self._terms_on(device)
-            o0, o1 = cogvideox_dpm_history_columns(terms.index_select(0, t), terms.index_select(0, back)[:, LAMBDA])
+            o1 = cogvideox_dpm_history_column(terms.index_select(0, t), terms.index_select(0, back)[:, LAMBDA])
             column = torch.arange(rows.shape[1], device=device)
-            second_rows = torch.where(column == L.O0, o0.to(dtype)[:, None],
-                                      torch.where(column == L.O1, o1.to(dtype)[:, None], rows))
+            second_rows = torch.where(column == L.O1, o1.to(dtype)[:, None], rows)
             second_order = (t - self._step_gap() >= 0)[:, None]
             rows = torch.where(second_order, second_rows, rows)
             noise = self._second_draw(noise, second_order, sample.shape, generator, device, sample.dtype)
             history = (old,)
-            known = known.only(set(range(L.NUM_COEFFICIENTS)) - {L.O0, L.O1})
+            known = known.only(set(range(L.NUM_COEFFICIENTS)) - {L.O1})
         prev, _, x0 = ops.fused_step(sample, model_output, rows, history=history, noise=noise,
                                      x0_dtype=x0_dtype, constant_columns=known)
         if old is None or not return_dict:

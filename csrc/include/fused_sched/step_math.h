@@ -39,14 +39,15 @@ enum Column : int {
   kON = 10,
   kAS = 11,
   kOC = 12,
-  kNumCoefficients = 13,
+  kPS = 13,
+  kNumCoefficients = 14,
 };
 
 // Values match layout.CLIP_MODES' positions; the bindings pass them as ints.
 enum class Clip : int { kNone = 0, kClamp = 1, kThreshold = 2 };
 
 struct Coefficients {
-  float ax, am, px, p0, pm, ox, o0, om, o1, o2, on, as, oc;
+  float ax, am, px, p0, pm, ox, o0, om, o1, o2, on, as, oc, ps;
   // Bits 1 << column of the terms known to be 0 in every row (layout.absent_terms): left
   // out of the sums, not multiplied, since 0 * inf is NaN and -0 + 0*t is +0 where the
   // reference and diffusers have no such term.
@@ -69,6 +70,7 @@ FS_HD Coefficients load_coefficients(const float* row, uint32_t absent) {
   c.on = row[kON];
   c.as = row[kAS];
   c.oc = row[kOC];
+  c.ps = row[kPS];
   return c;
 }
 
@@ -77,6 +79,14 @@ FS_HD float mul(float a, float b) {
   return __fmul_rn(a, b);
 #else
   return a * b;
+#endif
+}
+
+FS_HD float sub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
 #endif
 }
 
@@ -142,23 +152,25 @@ FS_HD float apply_clip(float x0, float clip_range, float scale) {
   }
 }
 
-// d = PX*x + P0*x0 + PM*m: what the multistep history stores (two addcmuls in the reference).
+// d = PS*(PX*x + P0*x0 + PM*m): what the multistep history stores (two addcmuls, then a
+// product, in the reference). Scaled after the sum cancels, as x0 is (see layout.py).
 FS_HD float history_value(const Coefficients& c, float x, float x0, float m) {
-  return add_term(add_term(add_term(kEmptySum, c, kPX, c.px, x), c, kP0, c.p0, x0), c, kPM, c.pm, m);
+  return mul(add_term(add_term(add_term(kEmptySum, c, kPX, c.px, x), c, kP0, c.p0, x0), c, kPM, c.pm, m), c.ps);
 }
 
-// out = OX*x (+ OC*x0) + O0*d + OM*m (+ O1*h1) (+ O2*h2) (+ ON*z), terms added left to
-// right, each after the first by an addcmul in the reference. The clipped x0 enters only
-// when clipping: unclipped, it is linear in x and m (tables fold it into OX and OM) and
-// may be +-inf, where 0*x0 would be NaN (see layout.py).
+// out = OX*x (+ OC*x0) + O0*d + OM*m (+ O1*(d - h1)) (+ O2*(h1 - h2)) (+ ON*z), terms added
+// left to right, each after the first by an addcmul in the reference. The clipped x0
+// enters only when clipping: unclipped, it is linear in x and m (tables fold it into OX
+// and OM) and may be +-inf, where 0*x0 would be NaN. History enters as differences of
+// consecutive values, each rounded once before it is weighed (see layout.py).
 template <Clip kClip, int kHistory, bool kNoise>
 FS_HD float combine(const Coefficients& c, float x, float x0, float d, float m, float h1, float h2, float z) {
   static_assert(kHistory >= 0 && kHistory <= 2, "at most two history terms");
   float out = add_term(kEmptySum, c, kOX, c.ox, x);
   if constexpr (kClip != Clip::kNone) out = add_term(out, c, kOC, c.oc, x0);
   out = add_term(add_term(out, c, kO0, c.o0, d), c, kOM, c.om, m);
-  if constexpr (kHistory >= 1) out = add_term(out, c, kO1, c.o1, h1);
-  if constexpr (kHistory >= 2) out = add_term(out, c, kO2, c.o2, h2);
+  if constexpr (kHistory >= 1) out = add_term(out, c, kO1, c.o1, sub(d, h1));
+  if constexpr (kHistory >= 2) out = add_term(out, c, kO2, c.o2, sub(h1, h2));
   if constexpr (kNoise) out = add_term(out, c, kON, c.on, z);
   (void)x0;
   (void)h1;

@@ -38,6 +38,7 @@ O1 = tl.constexpr(L.O1)
 O2 = tl.constexpr(L.O2)
 ON = tl.constexpr(L.ON)
 AS = tl.constexpr(L.AS)
+PS = tl.constexpr(L.PS)
 OC = tl.constexpr(L.OC)
 NUM_COEFFICIENTS = L.NUM_COEFFICIENTS
 
@@ -88,6 +89,25 @@ def empty_sum(like):
     """-0.0 per element, where every sum starts: the identity of addition, so a first term
     fma(a, t, -0.0) is the product a*t rounded once, sign of zero included."""
     return tl.full(like.shape, -0.0, tl.float32)
+
+
+# A product that a later sum takes as an addend (d = PS*sum, then d - h1) is contracted into
+# an fma under fp fusion, by LLVM or by ptxas, which rounds d differently from the
+# reference; PTX's mul.rn is never contracted. The interpreter runs numpy, which never
+# contracts.
+_MUL_RN_BY_ASM = tl.constexpr(not INTERPRETED)
+
+
+@triton.jit
+def scaled(total, s):
+    """total*s, rounded once on its own (see _MUL_RN_BY_ASM)."""
+    if _MUL_RN_BY_ASM:
+        result = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r",
+                                           [total, tl.broadcast_to(s, total.shape)],
+                                           dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        result = total * s
+    return result
 
 
 @triton.jit

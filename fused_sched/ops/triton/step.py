@@ -118,16 +118,18 @@ def _step_kernel(
 
     empty = C.empty_sum(x)
     d = C.add_term(C.add_term(C.add_term(empty, px, x, C.PX, ABSENT), p0, x0, C.P0, ABSENT), pm, m, C.PM, ABSENT)
+    d = C.scaled(d, tl.load(coef + C.PS))  # scaled after the sum cancels (layout.py)
     out = C.add_term(empty, ox, x, C.OX, ABSENT)
     if CLIP != C.CLIP_NONE:  # unclipped, x0 is folded into OX and OM and may be +-inf (layout.py)
         out = C.add_term(out, tl.load(coef + C.OC), x0, C.OC, ABSENT)
     out = C.add_term(C.add_term(out, o0, d, C.O0, ABSENT), om, m, C.OM, ABSENT)
+    # History enters as differences of consecutive values (layout.py): d - h1, h1 - h2.
     if HISTORY >= 1:
         h1 = tl.load(h1_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
-        out = C.add_term(out, tl.load(coef + C.O1), h1, C.O1, ABSENT)
+        out = C.add_term(out, tl.load(coef + C.O1), d - h1, C.O1, ABSENT)
     if HISTORY >= 2:
         h2 = tl.load(h2_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
-        out = C.add_term(out, tl.load(coef + C.O2), h2, C.O2, ABSENT)
+        out = C.add_term(out, tl.load(coef + C.O2), h1 - h2, C.O2, ABSENT)
     if NOISE == C.NOISE_TENSOR:
         z = tl.load(z_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
         out = C.add_term(out, tl.load(coef + C.ON), z, C.ON, ABSENT)
