@@ -351,33 +351,37 @@ def test_noise_prediction_solvers_keep_float32_accuracy_at_small_alpha(backend, 
     assert diffusers_off > 10 * fused_off, "the case no longer shows the cancellation; pick a harder one"
 
 
-@pytest.mark.parametrize("kind, config, n", [
+@pytest.mark.parametrize("kind, config, n, step_kwargs", [
     ("dpm", dict(algorithm_type="dpmsolver", prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2",
-                 use_exponential_sigmas=True, final_sigmas_type="sigma_min"), 5),
+                 use_exponential_sigmas=True, final_sigmas_type="sigma_min"), 5, {}),
     ("dpm", dict(algorithm_type="dpmsolver", prediction_type="v_prediction", beta_schedule="linear",
-                 use_beta_sigmas=True, final_sigmas_type="sigma_min"), 10),
-    ("ddim", dict(prediction_type="v_prediction", beta_schedule="linear", timestep_spacing="trailing"), 25),
+                 use_beta_sigmas=True, final_sigmas_type="sigma_min"), 10, {}),
+    ("ddim", dict(prediction_type="v_prediction", beta_schedule="linear", timestep_spacing="trailing"), 25, {}),
     # a final jump in log-SNR after close history points: 1/r0 ~ 35 (history as differences)
     ("dpm", dict(algorithm_type="dpmsolver++", prediction_type="sample", beta_schedule="squaredcos_cap_v2",
-                 use_beta_sigmas=True, solver_order=3, final_sigmas_type="sigma_min"), 20),
+                 use_beta_sigmas=True, solver_order=3, final_sigmas_type="sigma_min"), 20, {}),
+    # x0 = (x - sigma*eps)/alpha at alpha ~ 5e-4, thresholded (AM's low part AL)
+    ("dpm", dict(algorithm_type="dpmsolver++", prediction_type="epsilon", beta_schedule="scaled_linear",
+                 use_beta_sigmas=True, rescale_betas_zero_snr=True, final_sigmas_type="zero", thresholding=True,
+                 dynamic_thresholding_ratio=0.9, sample_max_value=1.5), 20, {}),
+    ("ddim", dict(prediction_type="epsilon", beta_schedule="linear", clip_sample=True, rescale_betas_zero_snr=True,
+                  timestep_spacing="trailing"), 25, dict(use_clipped_model_output=True)),
 ])
-def test_steps_are_no_farther_from_float64_than_diffusers(backend, device, kind, config, n):
+def test_steps_are_no_farther_from_float64_than_diffusers(backend, device, kind, config, n, step_kwargs):
     """Each step, fed diffusers' sample, model output and history, is no farther from a
     float64 evaluation (diffusers' own step with its schedule cast to float64:
     ``verify.float64_distances``) than diffusers' float32 step is, plus one float32 ulp of
     the result (DESIGN.md's contract), for its output and for the value it stores.
 
-    The tables form every scalar (alpha, sigma, lambda, h, e^h, the square roots) in float64
-    from the schedule's stored values and round each coefficient once. Formed in float32
-    with diffusers' operations, as they were, their rounding was composed further (the fold
-    of the history value for dpmsolver, of eps into x for DDIM): the first three cases were
-    1.39x, 1.27x and 1.15x diffusers' distance from float64 (+ the ulp). The history enters
-    the output as differences d - h1, h1 - h2 (layout.py): expanded into weights of d, h1, h2
-    after a large step in log-SNR, the fourth case was 13x. The noise-prediction history
-    value is scaled after it cancels (PS, layout.py): with 1/sigma folded into its columns,
-    the fifth case's stored value was 6x."""
+    What each case pins down (layout.py says why): the tables form every scalar in float64
+    from the schedule's stored values and round each coefficient once (formed in float32
+    with diffusers' operations and then composed, the first three cases were 1.39x, 1.27x
+    and 1.15x diffusers' distance + the ulp); the history enters the output as differences
+    d - h1, h1 - h2 (expanded into weights of d, h1, h2 after a large step in log-SNR, the
+    fourth case was 13x); AM carries its low part AL (rounded to float32 alone, the fifth
+    case's stored x0 was 18x and the sixth case's 1.5x)."""
     reference_cls, fused_cls = PAIRS[kind]
-    for distance in verify.float64_distances(reference_cls, fused_cls, config, n, device=device):
+    for distance in verify.float64_distances(reference_cls, fused_cls, config, n, step_kwargs, device=device):
         assert distance.ratio <= 1.0, distance
 
 

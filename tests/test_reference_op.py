@@ -43,7 +43,8 @@ def test_reference_formula_in_float64():
     for b in range(2):
         k = c[b].tolist()
         for j in range(33):
-            e0 = min(max(k[L.AS] * (k[L.AX] * x[b, j].item() + k[L.AM] * m[b, j].item()), -0.5), 0.5)
+            x0_sum = k[L.AX] * x[b, j].item() + (k[L.AM] + k[L.AL]) * m[b, j].item()
+            e0 = min(max(k[L.AS] * x0_sum, -0.5), 0.5)
             ed = k[L.PS] * (k[L.PX] * x[b, j].item() + k[L.P0] * e0 + k[L.PM] * m[b, j].item())
             eo = (k[L.OX] * x[b, j].item() + k[L.OC] * e0 + k[L.O0] * ed + k[L.OM] * m[b, j].item()
                   + k[L.O1] * (ed - h1[b, j].item()) + k[L.O2] * (h1[b, j].item() - h2[b, j].item())

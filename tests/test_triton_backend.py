@@ -117,7 +117,7 @@ def contraction_bound(x, m, c, h, z):
     def size(t):
         return t.double().abs()
 
-    x0 = column(layout.AS) * (column(layout.AX) * size(x) + column(layout.AM) * size(m))
+    x0 = column(layout.AS) * (column(layout.AX) * size(x) + (column(layout.AM) + column(layout.AL)) * size(m))
     d = column(layout.PX) * size(x) + column(layout.P0) * x0 + column(layout.PM) * size(m)
     out = (column(layout.OX) * size(x) + column(layout.OC) * x0 + column(layout.O0) * d
            + column(layout.OM) * size(m))

@@ -11,12 +11,18 @@ def assemble(rows: int, **columns) -> torch.Tensor:
     """A float64 (rows, K) table from named columns (see ``layout.COLUMN_NAMES``).
 
     Each column is a scalar or a tensor of ``rows`` values; missing columns are 0, except
-    the scales AS and PS, which are 1.
+    the scales AS and PS, which are 1. ``am`` is split: its float32 value stays in AM and the
+    rest goes to AL (layout.py), exactly, since a float64 minus its float32 rounding is a
+    float64 number; a float64 step adds the two back.
     """
     table = torch.zeros(rows, L.NUM_COEFFICIENTS, dtype=torch.float64)
     table[:, L.SCALE_COLUMNS] = 1.0
     for name, value in columns.items():
         table[:, L.COLUMN_NAMES.index(name)] = torch.as_tensor(value, dtype=torch.float64)
+    am = table[:, L.AM]
+    high = am.to(torch.float32).to(torch.float64)
+    table[:, L.AL] = torch.where(torch.isfinite(high), am - high, 0.0)
+    table[:, L.AM] = torch.where(torch.isfinite(high), high, am)
     return table
 
 

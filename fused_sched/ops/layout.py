@@ -2,12 +2,12 @@
 
 Every step of every scheduler is, per element and in fp32 (fp64 for fp64 storage):
 
-    x0  = AS*(AX*x + AM*m)                  # model output m -> data estimate
+    x0  = AS*(AX*x + AM*m + AL*m)           # model output m -> data estimate
     x0  = clip(x0)                          # none | clamp(+-r) | clamp(x0, -s_b, s_b) / s_b
     d   = PS*(PX*x + P0*x0 + PM*m)          # the history value (D for ++, eps for dpmsolver)
     out = OX*x + OC*x0 + O0*d + OM*m + O1*(d - h1) + O2*(h1 - h2) + ON*z    # OC*x0 only when clipping
 
-A row holds these fourteen scalars; a coefficient tensor has shape (1, K) or (B, K) and is
+A row holds these fifteen scalars; a coefficient tensor has shape (1, K) or (B, K) and is
 read per batch row. Kernels index columns by these constants, never by position literals.
 
 Why the separate scale AS: epsilon prediction is x0 = (x - sqrt(1-a)*m) / sqrt(a). Folding
@@ -18,7 +18,19 @@ cancels first and scales after. With AS the step rounds as diffusers does. PS is
 for the history value of the noise-prediction solvers: eps = (x - alpha*x0)/sigma (sample
 prediction, or any prediction with thresholding) cancels where sigma is small (the last
 steps), and with 1/sigma folded into PX and P0 the rounding of x/sigma and (alpha/sigma)*x0
-decided it: measured up to 6x farther from a float64 evaluation than diffusers.
+decided it: measured up to 6x farther from a float64 evaluation than diffusers; scaled
+after, up to 4x. What remains is the round trip through the clipped x0 (rounded, then
+multiplied by alpha), which diffusers' division and multiplication by one float32 alpha
+undo exactly (README, Accuracy).
+
+Why AL, the low part of AM: where alpha is small, x0 = (x - sigma*eps)/alpha cancels
+first, and the float32 rounding of AM (sigma, up to half an ulp) times |m| is then divided
+by alpha: measured up to 18x farther from a float64 evaluation than diffusers at alpha ~
+5e-4 (zero-SNR schedules' first steps, with thresholding), where diffusers' own rounding
+of sigma*eps happened to land closer. A table keeps AM's float32 value in AM and the rest
+in AL (``coefficients.table.assemble``), so AM*m + AL*m carries AM to about 2**-48 and
+x0 is within a few ulps of its float64 value (from the same x and m) however small alpha
+is; AL is 0, and left out, wherever AM is a float32 number (sample prediction, flow sigmas).
 
 Why the history enters as differences (d - h1, h1 - h2; h1, h2 the values stored by the
 previous steps): multistep solvers weigh them as D1 = (d - h1)/r0 and D2 ~ (D1_0 - D1_1)/(r0
@@ -43,12 +55,12 @@ would turn a column nobody uses into NaN.
 
 from collections.abc import Mapping
 
-AX, AM, PX, P0, PM, OX, O0, OM, O1, O2, ON, AS, OC, PS = range(14)
-NUM_COEFFICIENTS = 14
+AX, AM, PX, P0, PM, OX, O0, OM, O1, O2, ON, AS, OC, PS, AL = range(15)
+NUM_COEFFICIENTS = 15
 
 # The columns forming x0 and the history value d: they follow from the prediction type and
 # the solver, never from per-call step options such as DDIM's eta.
-ESTIMATE_COLUMNS = (AX, AM, AS, PX, P0, PM, PS)
+ESTIMATE_COLUMNS = (AX, AM, AL, AS, PX, P0, PM, PS)
 # The columns combining the step's terms into its output.
 OUTPUT_COLUMNS = (OX, OC, O0, OM, O1, O2, ON)
 # The columns that scale a whole sum (x0's, d's).
@@ -56,7 +68,7 @@ SCALE_COLUMNS = (AS, PS)
 # Every column that weighs a term of a sum.
 TERM_COLUMNS = tuple(c for c in range(NUM_COEFFICIENTS) if c not in SCALE_COLUMNS)
 
-COLUMN_NAMES = ("ax", "am", "px", "p0", "pm", "ox", "o0", "om", "o1", "o2", "on", "as", "oc", "ps")
+COLUMN_NAMES = ("ax", "am", "px", "p0", "pm", "ox", "o0", "om", "o1", "o2", "on", "as", "oc", "ps", "al")
 
 CLIP_MODES = ("none", "clamp", "threshold")
 

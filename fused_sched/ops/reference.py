@@ -45,7 +45,7 @@ def _rows(coefficients: torch.Tensor, ndim: int, dtype: torch.dtype):
 class _ColumnViews:
     """Column views of recently used coefficient rows, reused across steps.
 
-    Splitting a row into fourteen views costs more than the step's arithmetic on a small
+    Splitting a row into one view per column costs more than the step's arithmetic on a small
     latent, and a schedule passes the same few rows again and again. Schedulers pass the
     same row object for the same row (``PlacedTable.row``), found by identity; other rows
     are found by the memory they occupy (address, shape, strides, dtype, device): two live
@@ -178,12 +178,12 @@ def scaled_form(columns: tuple[int, ...], scale: int, known: Mapping[int, float]
 
 
 def _x0_program(known: Mapping[int, float]):
-    """x0 = AS*(AX*x + AM*m), before any clipping, as f(c, x, m); ``f.passes_through`` as
-    for ``scaled_form`` (x0 is x or m itself), else x0 is a new tensor."""
-    form = scaled_form((L.AX, L.AM), L.AS, known)
+    """x0 = AS*(AX*x + AM*m + AL*m), before any clipping, as f(c, x, m); ``f.passes_through``
+    as for ``scaled_form`` (x0 is x or m itself), else x0 is a new tensor."""
+    form = scaled_form((L.AX, L.AM, L.AL), L.AS, known)
 
     def x0(c, x, m):
-        total = form(c, (x, m))
+        total = form(c, (x, m, m))
         return torch.full_like(x, EMPTY_SUM) if total is None else total
 
     x0.passes_through = form.passes_through  # 0: x, 1: m

@@ -40,14 +40,15 @@ enum Column : int {
   kAS = 11,
   kOC = 12,
   kPS = 13,
-  kNumCoefficients = 14,
+  kAL = 14,
+  kNumCoefficients = 15,
 };
 
 // Values match layout.CLIP_MODES' positions; the bindings pass them as ints.
 enum class Clip : int { kNone = 0, kClamp = 1, kThreshold = 2 };
 
 struct Coefficients {
-  float ax, am, px, p0, pm, ox, o0, om, o1, o2, on, as, oc, ps;
+  float ax, am, px, p0, pm, ox, o0, om, o1, o2, on, as, oc, ps, al;
   // Bits 1 << column of the terms known to be 0 in every row (layout.absent_terms): left
   // out of the sums, not multiplied, since 0 * inf is NaN and -0 + 0*t is +0 where the
   // reference and diffusers have no such term.
@@ -71,6 +72,7 @@ FS_HD Coefficients load_coefficients(const float* row, uint32_t absent) {
   c.as = row[kAS];
   c.oc = row[kOC];
   c.ps = row[kPS];
+  c.al = row[kAL];
   return c;
 }
 
@@ -130,11 +132,12 @@ FS_HD float add_term(float sum, const Coefficients& c, Column column, float a, f
   return ((c.absent >> column) & 1u) ? sum : fmadd(a, t, sum);
 }
 
-// x0 = AS*(AX*x + AM*m), before clipping (an addcmul, then a product, in the reference). The sum is formed first and scaled after (see
+// x0 = AS*(AX*x + AM*m + AL*m), before clipping (addcmuls, then a product, in the reference). The sum is formed first and scaled after (see
 // layout.py): for epsilon prediction AS = 1/sqrt(alpha), which is +inf on zero-SNR
 // schedules, and scaling the cancelled sum gives the +-inf that clipping then bounds.
 FS_HD float data_estimate(const Coefficients& c, float x, float m) {
-  return mul(add_term(add_term(kEmptySum, c, kAX, c.ax, x), c, kAM, c.am, m), c.as);
+  const float sum = add_term(add_term(add_term(kEmptySum, c, kAX, c.ax, x), c, kAM, c.am, m), c, kAL, c.al, m);
+  return mul(sum, c.as);
 }
 
 // clamp: x0 to [-r, r]. threshold: clamp(x0, -s, s) / s with the row's scale s; a true

@@ -39,6 +39,7 @@ O2 = tl.constexpr(L.O2)
 ON = tl.constexpr(L.ON)
 AS = tl.constexpr(L.AS)
 PS = tl.constexpr(L.PS)
+AL = tl.constexpr(L.AL)
 OC = tl.constexpr(L.OC)
 NUM_COEFFICIENTS = L.NUM_COEFFICIENTS
 
@@ -122,9 +123,9 @@ def add_term(total, a, t, COLUMN: tl.constexpr, ABSENT: tl.constexpr):
 
 
 @triton.jit
-def data_estimate(x, m, ax, am, a_s, ABSENT: tl.constexpr):
-    """x0 = AS*(AX*x + AM*m) in fp32, rounded as the reference's addcmul-then-product."""
-    return add_term(add_term(empty_sum(x), ax, x, AX, ABSENT), am, m, AM, ABSENT) * a_s
+def data_estimate(x, m, ax, am, al, a_s, ABSENT: tl.constexpr):
+    """x0 = AS*(AX*x + AM*m + AL*m) in fp32, rounded as the reference's addcmuls-then-product."""
+    return add_term(add_term(add_term(empty_sum(x), ax, x, AX, ABSENT), am, m, AM, ABSENT), al, m, AL, ABSENT) * a_s
 
 
 # Triton's interpreter (3.x) converts float32 to bfloat16 by truncation, where the GPU and

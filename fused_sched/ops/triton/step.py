@@ -89,7 +89,7 @@ def _step_kernel(
     mask = cols < row_numel
     # The row base is a scalar, so the per-element offsets stay narrow and contiguous.
     base = row.to(tl.int64) * row_numel
-    coef = coef_ptr + row.to(tl.int64) * coef_row_stride  # 13 * rows passes 2**31 first
+    coef = coef_ptr + row.to(tl.int64) * coef_row_stride  # K * rows passes 2**31 first
 
     ax = tl.load(coef + C.AX)
     am = tl.load(coef + C.AM)
@@ -105,7 +105,7 @@ def _step_kernel(
     x = tl.load(x_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
     m = tl.load(m_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
 
-    x0 = C.data_estimate(x, m, ax, am, a_s, ABSENT)
+    x0 = C.data_estimate(x, m, ax, am, tl.load(coef + C.AL), a_s, ABSENT)
     if CLIP == C.CLIP_CLAMP:
         # torch.clamp: a NaN stays NaN (both comparisons are false).
         x0 = tl.where(x0 < -clip_range, -clip_range, tl.where(x0 > clip_range, clip_range, x0))

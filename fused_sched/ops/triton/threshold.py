@@ -8,7 +8,7 @@ How. A non-negative float orders like its IEEE bit pattern read as an integer, s
 k-th smallest |x0| is found digit by digit over the 31 significant bits of that key, most
 significant first (digits of 8, 8, 8 and 7 bits). Each pass is two launches:
 
-1. ``_histogram_kernel``: every program recomputes x0 = AS*(AX*x + AM*m) for its part of
+1. ``_histogram_kernel``: every program recomputes x0 = AS*(AX*x + AM*m + AL*m) for its part of
    a row (no |x0| buffer: a pass is bandwidth-bound and a key buffer would cost a write
    and a read of its own), keeps the keys whose higher digits equal the prefix chosen so
    far, and adds its 256-bin histogram of the current digit to the row's int64 histogram
@@ -92,9 +92,10 @@ def _histogram_kernel(
     prefix_lo = tl.load(state + _PREFIX_LO).to(tl.int32)
     prefix_hi = tl.load(state + _PREFIX_HI).to(tl.int32)
     split = prefix_lo != prefix_hi
-    coef = coef_ptr + row.to(tl.int64) * coef_row_stride  # 13 * rows passes 2**31 first
+    coef = coef_ptr + row.to(tl.int64) * coef_row_stride  # K * rows passes 2**31 first
     ax = tl.load(coef + C.AX)
     am = tl.load(coef + C.AM)
+    al = tl.load(coef + C.AL)
     a_s = tl.load(coef + C.AS)
     base = row.to(tl.int64) * row_numel
 
@@ -107,7 +108,7 @@ def _histogram_kernel(
         mask = cols < row_numel
         x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-        v = C.data_estimate(x, m, ax, am, a_s, ABSENT)
+        v = C.data_estimate(x, m, ax, am, al, a_s, ABSENT)
         key = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         digit = (key >> SHIFT) & (BINS - 1)
         if PASS == 0:
