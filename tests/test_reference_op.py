@@ -11,6 +11,7 @@ import torch
 from conftest import BACKENDS, backend_device
 from drivers import bit_pattern, quantile_rows
 from fused_sched import ops
+from fused_sched.coefficients.table import assemble
 from fused_sched.ops import backends, layout as L, reference
 
 
@@ -52,6 +53,27 @@ def test_reference_formula_in_float64():
             assert x0[b, j].item() == pytest.approx(e0, rel=1e-12, abs=1e-12)
             assert d[b, j].item() == pytest.approx(ed, rel=1e-12, abs=1e-12)
             assert prev[b, j].item() == pytest.approx(eo, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_am_low_part_keeps_an_infinite_model_output_infinite(backend):
+    """A table splits AM into its float32 part and the rest AL (layout.py), toward zero, so
+    both have one sign: with m = +-inf, AM*m + AL*m is an infinity, as diffusers' x - sigma*m
+    is, never inf - inf = NaN (which thresholding would spread over the batch row). Checked
+    on sigmas whose nearest float32 lies on either side."""
+    device = backend_device(backend)
+    reason = backends.why_unavailable(backend, device, (torch.float32,))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    sigma = torch.tensor([0.1, 0.3, 0.7, 0.9, 0.99999986, 1e-3], dtype=torch.float64)
+    table = assemble(len(sigma), ax=1.0, am=-sigma, **{"as": 2.0})
+    assert bool((table[:, L.AL] != 0).all()), "every AM needs a low part for this test"
+    assert bool((table[:, L.AL] * table[:, L.AM] > 0).all()) and bool((table[:, L.AM] + table[:, L.AL] == -sigma).all())
+    x = torch.tensor([[0.5, -0.5]], device=device)
+    m = torch.tensor([[math.inf, -math.inf]], device=device)
+    for row in table.to(torch.float32).to(device):
+        x0 = ops.fused_step(x, m, row[None], x0_dtype=torch.float32, backend=backend).x0
+        assert torch.equal(x0, torch.tensor([[-math.inf, math.inf]], device=device)), (row, x0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,18 +11,22 @@ def assemble(rows: int, **columns) -> torch.Tensor:
     """A float64 (rows, K) table from named columns (see ``layout.COLUMN_NAMES``).
 
     Each column is a scalar or a tensor of ``rows`` values; missing columns are 0, except
-    the scales AS and PS, which are 1. ``am`` is split: its float32 value stays in AM and the
-    rest goes to AL (layout.py), exactly, since a float64 minus its float32 rounding is a
-    float64 number; a float64 step adds the two back.
+    the scales AS and PS, which are 1. ``am`` is split (layout.py's AL): AM keeps it rounded
+    toward zero to float32 and AL the rest, exactly (a float64 minus a float32 near it is a
+    float64 number); a float64 step adds the two back. Toward zero, so that AL has AM's sign:
+    an infinite model output then gives AM*m and AL*m infinities of one sign, where
+    diffusers' x - sigma*m is infinite, not inf - inf = NaN.
     """
     table = torch.zeros(rows, L.NUM_COEFFICIENTS, dtype=torch.float64)
     table[:, L.SCALE_COLUMNS] = 1.0
     for name, value in columns.items():
         table[:, L.COLUMN_NAMES.index(name)] = torch.as_tensor(value, dtype=torch.float64)
     am = table[:, L.AM]
-    high = am.to(torch.float32).to(torch.float64)
-    table[:, L.AL] = torch.where(torch.isfinite(high), am - high, 0.0)
-    table[:, L.AM] = torch.where(torch.isfinite(high), high, am)
+    high = am.to(torch.float32)
+    high = torch.where(high.double().abs() > am.abs(), torch.nextafter(high, torch.zeros_like(high)), high).double()
+    finite = torch.isfinite(high)
+    table[:, L.AL] = torch.where(finite, am - high, 0.0)
+    table[:, L.AM] = torch.where(finite, high, am)
     return table
 
 
