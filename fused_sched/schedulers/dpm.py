@@ -108,8 +108,6 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         a step cannot have are NaN by construction and never selected.
         """
         self._non_finite_rows = frozenset((~torch.isfinite(table).all(dim=1)).nonzero().flatten().tolist())
-        if not self._non_finite_rows:
-            return
         orders, lower = [], 0
         for i in range(n):
             orders.append(self._order_at(i, n, lower))
