@@ -115,6 +115,19 @@ FS_HD float fmadd(float a, float b, float c) {
 
 FS_HD bool is_nan(float v) { return v != v; }
 
+#if !defined(__CUDA_ARCH__)
+// Bits of `when_set` where `mask` is set, of `otherwise` elsewhere (a mask is all 0 or all 1).
+inline float blend(uint32_t mask, float when_set, float otherwise) {
+  uint32_t a, b;
+  std::memcpy(&a, &when_set, sizeof(a));
+  std::memcpy(&b, &otherwise, sizeof(b));
+  const uint32_t bits = (a & mask) | (b & ~mask);
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+#endif
+
 // torch.maximum / torch.minimum: a NaN in either argument wins. Written as one compare
 // and a select so the CPU loops stay vectorisable.
 FS_HD float nan_max(float a, float b) { return (a > b || is_nan(a)) ? a : b; }
@@ -130,6 +143,19 @@ constexpr float kEmptySum = -0.0f;
 // sum + a*t with one rounding, or sum itself where the term is absent (see Coefficients).
 FS_HD float add_term(float sum, const Coefficients& c, Column column, float a, float t) {
   return ((c.absent >> column) & 1u) ? sum : fmadd(a, t, sum);
+}
+
+// add_term for a history difference t = newer - older. On the host, a blend of the two
+// bit patterns rather than a select: gcc keeps a subtraction that only one side of a select
+// uses on that side (-ftrapping-math), which left the step loops with history scalar (13x
+// the instructions, callgrind); here the difference is formed on both.
+FS_HD float add_difference_term(float sum, const Coefficients& c, Column column, float a, float newer, float older) {
+#if defined(__CUDA_ARCH__)
+  return add_term(sum, c, column, a, sub(newer, older));
+#else
+  const uint32_t keep_sum = 0u - ((c.absent >> column) & 1u);
+  return blend(keep_sum, sum, fmadd(a, sub(newer, older), sum));
+#endif
 }
 
 // x0 = AS*(AX*x + AM*m + AL*m), before clipping (addcmuls, then a product, in the reference). The sum is formed first and scaled after (see
@@ -172,8 +198,8 @@ FS_HD float combine(const Coefficients& c, float x, float x0, float d, float m, 
   float out = add_term(kEmptySum, c, kOX, c.ox, x);
   if constexpr (kClip != Clip::kNone) out = add_term(out, c, kOC, c.oc, x0);
   out = add_term(add_term(out, c, kO0, c.o0, d), c, kOM, c.om, m);
-  if constexpr (kHistory >= 1) out = add_term(out, c, kO1, c.o1, sub(d, h1));
-  if constexpr (kHistory >= 2) out = add_term(out, c, kO2, c.o2, sub(h1, h2));
+  if constexpr (kHistory >= 1) out = add_difference_term(out, c, kO1, c.o1, d, h1);
+  if constexpr (kHistory >= 2) out = add_difference_term(out, c, kO2, c.o2, h1, h2);
   if constexpr (kNoise) out = add_term(out, c, kON, c.on, z);
   (void)x0;
   (void)h1;
