@@ -1,0 +1,59 @@
+"""The cpu backend's element loops are vectorised, checked in its machine code.
+
+gcc decides this silently and every result stays right either way: a subtraction that gcc
+would not evaluate on both sides of an absent term's select (step_math.h, add_term) once
+left every step loop with history scalar, 13x the instructions (callgrind). So each FMA
+clone (x86-64: the loops built for AVX2 + FMA, chosen at run time where the CPU has them)
+of the step loop, one per (clip mode, history terms, noise) specialisation, and of the
+thresholding pass must hold packed 256-bit fused multiply-adds. Machine code, not time: no
+timed test.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import require_backend
+from fused_sched.ops import extension
+
+pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                                reason="the FMA clones exist on x86-64 only (FS_FMA_CLONES in ops_cpu.cpp)")
+
+STEP_CLONE = re.compile(r"step_chunk_fma<\(fused_sched::Clip\)(\d), (\d), (true|false)>")
+PACKED_FMA = re.compile(r"\sv(?:fn?m(?:add|sub))\d{3}ps\s.*ymm")
+
+
+def _packed_fmas_per_function() -> dict[str, int]:
+    require_backend("cpu")
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    library = extension.load_extension().__file__
+    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", library], capture_output=True, text=True,
+                             check=True).stdout
+    counts, name = {}, None
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = header.group(1)
+            counts[name] = 0
+        elif name is not None and PACKED_FMA.search(line):
+            counts[name] += 1
+    return counts
+
+
+def test_every_step_and_threshold_loop_is_vectorised():
+    counts = _packed_fmas_per_function()
+    step_clones = {STEP_CLONE.search(name).groups(): n for name, n in counts.items() if STEP_CLONE.search(name)}
+    expected = {(str(clip), str(history), noise) for clip in range(3) for history in range(3)
+                for noise in ("true", "false")}
+    assert set(step_clones) == expected, f"step loop clones found: {sorted(step_clones)}"
+    scalar = sorted(key for key, n in step_clones.items() if n == 0)
+    assert not scalar, f"step loops (clip, history, noise) without packed fma: {scalar}"
+    threshold = [n for name, n in counts.items() if "abs_x0_fma" in name]
+    assert threshold and all(threshold), f"the thresholding pass's clone: {threshold}"
