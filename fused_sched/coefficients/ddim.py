@@ -46,16 +46,15 @@ def ddim_table(
     direction = (1 - a_p - std**2).clamp(min=0) ** 0.5
 
     x0 = x0_conversion(prediction_type, sqrt_a, sqrt_b)
-    f64 = lambda v: v.to(torch.float64)  # noqa: E731
     if use_clipped_model_output:
         # eps recomputed from the clipped x0: eps = (x - sqrt(a_t)*x0c) / sqrt(b_t)
-        ox = f64(direction) / f64(sqrt_b)
-        o0 = f64(a_p**0.5) - f64(direction) * f64(sqrt_a) / f64(sqrt_b)
+        ox = direction / sqrt_b
+        o0 = a_p**0.5 - direction * sqrt_a / sqrt_b
         om = torch.zeros_like(ox)
     else:
         ex, em = eps_conversion(prediction_type, sqrt_a, sqrt_b)
-        ox, om = f64(direction) * f64(ex), f64(direction) * f64(em)
-        o0 = f64(a_p**0.5)
+        ox, om = direction * ex, direction * em
+        o0 = a_p**0.5
     return assemble(a_t.shape[0], **x0, p0=1.0, ox=ox, o0=o0, om=om, on=std)
 
 
@@ -73,10 +72,10 @@ def ddim_inverse_table(
     sqrt_a, sqrt_b = a_c**0.5, (1 - a_c) ** 0.5
     x0 = x0_conversion(prediction_type, sqrt_a, sqrt_b)
     ex, em = eps_conversion(prediction_type, sqrt_a, sqrt_b)
-    direction = ((1 - a_target) ** 0.5).to(torch.float64)
+    direction = (1 - a_target) ** 0.5
     return assemble(
         T, **x0, p0=1.0,
-        ox=direction * ex.to(torch.float64), om=direction * em.to(torch.float64), o0=a_target**0.5,
+        ox=direction * ex, om=direction * em, o0=a_target**0.5,
     )
 
 

@@ -49,15 +49,14 @@ def _conversion_columns(config, sigmas, alpha, sigma, steps):
     # dpmsolver / sde-dpmsolver store eps; x0 only matters for thresholding. Where eps is
     # (x - alpha*x0)/sigma it is scaled after it cancels (PS, layout.py), as diffusers does.
     if prediction == "sample":
-        x0 = dict(ax=0.0, am=1.0)
+        x0, eps = dict(ax=0.0, am=1.0), dict(ps=1 / sg, px=1.0, pm=-a)
     else:
         ex, em = eps_conversion(prediction, a, sg)
         x0 = dict(ax=1 - sg * ex, am=-sg * em, **{"as": 1 / a})  # (x - sigma*eps)/alpha
-    if config.thresholding:
-        return dict(**x0, ps=1 / sg, px=1.0, p0=-a)
-    if prediction == "sample":
-        return dict(**x0, ps=1 / sg, px=1.0, pm=-a)
-    return dict(**x0, px=ex, pm=em)
+        eps = dict(px=ex, pm=em)
+    if config.thresholding:  # eps from the clipped x0
+        eps = dict(ps=1 / sg, px=1.0, p0=-a)
+    return dict(**x0, **eps)
 
 
 def _update_multipliers(algorithm: str, solver_type: str, order: int, alpha_t, sigma_t, alpha_s0, sigma_s0, h):
@@ -115,21 +114,21 @@ def _update_multipliers(algorithm: str, solver_type: str, order: int, alpha_t, s
 
 
 def _history_weights(order: int, r0, r1):
-    """Weights of (M0, M1, M2) in D0, D1, D2, composed in float64 from diffusers' r0, r1."""
-    one = torch.ones_like(r0, dtype=torch.float64)
+    """Weights of (M0, M1, M2) in D0, D1, D2, from diffusers' r0, r1."""
+    one = torch.ones_like(r0)
     zero = torch.zeros_like(one)
     D0 = (one, zero, zero)
     if order == 1:
         return D0, (zero, zero, zero), (zero, zero, zero)
-    inv_r0 = (1.0 / r0).double()
+    inv_r0 = 1.0 / r0
     D1_0 = (inv_r0, -inv_r0, zero)
     if order == 2:
         return D0, D1_0, (zero, zero, zero)
-    inv_r1 = (1.0 / r1).double()
+    inv_r1 = 1.0 / r1
     D1_1 = (zero, inv_r1, -inv_r1)
     diff = tuple(a - b for a, b in zip(D1_0, D1_1))
-    w = (r0 / (r0 + r1)).double()
-    inv_sum = (1.0 / (r0 + r1)).double()
+    w = r0 / (r0 + r1)
+    inv_sum = 1.0 / (r0 + r1)
     D1 = tuple(a + w * d for a, d in zip(D1_0, diff))
     D2 = tuple(inv_sum * d for d in diff)
     return D0, D1, D2
@@ -166,8 +165,7 @@ def dpm_table(config, sigmas: torch.Tensor) -> torch.Tensor:
             config.algorithm_type, config.solver_type, order, alpha[1:], sigma[1:], alpha[:-1], sigma[:-1], h
         )
         D0, D1, D2 = _history_weights(order, r0, r1)
-        k = [v.double() for v in (k0, k1, k2)]
-        weights = [k[0] * D0[j] + k[1] * D1[j] + k[2] * D2[j] for j in range(3)]  # of M0, M1, M2
+        weights = [k0 * D0[j] + k1 * D1[j] + k2 * D2[j] for j in range(3)]  # of M0, M1, M2
         o0, o1, o2 = difference_weights(*weights)
         table = assemble(steps, ox=ox, o0=o0, o1=o1, o2=o2, on=on, **conversion)
         if config.algorithm_type not in DATA_PREDICTION_ALGORITHMS:
