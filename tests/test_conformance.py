@@ -366,6 +366,10 @@ def test_noise_prediction_solvers_keep_float32_accuracy_at_small_alpha(backend, 
                  dynamic_thresholding_ratio=0.9, sample_max_value=1.5), 20, {}),
     ("ddim", dict(prediction_type="epsilon", beta_schedule="linear", clip_sample=True, rescale_betas_zero_snr=True,
                   timestep_spacing="trailing"), 25, dict(use_clipped_model_output=True)),
+    # eps stored after thresholding at sigma ~ 0.006, where clipping left x0 unchanged (US)
+    ("dpm", dict(algorithm_type="dpmsolver", prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2",
+                 use_beta_sigmas=True, final_sigmas_type="sigma_min", thresholding=True,
+                 dynamic_thresholding_ratio=0.9, sample_max_value=1.5), 8, {}),
 ])
 def test_steps_are_no_farther_from_float64_than_diffusers(backend, device, kind, config, n, step_kwargs):
     """Each step, fed diffusers' sample, model output and history, is no farther from a
@@ -379,7 +383,9 @@ def test_steps_are_no_farther_from_float64_than_diffusers(backend, device, kind,
     and 1.15x diffusers' distance + the ulp); the history enters the output as differences
     d - h1, h1 - h2 (expanded into weights of d, h1, h2 after a large step in log-SNR, the
     fourth case was 13x); AM carries its low part AL (rounded to float32 alone, the fifth
-    case's stored x0 was 18x and the sixth case's 1.5x)."""
+    case's stored x0 was 18x and the sixth case's 1.5x); where thresholding left x0
+    unchanged, eps is stored without the round trip through x0 (US; with it, the seventh
+    case's stored eps was 4.2x)."""
     reference_cls, fused_cls = PAIRS[kind]
     for distance in verify.float64_distances(reference_cls, fused_cls, config, n, step_kwargs, device=device):
         assert distance.ratio <= 1.0, distance

@@ -4,7 +4,8 @@ gcc decides this silently and every result stays right either way: a subtraction
 would not evaluate on both sides of an absent term's select (step_math.h, add_term) once
 left every step loop with history scalar, 13x the instructions (callgrind). So each FMA
 clone (x86-64: the loops built for AVX2 + FMA, chosen at run time where the CPU has them)
-of the step loop, one per (clip mode, history terms, noise) specialisation, and of the
+of the step loop, one per (clip mode, history terms, noise, unclipped form of d: with
+clipping only) specialisation, and of the
 thresholding pass must hold packed 256-bit fused multiply-adds. Machine code, not time: no
 timed test.
 """
@@ -24,7 +25,7 @@ from fused_sched.ops import extension
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="the FMA clones exist on x86-64 only (FS_FMA_CLONES in ops_cpu.cpp)")
 
-STEP_CLONE = re.compile(r"step_chunk_fma<\(fused_sched::Clip\)(\d), (\d), (true|false)>")
+STEP_CLONE = re.compile(r"step_chunk_fma<\(fused_sched::Clip\)(\d), (\d), (true|false), (true|false)>")
 PACKED_FMA = re.compile(r"\sv(?:fn?m(?:add|sub))\d{3}ps\s.*ymm")
 
 
@@ -50,10 +51,10 @@ def _packed_fmas_per_function() -> dict[str, int]:
 def test_every_step_and_threshold_loop_is_vectorised():
     counts = _packed_fmas_per_function()
     step_clones = {STEP_CLONE.search(name).groups(): n for name, n in counts.items() if STEP_CLONE.search(name)}
-    expected = {(str(clip), str(history), noise) for clip in range(3) for history in range(3)
-                for noise in ("true", "false")}
+    expected = {(str(clip), str(history), noise, unclipped) for clip in range(3) for history in range(3)
+                for noise in ("true", "false") for unclipped in (("false", "true") if clip else ("false",))}
     assert set(step_clones) == expected, f"step loop clones found: {sorted(step_clones)}"
     scalar = sorted(key for key, n in step_clones.items() if n == 0)
-    assert not scalar, f"step loops (clip, history, noise) without packed fma: {scalar}"
+    assert not scalar, f"step loops (clip, history, noise, unclipped form) without packed fma: {scalar}"
     threshold = [n for name, n in counts.items() if "abs_x0_fma" in name]
     assert threshold and all(threshold), f"the thresholding pass's clone: {threshold}"

@@ -39,20 +39,28 @@ def test_reference_formula_in_float64():
     x, m, h1, h2, z = (torch.randn(2, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
                        for i in range(5))
     c = _random_rows(2).double()
+    c[1, L.US] = 0.0  # a row without the unclipped form of d
     prev, d, x0 = ops.fused_step(x, m, c, history=(h1, h2), noise=z, clip="clamp", clip_range=0.5,
                                  history_dtype=torch.float64, x0_dtype=torch.float64, backend="torch")
+    forms = set()
     for b in range(2):
         k = c[b].tolist()
         for j in range(33):
             x0_sum = k[L.AX] * x[b, j].item() + (k[L.AM] + k[L.AL]) * m[b, j].item()
-            e0 = min(max(k[L.AS] * x0_sum, -0.5), 0.5)
-            ed = k[L.PS] * (k[L.PX] * x[b, j].item() + k[L.P0] * e0 + k[L.PM] * m[b, j].item())
+            unclipped = k[L.AS] * x0_sum
+            e0 = min(max(unclipped, -0.5), 0.5)
+            if e0 == unclipped and k[L.US] != 0:
+                ed = k[L.US] * (k[L.UX] * x[b, j].item() + k[L.UM] * m[b, j].item())
+            else:
+                ed = k[L.PS] * (k[L.PX] * x[b, j].item() + k[L.P0] * e0 + k[L.PM] * m[b, j].item())
+            forms.add((b, e0 == unclipped))
             eo = (k[L.OX] * x[b, j].item() + k[L.OC] * e0 + k[L.O0] * ed + k[L.OM] * m[b, j].item()
                   + k[L.O1] * (ed - h1[b, j].item()) + k[L.O2] * (h1[b, j].item() - h2[b, j].item())
                   + k[L.ON] * z[b, j].item())
             assert x0[b, j].item() == pytest.approx(e0, rel=1e-12, abs=1e-12)
             assert d[b, j].item() == pytest.approx(ed, rel=1e-12, abs=1e-12)
             assert prev[b, j].item() == pytest.approx(eo, rel=1e-12, abs=1e-12)
+    assert forms == {(0, True), (0, False), (1, True), (1, False)}  # every form of d was checked
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -143,34 +143,34 @@ struct StepArgs {
   uint64_t philox_seed, philox_offset;
 };
 
-template <Clip kClip, int kHistory, bool kNoise>
+template <Clip kClip, int kHistory, bool kNoise, bool kUnclippedForm>
 [[gnu::always_inline]] inline void step_loop(const Coefficients& c, const float* __restrict x,
                                              const float* __restrict m, const float* __restrict h1,
                                              const float* __restrict h2, const float* __restrict z,
                                              float* __restrict out, float* __restrict d, float* __restrict x0,
                                              int64_t n, float clip_range, float scale) {
   for (int64_t i = 0; i < n; ++i) {
-    const StepValues v = step<kClip, kHistory, kNoise>(c, x[i], m[i], kHistory >= 1 ? h1[i] : 0.0f,
-                                                       kHistory >= 2 ? h2[i] : 0.0f, kNoise ? z[i] : 0.0f,
-                                                       clip_range, scale);
+    const StepValues v = step<kClip, kHistory, kNoise, kUnclippedForm>(
+        c, x[i], m[i], kHistory >= 1 ? h1[i] : 0.0f, kHistory >= 2 ? h2[i] : 0.0f, kNoise ? z[i] : 0.0f, clip_range,
+        scale);
     out[i] = v.out;
     d[i] = v.d;
     x0[i] = v.x0;
   }
 }
 
-template <Clip kClip, int kHistory, bool kNoise>
+template <Clip kClip, int kHistory, bool kNoise, bool kUnclippedForm>
 void step_chunk_portable(const Coefficients& c, const float* x, const float* m, const float* h1, const float* h2,
                          const float* z, float* out, float* d, float* x0, int64_t n, float clip_range, float scale) {
-  step_loop<kClip, kHistory, kNoise>(c, x, m, h1, h2, z, out, d, x0, n, clip_range, scale);
+  step_loop<kClip, kHistory, kNoise, kUnclippedForm>(c, x, m, h1, h2, z, out, d, x0, n, clip_range, scale);
 }
 
 #if FS_FMA_CLONES
-template <Clip kClip, int kHistory, bool kNoise>
+template <Clip kClip, int kHistory, bool kNoise, bool kUnclippedForm>
 FS_TARGET_FMA void step_chunk_fma(const Coefficients& c, const float* x, const float* m, const float* h1,
                                   const float* h2, const float* z, float* out, float* d, float* x0, int64_t n,
                                   float clip_range, float scale) {
-  step_loop<kClip, kHistory, kNoise>(c, x, m, h1, h2, z, out, d, x0, n, clip_range, scale);
+  step_loop<kClip, kHistory, kNoise, kUnclippedForm>(c, x, m, h1, h2, z, out, d, x0, n, clip_range, scale);
 }
 #endif
 
@@ -324,9 +324,17 @@ void run_step(const StepArgs& a) {
   const int64_t chunks_per_row = (a.row_size + kChunk - 1) / kChunk;
   const int64_t tasks = a.batch * chunks_per_row;
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / kChunk);
-  auto* chunk_fn = &step_chunk_portable<kClip, kHistory, kHasNoise>;
+  // The unclipped form of d (US, layout.py) only with clipping, and only where a row may
+  // have it: its own loop, so that no other loop pays for it.
+  constexpr bool kClips = kClip != Clip::kNone;
+  const bool unclipped_form = kClips && ((a.absent_terms >> kUS) & 1u) == 0u;
+  auto* chunk_fn = unclipped_form ? &step_chunk_portable<kClip, kHistory, kHasNoise, kClips>
+                                  : &step_chunk_portable<kClip, kHistory, kHasNoise, false>;
 #if FS_FMA_CLONES
-  if (use_fma_clones()) chunk_fn = &step_chunk_fma<kClip, kHistory, kHasNoise>;
+  if (use_fma_clones()) {
+    chunk_fn = unclipped_form ? &step_chunk_fma<kClip, kHistory, kHasNoise, kClips>
+                              : &step_chunk_fma<kClip, kHistory, kHasNoise, false>;
+  }
 #endif
   at::parallel_for(0, tasks, grain, [&](int64_t task_begin, int64_t task_end) {
     alignas(64) float bx[kChunk], bm[kChunk], bh1[kChunk], bh2[kChunk], bz[kChunk];

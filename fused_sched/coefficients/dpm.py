@@ -39,24 +39,27 @@ def _shifted(values: torch.Tensor, back: int, steps: int) -> torch.Tensor:
 
 
 def _conversion_columns(config, sigmas, alpha, sigma, steps):
-    """x0 = as*(ax*x + am*m) and the history value d = ps*(px*x + p0*x0c + pm*m) at sigma index i."""
+    """x0 = as*(ax*x + am*m) and the history value d = ps*(px*x + p0*x0c + pm*m) at sigma index
+    i, with d = us*(ux*x + um*m) where clipping left x0 unchanged."""
     s, a, sg = sigmas[:steps], alpha[:steps], sigma[:steps]
     prediction = config.prediction_type
     if config.algorithm_type in DATA_PREDICTION_ALGORITHMS:
         if prediction == "flow_prediction":
             return dict(ax=torch.ones_like(s), am=-s, p0=1.0)
         return dict(**x0_conversion(prediction, a, sg), p0=1.0)
-    # dpmsolver / sde-dpmsolver store eps; x0 only matters for thresholding. Where eps is
-    # (x - alpha*x0)/sigma it is scaled after it cancels (PS, layout.py), as diffusers does.
+    # dpmsolver / sde-dpmsolver store eps = scale*(ex*x + em*m); x0 only matters for
+    # thresholding. Where eps is (x - alpha*x0)/sigma it is scaled after it cancels (PS,
+    # layout.py), as diffusers does.
     if prediction == "sample":
-        x0, eps = dict(ax=0.0, am=1.0), dict(ps=1 / sg, px=1.0, pm=-a)
+        x0, (scale, ex, em) = dict(ax=0.0, am=1.0), (1 / sg, 1.0, -a)
     else:
-        ex, em = eps_conversion(prediction, a, sg)
+        (ex, em), scale = eps_conversion(prediction, a, sg), 1.0
         x0 = dict(ax=1 - sg * ex, am=-sg * em, **{"as": 1 / a})  # (x - sigma*eps)/alpha
-        eps = dict(px=ex, pm=em)
-    if config.thresholding:  # eps from the clipped x0
-        eps = dict(ps=1 / sg, px=1.0, p0=-a)
-    return dict(**x0, **eps)
+    if not config.thresholding:
+        return dict(**x0, ps=scale, px=ex, pm=em)
+    # eps from the clipped x0, (x - alpha*x0c)/sigma; where clipping left x0 unchanged, the
+    # eps x0 was found from, without the round trip (US, layout.py)
+    return dict(**x0, ps=1 / sg, px=1.0, p0=-a, us=scale, ux=ex, um=em)
 
 
 def _update_multipliers(algorithm: str, solver_type: str, order: int, alpha_t, sigma_t, alpha_s0, sigma_s0, h):

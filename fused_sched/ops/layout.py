@@ -3,11 +3,12 @@
 Every step of every scheduler is, per element and in fp32 (fp64 for fp64 storage):
 
     x0  = AS*(AX*x + AM*m + AL*m)           # model output m -> data estimate
-    x0  = clip(x0)                          # none | clamp(+-r) | clamp(x0, -s_b, s_b) / s_b
-    d   = PS*(PX*x + P0*x0 + PM*m)          # the history value (D for ++, eps for dpmsolver)
-    out = OX*x + OC*x0 + O0*d + OM*m + O1*(d - h1) + O2*(h1 - h2) + ON*z    # OC*x0 only when clipping
+    x0c = clip(x0)                          # none | clamp(+-r) | clamp(x0, -s_b, s_b) / s_b
+    d   = PS*(PX*x + P0*x0c + PM*m)         # the history value (D for ++, eps for dpmsolver)
+    d   = US*(UX*x + UM*m)  where x0c == x0 and US != 0   # the same value without x0; only when clipping
+    out = OX*x + OC*x0c + O0*d + OM*m + O1*(d - h1) + O2*(h1 - h2) + ON*z  # OC*x0c only when clipping
 
-A row holds these fifteen scalars; a coefficient tensor has shape (1, K) or (B, K) and is
+A row holds these eighteen scalars; a coefficient tensor has shape (1, K) or (B, K) and is
 read per batch row. Kernels index columns by these constants, never by position literals.
 
 Why the separate scale AS: epsilon prediction is x0 = (x - sqrt(1-a)*m) / sqrt(a). Folding
@@ -19,9 +20,20 @@ for the history value of the noise-prediction solvers: eps = (x - alpha*x0)/sigm
 prediction, or any prediction with thresholding) cancels where sigma is small (the last
 steps), and with 1/sigma folded into PX and P0 the rounding of x/sigma and (alpha/sigma)*x0
 decided it: measured up to 6x farther from a float64 evaluation than diffusers; scaled
-after, up to 4x. What remains is the round trip through the clipped x0 (rounded, then
-multiplied by alpha), which diffusers' division and multiplication by one float32 alpha
-undo exactly (README, Accuracy).
+after, up to 4x. What remained was the round trip through the clipped x0 (US below).
+
+Why US, UX, UM, the history value where clipping left x0 unchanged: with thresholding, the
+noise-prediction solvers store eps = (x - alpha*x0c)/sigma with x0 = (x - sigma*eps)/alpha
+found from the model's eps (diffusers' round trip). Where x0c == x0 that is eps itself in
+exact arithmetic, but evaluated it is x0's rounding times alpha/sigma (~155 at the last
+steps), which diffusers' division and multiplication by one float32 alpha often undo
+exactly and the fused x0 (scaled by 1/alpha, then multiplied by alpha) does not: measured
+up to 4.2x farther from a float64 evaluation than diffusers. A table gives that element
+eps straight from x and m (for epsilon prediction, m itself): US*(UX*x + UM*m), scaled
+after it cancels as PS is. Where clipping changed x0 (or x0 is NaN) the round-trip form
+stays: there x0c is the bound, exact, and the round trip is diffusers' own formula. US = 0
+(the default) is a row without this form; known 0 in every row, its bit in absent_terms
+spares the comparison.
 
 Why AL, the low part of AM: where alpha is small, x0 = (x - sigma*eps)/alpha cancels
 first, and the float32 rounding of AM (sigma, up to half an ulp) times |m| is then divided
@@ -55,20 +67,21 @@ would turn a column nobody uses into NaN.
 
 from collections.abc import Mapping
 
-AX, AM, PX, P0, PM, OX, O0, OM, O1, O2, ON, AS, OC, PS, AL = range(15)
-NUM_COEFFICIENTS = 15
+AX, AM, PX, P0, PM, OX, O0, OM, O1, O2, ON, AS, OC, PS, AL, US, UX, UM = range(18)
+NUM_COEFFICIENTS = 18
 
 # The columns forming x0 and the history value d: they follow from the prediction type and
 # the solver, never from per-call step options such as DDIM's eta.
-ESTIMATE_COLUMNS = (AX, AM, AL, AS, PX, P0, PM, PS)
+ESTIMATE_COLUMNS = (AX, AM, AL, AS, PX, P0, PM, PS, US, UX, UM)
 # The columns combining the step's terms into its output.
 OUTPUT_COLUMNS = (OX, OC, O0, OM, O1, O2, ON)
-# The columns that scale a whole sum (x0's, d's).
+# The columns that scale a whole sum (x0's, d's), 1 unless a table says otherwise. US is
+# not one of them: 0 unless a table says otherwise, and its absent bit means "no such form".
 SCALE_COLUMNS = (AS, PS)
-# Every column that weighs a term of a sum.
+# Every column that weighs a term of a sum, and US.
 TERM_COLUMNS = tuple(c for c in range(NUM_COEFFICIENTS) if c not in SCALE_COLUMNS)
 
-COLUMN_NAMES = ("ax", "am", "px", "p0", "pm", "ox", "o0", "om", "o1", "o2", "on", "as", "oc", "ps", "al")
+COLUMN_NAMES = ("ax", "am", "px", "p0", "pm", "ox", "o0", "om", "o1", "o2", "on", "as", "oc", "ps", "al", "us", "ux", "um")
 
 CLIP_MODES = ("none", "clamp", "threshold")
 

@@ -266,6 +266,11 @@ def step_program(clip: str, clip_range: float, history: int, noise: str, dtype: 
     x0_owned = x0_of.passes_through is None  # a new tensor, clamped in place
     d_of = scaled_form((L.PX, L.P0, L.PM), L.PS, known)
     clipped = clip != "none"
+    # Where clipping left x0 unchanged, a row may give d without x0 (layout.py, US); a US
+    # known to be 0 in every row means no row does.
+    unclipped_form = clipped and known.get(L.US) != 0.0
+    unclipped_d_of = scaled_form((L.UX, L.UM), L.US, known) if unclipped_form else None
+    us_known = L.US in known
     draws = noise == "tensor" or (noise == "philox" and known.get(L.ON) != 0.0)  # a known-zero term draws nothing
     philox = noise == "philox"
     out_of = linear_form((L.OX,) + ((L.OC,) if clipped else ()) + (L.O0, L.OM) + (L.O1, L.O2)[:history]
@@ -282,8 +287,10 @@ def step_program(clip: str, clip_range: float, history: int, noise: str, dtype: 
 
         if x0 is None:
             x0 = x0_of(c, x, m)
+        unclipped_x0 = x0
         if clip == "clamp":
-            x0 = x0.clamp_(-clip_range, clip_range) if x0_owned else torch.clamp(x0, -clip_range, clip_range)
+            in_place = x0_owned and not unclipped_form
+            x0 = x0.clamp_(-clip_range, clip_range) if in_place else torch.clamp(x0, -clip_range, clip_range)
         elif clip == "threshold":
             # clamp(x0, -s, s) / s, one op shorter: for s > 0 (or NaN, or inf) the two agree
             # bit for bit, as division by s is monotone and s / s == 1 exactly.
@@ -292,6 +299,12 @@ def step_program(clip: str, clip_range: float, history: int, noise: str, dtype: 
         d = d_of(c, (x, x0, m))
         if d is None:
             d = torch.full_like(x, EMPTY_SUM)
+        if unclipped_form:
+            unchanged = x0 == unclipped_x0  # False where x0 is NaN
+            if not us_known:
+                unchanged &= c[L.US] != 0.0
+            d_unclipped = unclipped_d_of(c, (x, m))
+            d = torch.where(unchanged, EMPTY_SUM if d_unclipped is None else d_unclipped, d)
         terms = (x, x0, d, m) if clipped else (x, d, m)
         if history:  # as differences of consecutive values, d - h1 and h1 - h2 (layout.py)
             values = (d,) + tuple(_as(h, dtype) for h in history)

@@ -41,14 +41,17 @@ enum Column : int {
   kOC = 12,
   kPS = 13,
   kAL = 14,
-  kNumCoefficients = 15,
+  kUS = 15,
+  kUX = 16,
+  kUM = 17,
+  kNumCoefficients = 18,
 };
 
 // Values match layout.CLIP_MODES' positions; the bindings pass them as ints.
 enum class Clip : int { kNone = 0, kClamp = 1, kThreshold = 2 };
 
 struct Coefficients {
-  float ax, am, px, p0, pm, ox, o0, om, o1, o2, on, as, oc, ps, al;
+  float ax, am, px, p0, pm, ox, o0, om, o1, o2, on, as, oc, ps, al, us, ux, um;
   // Bits 1 << column of the terms known to be 0 in every row (layout.absent_terms): left
   // out of the sums, not multiplied, since 0 * inf is NaN and -0 + 0*t is +0 where the
   // reference and diffusers have no such term.
@@ -73,6 +76,9 @@ FS_HD Coefficients load_coefficients(const float* row, uint32_t absent) {
   c.oc = row[kOC];
   c.ps = row[kPS];
   c.al = row[kAL];
+  c.us = row[kUS];
+  c.ux = row[kUX];
+  c.um = row[kUM];
   return c;
 }
 
@@ -187,6 +193,35 @@ FS_HD float history_value(const Coefficients& c, float x, float x0, float m) {
   return mul(add_term(add_term(add_term(kEmptySum, c, kPX, c.px, x), c, kP0, c.p0, x0), c, kPM, c.pm, m), c.ps);
 }
 
+// d where clipping left x0 unchanged, for a row that gives it without x0 (US != 0):
+// US*(UX*x + UM*m), the same value without the round trip through x0 (see layout.py);
+// `d` (the form through the clipped x0) elsewhere, where x0 is NaN, and without clipping.
+// kUnclippedForm false compiles to `d`: the CPU loops are specialised on it (a US known to
+// be 0 in every row), since computing the form costs every loop about a quarter more
+// instructions (callgrind). On the host a blend of bit patterns under one mask, as in
+// add_difference_term: with a branch or a select, gcc left the step loops scalar.
+template <bool kUnclippedForm>
+FS_HD float keep_unclipped_history_value(const Coefficients& c, float x, float m, float x0, float x0c, float d) {
+  if constexpr (!kUnclippedForm) {
+    (void)x;
+    (void)m;
+    (void)x0;
+    (void)x0c;
+    return d;
+  } else {
+#if defined(__CUDA_ARCH__)
+    if ((c.absent >> kUS) & 1u) return d;
+    const float unclipped = mul(add_term(add_term(kEmptySum, c, kUX, c.ux, x), c, kUM, c.um, m), c.us);
+    return x0c == x0 && c.us != 0.0f ? unclipped : d;
+#else
+    const float unclipped = mul(add_term(add_term(kEmptySum, c, kUX, c.ux, x), c, kUM, c.um, m), c.us);
+    const uint32_t has_form = ((c.absent >> kUS) & 1u) ^ 1u;
+    const uint32_t use = has_form & static_cast<uint32_t>(c.us != 0.0f) & static_cast<uint32_t>(x0c == x0);
+    return blend(0u - use, unclipped, d);
+#endif
+  }
+}
+
 // out = OX*x (+ OC*x0) + O0*d + OM*m (+ O1*(d - h1)) (+ O2*(h1 - h2)) (+ ON*z), terms added
 // left to right, each after the first by an addcmul in the reference. The clipped x0
 // enters only when clipping: unclipped, it is linear in x and m (tables fold it into OX
@@ -214,12 +249,15 @@ struct StepValues {
   float x0;
 };
 
-template <Clip kClip, int kHistory, bool kNoise>
+// kUnclippedForm: see keep_unclipped_history_value; it never applies without clipping.
+template <Clip kClip, int kHistory, bool kNoise, bool kUnclippedForm = kClip != Clip::kNone>
 FS_HD StepValues step(const Coefficients& c, float x, float m, float h1, float h2, float z, float clip_range,
                       float scale) {
   StepValues v;
-  v.x0 = apply_clip<kClip>(data_estimate(c, x, m), clip_range, scale);
-  v.d = history_value(c, x, v.x0, m);
+  const float x0 = data_estimate(c, x, m);
+  v.x0 = apply_clip<kClip>(x0, clip_range, scale);
+  v.d = keep_unclipped_history_value<kUnclippedForm && kClip != Clip::kNone>(c, x, m, x0, v.x0,
+                                                                           history_value(c, x, v.x0, m));
   v.out = combine<kClip, kHistory, kNoise>(c, x, v.x0, v.d, m, h1, h2, z);
   return v;
 }

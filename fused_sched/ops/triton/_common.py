@@ -40,6 +40,9 @@ ON = tl.constexpr(L.ON)
 AS = tl.constexpr(L.AS)
 PS = tl.constexpr(L.PS)
 AL = tl.constexpr(L.AL)
+US = tl.constexpr(L.US)
+UX = tl.constexpr(L.UX)
+UM = tl.constexpr(L.UM)
 OC = tl.constexpr(L.OC)
 NUM_COEFFICIENTS = L.NUM_COEFFICIENTS
 
@@ -126,6 +129,21 @@ def add_term(total, a, t, COLUMN: tl.constexpr, ABSENT: tl.constexpr):
 def data_estimate(x, m, ax, am, al, a_s, ABSENT: tl.constexpr):
     """x0 = AS*(AX*x + AM*m + AL*m) in fp32, rounded as the reference's addcmuls-then-product."""
     return add_term(add_term(add_term(empty_sum(x), ax, x, AX, ABSENT), am, m, AM, ABSENT), al, m, AL, ABSENT) * a_s
+
+
+@triton.jit
+def keep_unclipped_history_value(d, x, m, x0, x0c, coef, ABSENT: tl.constexpr):
+    """With clipping: d where it changed x0 (or x0 is NaN); where it left x0 unchanged, for a
+    row that gives it (US != 0), US*(UX*x + UM*m): the same value without the round trip
+    through x0 (layout.py). A US known to be 0 in every row (its bit in ABSENT) compiles to d."""
+    if (_ONE << US) & ABSENT:
+        result = d
+    else:
+        us = tl.load(coef + US)
+        unclipped = add_term(add_term(empty_sum(x), tl.load(coef + UX), x, UX, ABSENT), tl.load(coef + UM), m, UM,
+                             ABSENT)
+        result = tl.where(x0c == x0, tl.where(us != 0.0, scaled(unclipped, us), d), d)
+    return result
 
 
 # Triton's interpreter (3.x) converts float32 to bfloat16 by truncation, where the GPU and

@@ -106,6 +106,7 @@ def _step_kernel(
     m = tl.load(m_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
 
     x0 = C.data_estimate(x, m, ax, am, tl.load(coef + C.AL), a_s, ABSENT)
+    unclipped_x0 = x0
     if CLIP == C.CLIP_CLAMP:
         # torch.clamp: a NaN stays NaN (both comparisons are false).
         x0 = tl.where(x0 < -clip_range, -clip_range, tl.where(x0 > clip_range, clip_range, x0))
@@ -119,6 +120,8 @@ def _step_kernel(
     empty = C.empty_sum(x)
     d = C.add_term(C.add_term(C.add_term(empty, px, x, C.PX, ABSENT), p0, x0, C.P0, ABSENT), pm, m, C.PM, ABSENT)
     d = C.scaled(d, tl.load(coef + C.PS))  # scaled after the sum cancels (layout.py)
+    if CLIP != C.CLIP_NONE:
+        d = C.keep_unclipped_history_value(d, x, m, unclipped_x0, x0, coef, ABSENT)
     out = C.add_term(empty, ox, x, C.OX, ABSENT)
     if CLIP != C.CLIP_NONE:  # unclipped, x0 is folded into OX and OM and may be +-inf (layout.py)
         out = C.add_term(out, tl.load(coef + C.OC), x0, C.OC, ABSENT)
