@@ -208,7 +208,7 @@ def test_ddim_matches_diffusers(backend):
         ratio=st.sampled_from([0.87, 0.995]), max_value=st.sampled_from([0.5, 1.0, 2.5]),
         set_alpha_to_one=st.booleans(), steps_offset=st.sampled_from([0, 1]),
         spacing=st.sampled_from(["leading", "trailing", "linspace"]), zero_snr=st.booleans(),
-        n=st.integers(10, 25), eta=st.sampled_from([0.0, 0.3, 1.0]), clipped=st.booleans(),
+        n=st.integers(10, 25), eta=st.sampled_from([0.0, 0.3, 1.0, -0.6]), clipped=st.booleans(),
         noise=st.sampled_from(["generator", "variance_noise"]), shape=SHAPES)
 
 

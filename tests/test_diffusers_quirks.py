@@ -32,9 +32,10 @@ def _run(kind, cls, config, steps, **step_kwargs):
 
 @pytest.mark.parametrize("kind, config, step_kwargs", [
     ("ddim", {}, dict(eta=0.5)),  # a draw every step, the last (whose std is 0) included
+    ("ddim", {}, dict(eta=-0.5)),  # no draw: diffusers draws for eta > 0 only, and std^2 still shrinks the direction
     ("dpm", dict(algorithm_type="sde-dpmsolver++"), {}),  # fp32 draws every step, the last included
     ("cogvideox_dpm", {}, {}),  # always draws; twice on second-order steps
-], ids=["ddim-eta", "sde-dpm", "cogvideox-dpm"])
+], ids=["ddim-eta", "ddim-negative-eta", "sde-dpm", "cogvideox-dpm"])
 def test_a_trajectory_consumes_the_generator_like_diffusers(kind, config, step_kwargs):
     reference_cls, fused_cls = PAIRS[kind]
     x_ref, next_ref = _run(kind, reference_cls, config, 5, **step_kwargs)

@@ -65,10 +65,10 @@ def test_device_mismatch_names_the_argument():
 
 def test_eta_out_of_range():
     scheduler = _ready()
-    with pytest.raises(ValueError, match=r"eta=1.5 is outside \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"eta=1.5 is outside \[-1, 1\]"):
         scheduler.step(X, 901, X, eta=1.5)
-    with pytest.raises(ValueError, match=r"eta=-0.1"):
-        scheduler.step(X, 901, X, eta=-0.1)
+    with pytest.raises(ValueError, match=r"eta=-1.1"):
+        scheduler.step(X, 901, X, eta=-1.1)
     with pytest.raises(TypeError, match="eta must be a Python number"):
         scheduler.step(X, 901, X, eta=torch.tensor(0.5))
 

@@ -40,7 +40,7 @@ def ddim_table(
     sqrt_a, sqrt_b = a_t**0.5, b_t**0.5
     variance = (b_p / b_t) * (1 - a_t / a_p)
     std = eta * variance**0.5
-    # 1 - a_p - std^2 = (1-a_p)^2 a_t / (a_p (1-a_t)) >= 0 for eta <= 1; with zero-SNR
+    # 1 - a_p - std^2 = (1-a_p)^2 a_t / (a_p (1-a_t)) >= 0 for |eta| <= 1; with zero-SNR
     # (a_t = 0) and eta = 1 it is 0 and float32 rounding can make it -1e-8, where diffusers
     # takes the square root of a negative number and returns NaN.
     direction = (1 - a_p - std**2).clamp(min=0) ** 0.5

@@ -75,10 +75,10 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         self._require_schedule()
         if type(eta) is not float and (isinstance(eta, torch.Tensor) or not isinstance(eta, numbers.Real)):
             raise TypeError(f"eta must be a Python number, got {type(eta).__name__}")
-        if not 0.0 <= eta <= 1.0:
+        if not -1.0 <= eta <= 1.0:
             raise ValueError(
-                f"eta={eta} is outside [0, 1]: the DDIM direction term sqrt(1 - a_prev - std^2) has no real "
-                "value for eta > 1 (diffusers returns NaN there)"
+                f"eta={eta} is outside [-1, 1]: the DDIM direction term sqrt(1 - a_prev - std^2) has no real "
+                "value for |eta| > 1 (diffusers returns NaN there)"
             )
         if eta > 0 and generator is not None and variance_noise is not None:  # at eta 0 neither is used
             raise ValueError(
