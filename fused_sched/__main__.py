@@ -15,7 +15,7 @@ import torch
 from . import __version__, ops
 from .ops import extension
 from .benchmark import (DTYPES, device_name, SCHEDULERS, SHAPES, BaselineUnavailable, Timing, bytes_per_step, copy_bandwidth,
-                        eager_step, error_summary, time_step, time_steps, write_report)
+                        error_summary, time_step, write_report)
 
 COMPILED = "torch.compile"  # the compiled-reference baseline's name in the rows (see benchmark.py)
 SKIPPED = "skipped (--no-compile-baseline)"
@@ -131,8 +131,7 @@ def cmd_bench(args) -> int:
     bandwidth = copy_bandwidth(device)
     meta = dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9, load_average_at_start=load,
                 cpu_count=os.cpu_count(),
-                timing="per sample: wall time of one step and a device synchronize (host time included); diffusers "
-                       "and the backends take turns call by call, the torch.compile baseline is timed after them",
+                timing="per sample: wall time of one step and a device synchronize (host time included)",
                 bytes_per_step="the op's least traffic: each tensor it reads and writes once at its own dtype, "
                                "x and m once more where thresholding (fused_sched.benchmark.bytes_per_step)")
     cases = [(k, s, d) for k in kinds for s in shapes for d in dtypes]
@@ -140,47 +139,39 @@ def cmd_bench(args) -> int:
     total = len(cases) * (1 + len(backends) + (0 if args.no_compile_baseline else 1))
     done = 0
 
-    def advanced(count: int) -> None:
+    def measured(*arguments, **options):
         nonlocal done
-        done += count
-        _progress(done, total)
+        try:
+            return time_step(*arguments, repeats=args.repeats, steps=args.steps, **options)
+        finally:
+            done += 1
+            _progress(done, total)
 
     for kind, (shape_name, shape), dtype_name in cases:
         dtype = DTYPES[dtype_name]
         case = (kind, shape_name, shape, dtype_name)
-        # diffusers and every backend take turns call by call (benchmark.time_steps)
-        eager = {}
         try:
             moved = bytes_per_step(kind, shape, dtype, device)
-            eager["diffusers"] = eager_step(kind, "diffusers", shape, dtype, device, steps=args.steps)
+            baseline = measured(kind, "diffusers", shape, dtype, device)
         except Exception as error:  # a case that cannot run says why in its rows; the others still run
-            baseline = error
-        else:
-            failed = {}
-            for backend in backends:
-                try:
-                    eager[backend] = eager_step(kind, "fused", shape, dtype, device, backend=backend, steps=args.steps)
-                except Exception as error:
-                    failed[backend] = error
-            timings = {**time_steps(eager, device, repeats=args.repeats), **failed}
-            baseline = timings["diffusers"]
-        advanced(1 + len(backends))
-        if isinstance(baseline, Exception):
-            rows += [_failed_row(*case, name, baseline) for name in ["diffusers"] + backends]
-            if not args.no_compile_baseline:
-                advanced(1)
+            rows += [_failed_row(*case, name, error) for name in ["diffusers"] + backends]
+            done += len(backends) + (0 if args.no_compile_baseline else 1)
             if args.json:
                 write_report(args.json, meta, rows)
             continue
-        fused = [(backend, timings[backend]) for backend in backends]
+        fused = []
+        for backend in backends:
+            try:
+                fused.append((backend, measured(kind, "fused", shape, dtype, device, backend=backend)))
+            except Exception as error:
+                fused.append((backend, error))
         # Timed last in its case: compilation may leave work behind (compile workers, garbage).
         compiled = SKIPPED
         if not args.no_compile_baseline:
             try:
-                compiled = time_step(kind, "compiled", shape, dtype, device, repeats=args.repeats, steps=args.steps)
+                compiled = measured(kind, "compiled", shape, dtype, device)
             except BaselineUnavailable as error:
                 compiled = str(error)
-            advanced(1)
         rows.append(_row(*case, "diffusers", baseline, baseline, compiled, moved, bandwidth))
         if isinstance(compiled, Timing):
             rows.append(_row(*case, COMPILED, compiled, baseline, compiled, moved, bandwidth))

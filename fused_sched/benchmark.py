@@ -4,10 +4,7 @@ A case is (scheduler, config, latent shape, dtype). Each is timed side by side i
 diffusers' eager step, the fused class on a given backend, and the torch.compile baseline,
 same inputs, same trajectory position, timestep passed as an element of
 ``scheduler.timesteps`` as pipelines do. Times are host+device wall time per step
-(synchronised on CUDA), median and spread over repeats. diffusers' step and the fused
-backends take turns call by call (``time_steps``), so that a change in the machine's speed
-during the run (shared CPUs drift by 2x and more) falls on all of them alike; the
-torch.compile baseline, which swaps the op out, is timed after them.
+(synchronised on CUDA), median and spread over repeats.
 
 The torch.compile baseline ("compiled" here, ``torch.compile`` in the command's output)
 answers "what would plain torch.compile of the same math give you". It is the fused
@@ -145,71 +142,35 @@ def make_step(kind: str, fused: bool, shape, dtype, device, steps: int = 20):
     return stepper(kind, scheduler, x, m, steps // 2)
 
 
-def eager_step(kind: str, which: str, shape, dtype, device, backend: str | None = None, steps: int = 20):
-    """(step, context): the mid-trajectory step of ``kind`` for ``which`` = "diffusers" or
-    "fused", and a factory of the context it runs in (the fused step's ``backend``, else the
-    selected one), for ``time_steps``."""
-    if which not in ("diffusers", "fused"):
-        raise ValueError(f"which={which!r}; expected 'diffusers' or 'fused'")
-    step = make_step(kind, which == "fused", shape, dtype, device, steps)
-    if which == "fused" and backend:
-        return step, lambda: ops.use_backend(backend)
-    return step, contextlib.nullcontext
-
-
-def time_steps(steps: collections.abc.Mapping, device, repeats: int = 50, warmup: int = 5) -> dict:
-    """{name: Timing, or the exception its step raised} for {name: (step, context)}: each step
-    warmed up alone, then those that ran timed ``repeats`` times, taking turns call by call;
-    each call runs inside its context, entered and left outside the timed interval."""
-    results, running = {}, {}
-    for name, (step, context) in steps.items():
-        try:
-            with context():
-                _warm_up(step, device, warmup)
-            running[name] = (step, context)
-        except Exception as error:  # this implementation cannot run the case; the others still run
-            results[name] = error
-    samples = {name: [] for name in running}
-    for _ in range(repeats):
-        for name, (step, context) in running.items():
-            with context():
-                start = time.perf_counter()
-                step()
-                _synchronize(device)
-                samples[name].append(time.perf_counter() - start)
-    results.update({name: _timing(values) for name, values in samples.items()})
-    return {name: results[name] for name in steps}
-
-
 def time_step(kind: str, which: str, shape, dtype, device, backend: str | None = None,
               repeats: int = 50, warmup: int = 5, steps: int = 20) -> Timing:
-    """Time one step of ``kind`` alone for ``which`` = "diffusers", "fused" (on ``backend``,
-    else the selected one) or "compiled" (the torch.compile baseline, see the module
-    docstring; raises :class:`BaselineUnavailable` where it does not compile)."""
-    if which != "compiled":
-        timing = time_steps({which: eager_step(kind, which, shape, dtype, device, backend, steps)}, device, repeats,
-                            warmup)[which]
-        if isinstance(timing, Exception):
-            raise timing
-        return timing
-    step = make_step(kind, True, shape, dtype, device, steps)
-    with compiled_reference() as op:
-        compile_s = compile_step(step, op, device)
-        try:
-            with no_recompiles():
-                timing = _measure(step, device, repeats, warmup)
-        except BaselineUnavailable:
-            raise
-        except Exception as error:  # a recompile or a failure after the first call
-            raise BaselineUnavailable(f"torch.compile failed after compiling: {error_summary(error)}") from error
-    return dataclasses.replace(timing, compile_s=compile_s)
+    """Time one step of ``kind`` for ``which`` = "diffusers", "fused" (on ``backend``, else the
+    selected one) or "compiled" (the torch.compile baseline, see the module docstring; raises
+    :class:`BaselineUnavailable` where it does not compile)."""
+    if which not in ("diffusers", "fused", "compiled"):
+        raise ValueError(f"which={which!r}; expected 'diffusers', 'fused' or 'compiled'")
+    step = make_step(kind, which != "diffusers", shape, dtype, device, steps)
+    if which == "compiled":
+        with compiled_reference() as op:
+            compile_s = compile_step(step, op, device)
+            try:
+                with no_recompiles():
+                    timing = _measure(step, device, repeats, warmup)
+            except BaselineUnavailable:
+                raise
+            except Exception as error:  # a recompile or a failure after the first call
+                raise BaselineUnavailable(f"torch.compile failed after compiling: {error_summary(error)}") from error
+        return dataclasses.replace(timing, compile_s=compile_s)
+    context = ops.use_backend(backend) if (which == "fused" and backend) else contextlib.nullcontext()
+    with context:
+        return _measure(step, device, repeats, warmup)
 
 
 # A GPU idles at a low clock: warm up for this long at least, not only `warmup` steps.
 CUDA_WARMUP_S = 0.1
 
 
-def _warm_up(step, device, warmup: int) -> None:
+def _measure(step, device, repeats: int, warmup: int) -> Timing:
     start = time.perf_counter()
     minimum = CUDA_WARMUP_S if device.type == "cuda" else 0.0
     done = 0
@@ -217,22 +178,14 @@ def _warm_up(step, device, warmup: int) -> None:
         step()
         done += 1
     _synchronize(device)
-
-
-def _timing(samples: list) -> Timing:
-    quartiles = statistics.quantiles(samples, n=4)
-    return Timing(statistics.median(samples), quartiles[2] - quartiles[0], len(samples))
-
-
-def _measure(step, device, repeats: int, warmup: int) -> Timing:
-    _warm_up(step, device, warmup)
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         _synchronize(device)
         samples.append(time.perf_counter() - start)
-    return _timing(samples)
+    quartiles = statistics.quantiles(samples, n=4)
+    return Timing(statistics.median(samples), quartiles[2] - quartiles[0], len(samples))
 
 
 # --- the torch.compile baseline --------------------------------------------------------------

@@ -114,23 +114,20 @@ def test_bench_reports_a_baseline_that_does_not_compile(tmp_path, monkeypatch, c
 
 
 def test_bench_keeps_going_past_a_case_that_fails(tmp_path, monkeypatch, capsys):
-    """An implementation that raises in one case, when its step is made or when it runs, is a
-    row with the error; the run goes on to the other implementations and cases, and the
-    report is complete (and can be plotted)."""
+    """An implementation that raises in one case is a row with the error; the run goes on to
+    the other implementations and cases, and the report is complete (and can be plotted)."""
     from fused_sched import __main__ as cli
 
-    prepare = cli.eager_step
+    measure = cli.time_step
 
     def failing(kind, which, *args, **kwargs):
         if kind == "ddim" and which == "fused":
-            def launch():
-                raise RuntimeError("kernel launch failed (simulated)")
-            return launch, prepare(kind, which, *args, **kwargs)[1]
+            raise RuntimeError("kernel launch failed (simulated)")
         if kind == "dpm++2m" and which == "diffusers":
             raise ValueError("diffusers cannot run this (simulated)")
-        return prepare(kind, which, *args, **kwargs)
+        return measure(kind, which, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "eager_step", failing)
+    monkeypatch.setattr(cli, "time_step", failing)
     path, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     assert cli.main(["bench", "--scheduler", "ddim,dpm++2m,ddim-inverse", "--shape", "tiny", "--backend", "torch",
                      "--repeats", "3", "--no-compile-baseline", "--json", str(path)]) == 0
@@ -144,40 +141,6 @@ def test_bench_keeps_going_past_a_case_that_fails(tmp_path, monkeypatch, capsys)
     assert "FAILED: RuntimeError: kernel launch failed (simulated)" in capsys.readouterr().out
     assert cli.main(["plot", str(path), str(plot)]) == 0 and plot.read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "bench.json.partial").exists()
-
-
-def test_bench_implementations_take_turns_call_by_call():
-    """diffusers and the backends are timed alternately, one call each in turn, each call in its
-    own context, so that a drift in the machine's speed falls on all alike; one that fails
-    while warming up is reported and left out of the turns."""
-    import contextlib
-
-    from fused_sched import benchmark
-
-    calls, active = [], []
-
-    def step(name):
-        def run():
-            calls.append((name, tuple(active)))
-        return run
-
-    @contextlib.contextmanager
-    def inside(name):
-        active.append(name)
-        yield
-        active.remove(name)
-
-    def broken():
-        raise RuntimeError("no kernel (simulated)")
-
-    steps = {"a": (step("a"), lambda: inside("a")), "b": (step("b"), contextlib.nullcontext),
-             "c": (broken, contextlib.nullcontext)}
-    timings = benchmark.time_steps(steps, torch.device("cpu"), repeats=4, warmup=2)
-    assert list(timings) == ["a", "b", "c"]
-    assert [t.samples for t in (timings["a"], timings["b"])] == [4, 4]
-    assert isinstance(timings["c"], RuntimeError)
-    assert calls[:4] == [("a", ("a",))] * 2 + [("b", ())] * 2  # warm-up, each alone
-    assert calls[4:] == [("a", ("a",)), ("b", ())] * 4
 
 
 def test_verify_passes():
