@@ -151,9 +151,8 @@ def test_every_backend_leaves_absent_terms_out_like_the_reference(backend_name, 
     x = torch.stack([special, special.roll(3)]).to(device)
     m = torch.stack([special.roll(1), -special.roll(5)]).to(device)
     h1, h2, z = (torch.stack([special.roll(k), special.roll(k + 1)]).to(device) for k in (2, 4, 6))
-    base = torch.tensor([[1.0, -0.5, 0.25, 1.0, -0.75, 0.5, 1.5, -0.25, 0.125, 0.375, 0.625, 2.0, 0.875, 1.25, 3e-8, 0.5,
-                          -0.375, 1.75]],
-                        device=device)
+    base = torch.tensor([[1.0, -0.5, 0.25, 1.0, -0.75, 0.5, 1.5, -0.25, 0.125, 0.375, 0.625, 2.0, 0.875, 1.25, 3e-8,
+                          0.5, -0.375, 1.75]], device=device)
     for name, columns in ABSENT_CASES:
         rows = base.clone()
         rows[:, list(columns)] = 0.0

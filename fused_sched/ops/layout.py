@@ -81,7 +81,8 @@ SCALE_COLUMNS = (AS, PS)
 # Every column that weighs a term of a sum, and US.
 TERM_COLUMNS = tuple(c for c in range(NUM_COEFFICIENTS) if c not in SCALE_COLUMNS)
 
-COLUMN_NAMES = ("ax", "am", "px", "p0", "pm", "ox", "o0", "om", "o1", "o2", "on", "as", "oc", "ps", "al", "us", "ux", "um")
+COLUMN_NAMES = ("ax", "am", "px", "p0", "pm", "ox", "o0", "om", "o1", "o2", "on", "as", "oc", "ps", "al",
+                "us", "ux", "um")
 
 CLIP_MODES = ("none", "clamp", "threshold")
 
