@@ -139,10 +139,17 @@ def test_dpm_inverse_repeated_first_timestep_starts_where_diffusers_does(form):
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 @pytest.mark.parametrize("copied", [False, True], ids=["", "then-copied"])
-def test_a_timestep_edited_in_place_is_read_again(kind, copied):
+@pytest.mark.parametrize("mode", ["grad", "inference"])
+def test_a_timestep_edited_in_place_is_read_again(kind, copied, mode):
     """Elements of scheduler.timesteps are resolved by position against host values read at
     set_timesteps; an in-place edit of the schedule afterwards must not leave them stale,
-    nor in a copy made after an edit (it resolves against its own tensor's values)."""
+    nor in a copy made after an edit (it resolves against its own tensor's values), nor
+    where it all runs under torch.inference_mode() (whose tensors keep no version counter)."""
+    with torch.inference_mode(mode == "inference"):
+        _edit_timesteps_in_place_and_step(kind, copied)
+
+
+def _edit_timesteps_in_place_and_step(kind, copied):
     results = []
     for cls in PAIRS[kind]:
         scheduler = cls()

@@ -70,14 +70,27 @@ class FusedSchedulerMixin:
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
         if self._schedule_timesteps is not None:
+            if self._schedule_timesteps is self.timesteps:  # a copy made under inference mode
+                self._keep_schedule_versioned()
+                self._schedule_timesteps = self.timesteps
             # read from the copy's tensor: the original's may have been edited in place since
             # its values were last read
             self._read_host_timesteps()
 
     def _remember_schedule(self) -> None:
+        self._keep_schedule_versioned()
         self._schedule_timesteps = self.timesteps
         self._read_host_timesteps()
         self._reset_philox_counter()  # a new trajectory replays the same noise
+
+    def _keep_schedule_versioned(self) -> None:
+        """``self.timesteps`` made under torch.inference_mode() (set_timesteps, or a copy made
+        there) is an inference tensor, which keeps no version counter: an in-place edit of
+        the schedule would go unseen (``_schedule_position``). It becomes the same values as
+        a normal tensor, whose edits count, under inference mode too."""
+        if self.timesteps is not None and self.timesteps.is_inference():
+            with torch.inference_mode(False):
+                self.timesteps = self.timesteps.clone()
 
     def _note_schedule_identity(self) -> None:
         """What _schedule_position needs: the schedule tensor's address and layout (None for
@@ -88,7 +101,8 @@ class FusedSchedulerMixin:
         self._schedule_address = (
             (schedule.data_ptr(), stride * schedule.element_size(), schedule.dtype, schedule.device) if stride else None
         )
-        # An inference tensor (set_timesteps under torch.inference_mode) keeps no version.
+        # An inference tensor keeps no version (_keep_schedule_versioned replaces the
+        # scheduler's own; one assigned to scheduler.timesteps by hand may still be one).
         self._host_timesteps_version = None if schedule.is_inference() else schedule._version
 
     def _read_host_timesteps(self) -> None:
