@@ -368,6 +368,33 @@ def test_cuda_kernels_are_built_only_where_the_build_can_succeed(monkeypatch, tm
     assert reason is None if expected is None else expected in reason
 
 
+def test_a_wrapper_nvcc_outside_its_toolkit_leads_to_the_toolkit(monkeypatch, tmp_path, capsys):
+    """torch takes CUDA_HOME as the folder above the nvcc on PATH: for a wrapper script
+    (/usr/local/bin/nvcc, as on this project's machines) that folder has no CUDA headers. The
+    toolkit that nvcc reports in its dry run is used instead, and said so."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    from fused_sched.ops import extension
+
+    real = shutil.which("nvcc")
+    if real is None or extension.toolkit_root_from_nvcc(real) is None:
+        pytest.skip("no nvcc that reports its toolkit here")
+    home = tmp_path / "wrapper"
+    (home / "bin").mkdir(parents=True)
+    wrapper = home / "bin" / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec "{real}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert extension.cuda_unavailable_reason() is None
+    assert cpp_extension.CUDA_HOME == extension.toolkit_root_from_nvcc(real)
+    assert (Path(cpp_extension.CUDA_HOME) / "include" / "cuda_runtime.h").is_file()
+    assert f"CUDA_HOME={home} has no CUDA headers" in capsys.readouterr().err
+
+
 def test_kernel_entry_points_reject_bad_arguments(kernels):
     """The C++ checks name the argument and the fix, for callers that bypass the public op
     (the CUDA launcher's are those of csrc/cuda/launch_arguments.h, run here on CPU tensors)."""

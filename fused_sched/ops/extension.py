@@ -24,6 +24,7 @@ import hashlib
 import importlib
 import os
 import platform
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -73,13 +74,44 @@ def cuda_unavailable_reason() -> str | None:
         return "no CUDA toolkit found to compile the kernels (set CUDA_HOME or put nvcc on PATH)"
     # torch guesses CUDA_HOME as the folder above nvcc's, which for a wrapper script
     # (/usr/local/bin/nvcc) has no headers: the build would fail, taking the cpu backend with it.
-    if not (Path(cpp_extension.CUDA_HOME) / "include" / "cuda_runtime.h").is_file():
-        return (f"the CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h "
-                "(set CUDA_HOME to the toolkit's root, e.g. /usr/local/cuda)")
+    # That nvcc says where its toolkit is; torch's build takes the toolkit (headers, nvcc,
+    # libraries) from cpp_extension.CUDA_HOME, so that is where it goes.
+    home = Path(cpp_extension.CUDA_HOME)
+    if not _has_cuda_headers(home):
+        root = toolkit_root_from_nvcc(str(home / "bin" / "nvcc"))
+        if root is None:
+            return (f"the CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h "
+                    "(set CUDA_HOME to the toolkit's root, e.g. /usr/local/cuda)")
+        print(f"fused_sched: CUDA_HOME={home} has no CUDA headers; using the toolkit its nvcc reports, {root}",
+              file=sys.stderr)
+        cpp_extension.CUDA_HOME = root
     # Without a device, torch's build asks for its architecture and fails (IndexError).
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
         return ("no CUDA device is visible to take the GPU architecture from (set TORCH_CUDA_ARCH_LIST, "
                 "e.g. '9.0', to build the CUDA kernels without one)")
+    return None
+
+
+def _has_cuda_headers(root: Path) -> bool:
+    return (root / "include" / "cuda_runtime.h").is_file()
+
+
+@functools.lru_cache(maxsize=8)
+def toolkit_root_from_nvcc(nvcc: str) -> str | None:
+    """The root of the toolkit ``nvcc`` belongs to, as nvcc itself reports it (TOP in its dry
+    run), where that has the CUDA headers; None otherwise, or where there is no such nvcc.
+    For an nvcc that is a wrapper script outside its toolkit."""
+    if not Path(nvcc).is_file():
+        return None
+    try:
+        dry_run = subprocess.run([nvcc, "--dryrun", "-v", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (dry_run.stdout + dry_run.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            root = Path(line.partition("=")[2].strip()).resolve()
+            return str(root) if _has_cuda_headers(root) else None
     return None
 
 
