@@ -413,3 +413,32 @@ def test_ill_conditioned_trajectories_are_judged_from_identical_inputs(backend, 
                                  share_history=True)
     (ref_prev, _), (fused_prev, _), _, (exact_prev, _), _ = results[8]
     assert relative_error(fused_prev, exact_prev) <= relative_error(ref_prev, exact_prev)
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver", "dpmsolver++"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_an_infinite_model_output_is_thresholded_like_diffusers(backend, device, algorithm, prediction_type):
+    """Infinite elements in the model output, with thresholding: x0 there is +-inf, clipping
+    bounds it, and diffusers' stored value (eps = (x - alpha*x0c)/sigma, or x0c), its output
+    and the next steps are finite. So are the fused step's: the output has no term in m
+    (the DPM tables' placeholder rows, NaN, once hid that from the constant columns, and
+    0*inf gave NaN), and eps keeps the round trip exactly where clipping changed x0
+    (layout.py, US), not eps + inf - inf. Elsewhere within float32 rounding of diffusers'."""
+    config = dict(algorithm_type=algorithm, prediction_type=prediction_type, thresholding=True,
+                  dynamic_thresholding_ratio=0.9, sample_max_value=1.5, final_sigmas_type="sigma_min")
+    results = []
+    for cls in PAIRS["dpm"]:
+        scheduler = cls(**config)
+        scheduler.set_timesteps(6, device=device)
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).to(device)
+        for i, t in enumerate(scheduler.timesteps[:3]):
+            m = 0.5 * torch.tanh(x)
+            if i == 1:
+                m[0, 1, 2, 3] = math.inf
+                m[1, 0, 0, 0] = -math.inf
+            x = scheduler.step(m, t, x).prev_sample
+            assert bool(torch.isfinite(x).all()), (cls.__name__, i)
+            assert bool(torch.isfinite(scheduler.model_outputs[-1]).all()), (cls.__name__, i)
+        results.append((x, scheduler.model_outputs[-1]))
+    for fused, reference in zip(results[1], results[0]):
+        assert relative_error(fused, reference) <= FP32_TOLERANCE

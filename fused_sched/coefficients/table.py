@@ -87,8 +87,14 @@ def normalized_device(device: torch.device) -> torch.device:
 def constant_columns(table: torch.Tensor) -> L.ConstantColumns:
     """{column: 0.0 or 1.0} for columns holding that value in every row: the op's
     ``constant_columns`` hint, true for every row of this table whatever a step selects.
-    Both values are exact in every storage dtype, so the hint holds for every placement."""
+    Both values are exact in every storage dtype, so the hint holds for every placement.
+
+    Rows whose output columns are all NaN are placeholders no step selects (``dpm_table``:
+    an order the step cannot have) and are not consulted: counted, they made every output
+    term of a DPM table present, and 0*inf turned an infinite model output into NaN where
+    diffusers' formula has no such term."""
     known = {}
+    table = table[~torch.isnan(table[:, list(L.OUTPUT_COLUMNS)]).all(dim=1)]
     if table.shape[0] == 0:
         return L.ConstantColumns()
     for column in range(table.shape[1]):
