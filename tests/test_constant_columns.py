@@ -82,14 +82,20 @@ def test_hint_holds_for_every_row_of_every_table(case):
 
 
 def test_constant_columns_of_a_crafted_table():
-    table = torch.tensor([
-        # ax   am   px    p0   pm   ox   o0   om   o1   o2            on   as
-        [1.0, 0.5, 0.0, 1.0, -0.0, 0.0, 2.0, 0.0, 1.0, float("nan"), 0.0, 1.0],
-        [1.0, 0.7, -0.0, 1.0, 0.0, 1.0, 3.0, 0.0, 0.0, float("nan"), 0.0, 2.0],
-    ], dtype=torch.float64)
+    table = torch.zeros(3, L.NUM_COEFFICIENTS, dtype=torch.float64)
+    for column, values in {L.AX: (1.0, 1.0, 2.0), L.AM: (0.5, 0.7, 0.5), L.PX: (0.0, -0.0, 1.0), L.P0: (1.0, 1.0, 1.0),
+                           L.OX: (0.0, 1.0, 0.0), L.O0: (2.0, 3.0, 2.0), L.O1: (1.0, 0.0, 1.0), L.AS: (1.0, 2.0, 1.0),
+                           L.O2: (float("nan"),) * 3}.items():
+        table[:, column] = torch.tensor(values, dtype=torch.float64)
+    # A placeholder row (dpm_table: an order the step cannot have) is never selected: its
+    # other columns (AX 2, PX 1 above) are not consulted.
+    table[2, list(L.OUTPUT_COLUMNS)] = float("nan")
     known = constant_columns(table)
-    assert dict(known) == {L.AX: 1.0, L.PX: 0.0, L.P0: 1.0, L.PM: 0.0, L.OM: 0.0, L.ON: 0.0}
+    varying = {L.AM, L.OX, L.O0, L.O1, L.AS, L.O2}  # O2: NaN is no known value
+    assert dict(known) == {L.AX: 1.0, L.P0: 1.0,
+                           **{c: 0.0 for c in range(L.NUM_COEFFICIENTS) if c not in varying | {L.AX, L.P0}}}
     assert len(constant_columns(table[:0])) == 0  # an empty table promises nothing
+    assert len(constant_columns(table[2:])) == 0  # nor one of placeholders alone
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])

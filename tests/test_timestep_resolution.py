@@ -12,6 +12,7 @@ import torch
 
 from drivers import PAIRS
 from fused_sched.coefficients.table import PlacedTable
+from fused_sched.ops import layout as L
 
 
 def _scheduled(kind="ddim", n=10):
@@ -65,11 +66,11 @@ def test_an_expanded_schedule_matches_nothing():
 
 
 def test_steps_reuse_one_row_view_that_sees_refills():
-    table = torch.arange(24, dtype=torch.float64).reshape(2, 12)
+    table = torch.arange(2 * L.NUM_COEFFICIENTS, dtype=torch.float64).reshape(2, L.NUM_COEFFICIENTS)
     placed = PlacedTable(table, "cpu")
     row = placed.row(1, torch.device("cpu"), torch.float32)
     assert row is placed.row(1, torch.device("cpu"), torch.float32)
-    assert row.shape == (1, 12) and torch.equal(row, table[1:2].float())
+    assert row.shape == (1, L.NUM_COEFFICIENTS) and torch.equal(row, table[1:2].float())
     assert placed.refill(table + 100)
     assert torch.equal(row, table[1:2].float() + 100)
 
