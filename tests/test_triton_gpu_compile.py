@@ -55,6 +55,9 @@ def test_every_kernel_compiles_to_a_cubin(compiled):
     specialisations = {f"step-{c}-h{h}-{n}" for c in ("none", "clamp", "threshold") for h in (0, 1, 2)
                        for n in ("none", "tensor", "philox")}
     assert specialisations <= cases
+    # and the specialisations schedulers' tables make, with the terms they know to be 0 left out
+    assert {"step-scheduler-ddim-clip", "step-scheduler-dpm++2m", "step-scheduler-dpm++2m-threshold",
+            "step-scheduler-dpmsolver-threshold"} <= cases
     configs = {json.dumps(k["config"], sort_keys=True) for k in compiled[90] if k["kernel"] == "_step_kernel"}
     from fused_sched.ops.triton import step  # imported here: the module needs triton (importorskip above)
 

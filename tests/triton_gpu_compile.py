@@ -64,8 +64,9 @@ class LaunchRecorder:
 def _cases(sm: int):
     """(name, function recording its launches, compile every autotuning config?, compare
     the machine code with and without fp fusion?). On sm_90, every specialisation of the
-    step kernel (clip x history x noise source, optional outputs, 16-bit and mixed storage)
-    and the thresholding passes; on other targets one case per kernel (compile time)."""
+    step kernel (clip x history x noise source, optional outputs, 16-bit and mixed storage;
+    every term present), those four schedulers' tables make (their known-zero terms left
+    out), and the thresholding passes; on other targets one case per kernel (compile time)."""
     import torch
 
     from fused_sched.ops import layout
@@ -75,7 +76,8 @@ def _cases(sm: int):
     def tensor(dtype, shape=(2, 4096)):
         return torch.zeros(shape, dtype=dtype)
 
-    def step_case(clip, history, noise, x_dtype=torch.float32, m_dtype=torch.float32, rows=1, outputs=True):
+    def step_case(clip, history, noise, x_dtype=torch.float32, m_dtype=torch.float32, rows=1, outputs=True,
+                  absent=0):
         def run(wrap):
             x, m = tensor(x_dtype), tensor(m_dtype)
             c = torch.zeros(rows, layout.NUM_COEFFICIENTS)
@@ -86,8 +88,19 @@ def _cases(sm: int):
             out = torch.empty_like(x)
             d = torch.empty_like(x, dtype=torch.float32) if outputs else None
             x0 = torch.empty_like(x) if outputs else None
-            step.launch_step(x, m, c, hist, z, clip, 1.0, scale, out, d, x0, wrap)
+            step.launch_step(x, m, c, hist, z, clip, 1.0, scale, out, d, x0, wrap, absent_terms=absent)
         return run
+
+    def scheduler_absent_terms(cls, **config):
+        """The absent-term bits a scheduler's table hands its every step (the specialisations
+        that run in pipelines; the cases above have every term present)."""
+        scheduler = cls(**config)
+        scheduler.set_timesteps(10)
+        placed = scheduler._table if hasattr(scheduler, "_table") else next(iter(scheduler._tables.values()))
+        absent = placed.constant_columns.absent_terms
+        if not absent:
+            raise AssertionError(f"{cls.__name__}({config}) leaves no term out: not a case of its own")
+        return absent
 
     def threshold_case(dtype):
         def run(wrap):
@@ -119,6 +132,18 @@ def _cases(sm: int):
         ("threshold-fp32", threshold_case(torch.float32), False, True),
         ("threshold-bf16", threshold_case(torch.bfloat16), False, False),
         ("philox-bits", philox_bits_case, False, False),
+    ]
+    import fused_sched
+
+    dpm = fused_sched.FusedDPMSolverMultistepScheduler
+    cases += [
+        ("step-scheduler-ddim-clip", step_case("clamp", 0, "none", absent=scheduler_absent_terms(
+            fused_sched.FusedDDIMScheduler, clip_sample=True)), False, True),
+        ("step-scheduler-dpm++2m", step_case("none", 1, "none", absent=scheduler_absent_terms(dpm)), False, True),
+        ("step-scheduler-dpm++2m-threshold", step_case("threshold", 1, "none", absent=scheduler_absent_terms(
+            dpm, thresholding=True)), False, False),
+        ("step-scheduler-dpmsolver-threshold", step_case("threshold", 1, "none", absent=scheduler_absent_terms(
+            dpm, algorithm_type="dpmsolver", thresholding=True, final_sigmas_type="sigma_min")), False, True),
     ]
     return cases
 
