@@ -74,17 +74,9 @@ def cuda_unavailable_reason() -> str | None:
         return "no CUDA toolkit found to compile the kernels (set CUDA_HOME or put nvcc on PATH)"
     # torch guesses CUDA_HOME as the folder above nvcc's, which for a wrapper script
     # (/usr/local/bin/nvcc) has no headers: the build would fail, taking the cpu backend with it.
-    # That nvcc says where its toolkit is; torch's build takes the toolkit (headers, nvcc,
-    # libraries) from cpp_extension.CUDA_HOME, so that is where it goes.
-    home = Path(cpp_extension.CUDA_HOME)
-    if not _has_cuda_headers(home):
-        root = toolkit_root_from_nvcc(str(home / "bin" / "nvcc"))
-        if root is None:
-            return (f"the CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h "
-                    "(set CUDA_HOME to the toolkit's root, e.g. /usr/local/cuda)")
-        print(f"fused_sched: CUDA_HOME={home} has no CUDA headers; using the toolkit its nvcc reports, {root}",
-              file=sys.stderr)
-        cpp_extension.CUDA_HOME = root
+    if not _adopt_toolkit_with_headers(cpp_extension):
+        return (f"the CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h "
+                "(set CUDA_HOME to the toolkit's root, e.g. /usr/local/cuda)")
     # Without a device, torch's build asks for its architecture and fails (IndexError).
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
         return ("no CUDA device is visible to take the GPU architecture from (set TORCH_CUDA_ARCH_LIST, "
@@ -94,6 +86,22 @@ def cuda_unavailable_reason() -> str | None:
 
 def _has_cuda_headers(root: Path) -> bool:
     return (root / "include" / "cuda_runtime.h").is_file()
+
+
+def _adopt_toolkit_with_headers(cpp_extension) -> bool:
+    """Whether ``cpp_extension.CUDA_HOME`` is a toolkit with its headers, after making it the
+    toolkit that its nvcc reports where it was not (announced): torch's build takes the
+    headers, nvcc and libraries from that variable."""
+    home = Path(cpp_extension.CUDA_HOME)
+    if _has_cuda_headers(home):
+        return True
+    root = toolkit_root_from_nvcc(str(home / "bin" / "nvcc"))
+    if root is None:
+        return False
+    print(f"fused_sched: CUDA_HOME={home} has no CUDA headers; using the toolkit its nvcc reports, {root}",
+          file=sys.stderr)
+    cpp_extension.CUDA_HOME = root
+    return True
 
 
 @functools.lru_cache(maxsize=8)

@@ -193,8 +193,13 @@ FS_HD float history_value(const Coefficients& c, float x, float x0, float m) {
   return mul(add_term(add_term(add_term(kEmptySum, c, kPX, c.px, x), c, kP0, c.p0, x0), c, kPM, c.pm, m), c.ps);
 }
 
+// US*(UX*x + UM*m): the history value without x0, for where clipping left x0 unchanged.
+FS_HD float unclipped_history_value(const Coefficients& c, float x, float m) {
+  return mul(add_term(add_term(kEmptySum, c, kUX, c.ux, x), c, kUM, c.um, m), c.us);
+}
+
 // d where clipping left x0 unchanged, for a row that gives it without x0 (US != 0):
-// US*(UX*x + UM*m), the same value without the round trip through x0 (see layout.py);
+// unclipped_history_value, the same value without the round trip through x0 (layout.py);
 // `d` (the form through the clipped x0) elsewhere, where x0 is NaN, and without clipping.
 // kUnclippedForm false compiles to `d`: the CPU loops are specialised on it (a US known to
 // be 0 in every row), since computing the form costs every loop about a quarter more
@@ -211,10 +216,9 @@ FS_HD float keep_unclipped_history_value(const Coefficients& c, float x, float m
   } else {
 #if defined(__CUDA_ARCH__)
     if ((c.absent >> kUS) & 1u) return d;
-    const float unclipped = mul(add_term(add_term(kEmptySum, c, kUX, c.ux, x), c, kUM, c.um, m), c.us);
-    return x0c == x0 && c.us != 0.0f ? unclipped : d;
+    return x0c == x0 && c.us != 0.0f ? unclipped_history_value(c, x, m) : d;
 #else
-    const float unclipped = mul(add_term(add_term(kEmptySum, c, kUX, c.ux, x), c, kUM, c.um, m), c.us);
+    const float unclipped = unclipped_history_value(c, x, m);
     const uint32_t has_form = ((c.absent >> kUS) & 1u) ^ 1u;
     const uint32_t use = has_form & static_cast<uint32_t>(c.us != 0.0f) & static_cast<uint32_t>(x0c == x0);
     return blend(0u - use, unclipped, d);
