@@ -395,6 +395,91 @@ def test_a_wrapper_nvcc_outside_its_toolkit_leads_to_the_toolkit(monkeypatch, tm
     assert f"CUDA_HOME={home} has no CUDA headers" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("variable, flags, refused", [
+    ("NVCC_APPEND_FLAGS", "-ftz=true", ["flushes float32 subnormals"]),
+    ("NVCC_PREPEND_FLAGS", "-ftz=true", ["flushes float32 subnormals"]),
+    ("NVCC_APPEND_FLAGS", "--use_fast_math", ["flushes float32 subnormals", "approximates logf and cosf"]),
+    ("NVCC_APPEND_FLAGS", "--use_fast_math -ftz=false", ["approximates logf and cosf"]),
+    ("NVCC_APPEND_FLAGS", "-ftz=false", []),
+    # Proven not to change the machine code (test_cuda_sources.py), so not refused:
+    ("NVCC_APPEND_FLAGS", "--fmad=false -prec-div=false", []),
+])
+def test_nvcc_flags_that_change_the_kernels_results_build_no_cuda_kernels(monkeypatch, variable, flags, refused):
+    """nvcc reads NVCC_APPEND_FLAGS / NVCC_PREPEND_FLAGS itself, after (before) the build's
+    own flags, so the build cannot overrule them. -ftz=true would flush float32 subnormals
+    in every step (FTZ on ~9,700 SASS instructions of fused_step.cu), --use_fast_math
+    also approximate the in-kernel noise's logf and cosf: silently different results. The
+    CUDA kernels are then not built, and the cuda backend names the flag and its effect."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    from fused_sched.ops import extension
+
+    nvcc = shutil.which("nvcc")
+    root = None if nvcc is None else extension.toolkit_root_from_nvcc(nvcc)
+    if root is None:
+        pytest.skip("no nvcc that reports its toolkit here")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", root)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.delenv("PYTORCH_NVCC", raising=False)
+    for name in ("NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, flags)
+    reason = extension.cuda_unavailable_reason()
+    if not refused:
+        assert reason is None
+        return
+    assert f"{variable}={flags!r}" in reason
+    for effect in ("flushes float32 subnormals", "approximates logf and cosf"):
+        assert (effect in reason) == (effect in refused), effect
+
+
+@pytest.mark.parametrize("with_cuda", [True, False])
+def test_a_prebuilt_extension_needs_no_toolkit_to_run(monkeypatch, with_cuda):
+    """An ahead-of-time build carries its kernels: where it has the CUDA ones, the cuda
+    backend is made from them on a machine without nvcc (a runtime image); only a JIT
+    build needs the toolkit. Where it has not, the backend says so."""
+    import types
+
+    from torch.utils import cpp_extension
+
+    from fused_sched.ops import extension
+
+    def entry_point(*args, **kwargs):
+        raise AssertionError("not called here")
+
+    prebuilt = types.SimpleNamespace(
+        __file__="/site-packages/fused_sched/_ext.so", with_cuda=with_cuda, cpu_fused_step=entry_point,
+        cpu_threshold_scale=entry_point, cpu_philox_bits=entry_point, cuda_fused_step=entry_point,
+        cuda_threshold_scale=entry_point, cuda_philox_bits=entry_point,
+    )
+    monkeypatch.setattr(extension, "_prebuilt_extension", lambda: prebuilt)
+    monkeypatch.setattr(extension, "_extension", None)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert "no CUDA toolkit found" in extension.cuda_unavailable_reason()
+    backend = extension._make_backend("CUDA_BACKEND")
+    if with_cuda:
+        assert isinstance(backend, extension.CompiledBackend) and backend.name == "cuda"
+        assert backend._fused_step is entry_point
+    else:
+        assert isinstance(backend, extension.UnavailableBackend)
+        assert "_ext.so was built without CUDA" in backend.reason
+
+
+def test_an_ahead_of_time_build_without_cuda_says_why(capsys):
+    from fused_sched.ops import extension
+
+    reason = extension.cuda_unavailable_reason()
+    if reason is None:
+        pytest.skip("the CUDA kernels can be built here")
+    built = extension.aot_extension()
+    assert not any(source.endswith(".cu") for source in built.sources)
+    assert f"building the extension without its CUDA kernels: {reason}" in capsys.readouterr().err
+
+
 def test_kernel_entry_points_reject_bad_arguments(kernels):
     """The C++ checks name the argument and the fix, for callers that bypass the public op
     (the CUDA launcher's are those of csrc/cuda/launch_arguments.h, run here on CPU tensors)."""

@@ -106,6 +106,31 @@ def test_clipped_x0_enters_the_output_only_when_clipping(backend):
     assert torch.equal(clamped, torch.addcmul(torch.addcmul(2.0 * x, rows[0, L.OC], x0), rows[0, L.O0], x0))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_subnormals_are_not_flushed(backend):
+    """Subnormal inputs, and products that fall below 2**-126, keep their exact values, as in
+    IEEE arithmetic and the reference: a kernel built or run with flush-to-zero (nvcc
+    -ftz=true, refused at build time, or a GPU's .ftz instructions) would make them 0.
+    Every value here is exact (powers of two times few-bit mantissas), so the expected
+    bits are the float64 evaluation's."""
+    device = backend_device(backend)
+    reason = backends.why_unavailable(backend, device, (torch.float32,))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    normal = [2.0**-122 * (1 + k / 8) for k in range(8)]
+    subnormal = [k * 2.0**-140 for k in range(1, 9)]
+    x64 = torch.tensor([normal + subnormal, [-v for v in subnormal + normal]], dtype=torch.float64)
+    m = torch.ones(2, 16, device=device)
+    rows = torch.zeros(1, L.NUM_COEFFICIENTS, device=device)
+    rows[0, L.AX], rows[0, L.AS], rows[0, L.OX] = 1.0, 2.0**-6, 0.5  # x0 = x/64, prev = x/2
+    out = ops.fused_step(x64.float().to(device), m, rows, x0_dtype=torch.float32, backend=backend)
+    for name, got, exact in (("prev", out.prev_sample, x64 / 2), ("x0", out.x0, x64 / 64)):
+        expected = exact.float()
+        assert torch.equal(expected.double(), exact) and expected.ne(0).all(), f"{name}: the case is not exact"
+        assert (expected.abs() < torch.finfo(torch.float32).tiny).sum() >= 8, f"{name}: too few subnormals"
+        assert torch.equal(got.cpu().view(torch.int32), expected.view(torch.int32)), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_threshold_clip_as_one_clamp_equals_the_spec_form_bit_for_bit(dtype):
     """The reference clips thresholded x0 as clamp(x0 / s, -1, 1), one op shorter than the

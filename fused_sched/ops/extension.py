@@ -24,6 +24,7 @@ import hashlib
 import importlib
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import threading
@@ -61,6 +62,14 @@ CXX_FLAGS = ["-O3", "-ffp-contract=off"]
 # Device code: the step math uses explicitly rounded intrinsics; no --use_fast_math, whose
 # approximate division would change the thresholded x0.
 NVCC_FLAGS = ["-O3"]
+# What nvcc's device compile (cicc, in its dry run) may be told, by NVCC_APPEND_FLAGS say,
+# that changes the kernels' results. -fmad and -prec-div leave their machine code alone
+# (tests/test_cuda_sources.py); nothing in the source can keep -ftz from flushing float32
+# subnormals, nor --use_fast_math from approximating the in-kernel noise's logf and cosf.
+RESULT_CHANGING_DEVICE_FLAGS = {
+    "-ftz=1": "flushes float32 subnormals to zero (-ftz=true)",
+    "-fast-math": "approximates logf and cosf (--use_fast_math)",
+}
 CUDA_DEFINE = "-DFUSED_SCHED_WITH_CUDA"
 
 
@@ -81,7 +90,34 @@ def cuda_unavailable_reason() -> str | None:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
         return ("no CUDA device is visible to take the GPU architecture from (set TORCH_CUDA_ARCH_LIST, "
                 "e.g. '9.0', to build the CUDA kernels without one)")
+    changes = nvcc_result_changing_flags(_nvcc_command(cpp_extension.CUDA_HOME))
+    if changes:
+        told = ", ".join(f"{v}={os.environ[v]!r}" for v in ("NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS")
+                         if os.environ.get(v)) or "its configuration"
+        return (f"nvcc's device compile, as {told} sets it, {' and '.join(changes)}: the kernels would no "
+                "longer compute what the reference does (remove those flags to build them)")
     return None
+
+
+def _nvcc_command(cuda_home: str) -> list[str]:
+    """The nvcc command torch's build runs (PYTORCH_NVCC, e.g. 'ccache nvcc', where set)."""
+    override = os.environ.get("PYTORCH_NVCC")
+    return shlex.split(override) if override else [str(Path(cuda_home) / "bin" / "nvcc")]
+
+
+def nvcc_result_changing_flags(nvcc: list[str]) -> list[str]:
+    """What the device compile of this build, as the dry run of ``nvcc`` shows it (with the
+    NVCC_PREPEND_FLAGS / NVCC_APPEND_FLAGS that nvcc reads itself), would do that changes
+    the kernels' results: descriptions from RESULT_CHANGING_DEVICE_FLAGS; [] where it shows
+    none, or nvcc cannot be run (then the build itself says what is wrong)."""
+    try:
+        dry_run = subprocess.run([*nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull, *NVCC_FLAGS],
+                                 capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    told = {flag for line in (dry_run.stdout + dry_run.stderr).splitlines() if "cicc" in line
+            for flag in line.split()}
+    return [what for flag, what in RESULT_CHANGING_DEVICE_FLAGS.items() if flag in told]
 
 
 def _has_cuda_headers(root: Path) -> bool:
@@ -170,7 +206,10 @@ def aot_extension():
     """
     from torch.utils import cpp_extension
 
-    with_cuda = cuda_unavailable_reason() is None
+    reason = cuda_unavailable_reason()
+    with_cuda = reason is None
+    if not with_cuda:
+        print(f"fused_sched: building the extension without its CUDA kernels: {reason}", file=sys.stderr)
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     args = _compile_args(with_cuda)
     return kind(
@@ -284,11 +323,16 @@ def load_extension():
     global _extension
     with _lock:
         if _extension is None:
-            try:
-                _extension = importlib.import_module(PREBUILT_MODULE)
-            except ImportError:
-                _extension = _jit_build(cuda_unavailable_reason() is None)
+            _extension = _prebuilt_extension() or _jit_build(cuda_unavailable_reason() is None)
         return _extension
+
+
+def _prebuilt_extension():
+    """The module an ahead-of-time build installed, or None."""
+    try:
+        return importlib.import_module(PREBUILT_MODULE)
+    except ImportError:
+        return None
 
 
 def loaded_extension():
@@ -415,7 +459,8 @@ class UnavailableBackend:
 
 def _make_backend(name: str):
     if name == "CUDA_BACKEND":
-        reason = cuda_unavailable_reason()
+        # Only a JIT build needs the toolkit: a prebuilt module runs without one.
+        reason = None if _prebuilt_extension() is not None else cuda_unavailable_reason()
         if reason is not None:
             return UnavailableBackend("cuda", reason)
         ext = load_extension()
