@@ -50,6 +50,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "noise where cpu_vector_box_muller: libm's log/cos instead of libmvec's, within a few ulp).",
       pybind11::arg("only"));
   m.attr("cpu_vector_box_muller") = fused_sched::cpu::vector_box_muller;
+  m.def(
+      "cpu_step_loop",
+      [](int64_t clip, int64_t history, bool noise, int64_t absent_terms) {
+        const auto loop = fused_sched::cpu::step_loop_choice(clip, history, noise, absent_terms);
+        return std::make_tuple(loop.unclipped_form, loop.absent, loop.known_absent);
+      },
+      "Tests: (unclipped form of d, absent terms the loop reads, whether they are compiled in) of the loop a cpu "
+      "step with these arguments runs.",
+      pybind11::arg("clip"), pybind11::arg("history"), pybind11::arg("noise"), pybind11::arg("absent_terms"));
+  m.def("cpu_known_absent_terms", &fused_sched::cpu::known_absent_terms,
+        "Tests: the step loops compiled with their absent terms known, as (clip, history, noise, unclipped form, "
+        "absent terms).");
 #if defined(FUSED_SCHED_WITH_CUDA)
   def_fused_step(m, "cuda_fused_step", &fused_sched::cuda::fused_step,
                  "One fused scheduler step on CUDA tensors, on the current stream.");

@@ -5,9 +5,9 @@ would not evaluate on both sides of an absent term's select (step_math.h, add_te
 left every step loop with history scalar, 13x the instructions (callgrind). So each FMA
 clone (x86-64: the loops built for AVX2 + FMA, chosen at run time where the CPU has them)
 of the step loop, one per (clip mode, history terms, noise, unclipped form of d: with
-clipping only) specialisation, and of the
-thresholding pass must hold packed 256-bit fused multiply-adds. Machine code, not time: no
-timed test.
+clipping only) specialisation with the absent terms read at run time and one per entry of
+csrc/cpu/known_absent_terms.h with them compiled in, and of the thresholding pass must hold
+packed 256-bit fused multiply-adds. Machine code, not time: no timed test.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from fused_sched.ops import extension
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="the FMA clones exist on x86-64 only (FS_FMA_CLONES in ops_cpu.cpp)")
 
-STEP_CLONE = re.compile(r"step_chunk_fma<\(fused_sched::Clip\)(\d), (\d), (true|false), (true|false)>")
+STEP_CLONE = re.compile(r"step_chunk_fma<\(fused_sched::Clip\)(\d), (\d), (true|false), (true|false), (-?\d+)l>")
+ABSENT_AT_RUN_TIME = "-1"  # kAbsentAtRunTime in ops_cpu.cpp
 PACKED_FMA = re.compile(r"\sv(?:fn?m(?:add|sub))\d{3}ps\s.*ymm")
 
 
@@ -51,10 +52,13 @@ def _packed_fmas_per_function() -> dict[str, int]:
 def test_every_step_and_threshold_loop_is_vectorised():
     counts = _packed_fmas_per_function()
     step_clones = {STEP_CLONE.search(name).groups(): n for name, n in counts.items() if STEP_CLONE.search(name)}
-    expected = {(str(clip), str(history), noise, unclipped) for clip in range(3) for history in range(3)
-                for noise in ("true", "false") for unclipped in (("false", "true") if clip else ("false",))}
+    expected = {(str(clip), str(history), noise, unclipped, ABSENT_AT_RUN_TIME) for clip in range(3)
+                for history in range(3) for noise in ("true", "false")
+                for unclipped in (("false", "true") if clip else ("false",))}
+    expected |= {(str(clip), str(history), str(noise).lower(), str(unclipped).lower(), str(absent))
+                 for clip, history, noise, unclipped, absent in extension.load_extension().cpu_known_absent_terms()}
     assert set(step_clones) == expected, f"step loop clones found: {sorted(step_clones)}"
     scalar = sorted(key for key, n in step_clones.items() if n == 0)
-    assert not scalar, f"step loops (clip, history, noise, unclipped form) without packed fma: {scalar}"
+    assert not scalar, f"step loops (clip, history, noise, unclipped form, absent terms) without packed fma: {scalar}"
     threshold = [n for name, n in counts.items() if "abs_x0_fma" in name]
     assert threshold and all(threshold), f"the thresholding pass's clone: {threshold}"

@@ -19,10 +19,13 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <utility>
 #include <vector>
 
 #include "../common/checks.h"
+#include "known_absent_terms.h"
 #include "fused_sched/philox.h"
 #include "fused_sched/step_math.h"
 
@@ -143,12 +146,18 @@ struct StepArgs {
   uint64_t philox_seed, philox_offset;
 };
 
-template <Clip kClip, int kHistory, bool kNoise, bool kUnclippedForm>
-[[gnu::always_inline]] inline void step_loop(const Coefficients& c, const float* __restrict x,
+// kAbsent: the row's absent terms (Coefficients::absent) as a constant, so that the absent
+// terms compile away (known_absent_terms.h), or kAbsentAtRunTime to read them from the row.
+constexpr int64_t kAbsentAtRunTime = -1;
+
+template <Clip kClip, int kHistory, bool kNoise, bool kUnclippedForm, int64_t kAbsent>
+[[gnu::always_inline]] inline void step_loop(const Coefficients& row, const float* __restrict x,
                                              const float* __restrict m, const float* __restrict h1,
                                              const float* __restrict h2, const float* __restrict z,
                                              float* __restrict out, float* __restrict d, float* __restrict x0,
                                              int64_t n, float clip_range, float scale) {
+  Coefficients c = row;
+  if constexpr (kAbsent != kAbsentAtRunTime) c.absent = static_cast<uint32_t>(kAbsent);
   for (int64_t i = 0; i < n; ++i) {
     const StepValues v = step<kClip, kHistory, kNoise, kUnclippedForm>(
         c, x[i], m[i], kHistory >= 1 ? h1[i] : 0.0f, kHistory >= 2 ? h2[i] : 0.0f, kNoise ? z[i] : 0.0f, clip_range,
@@ -159,20 +168,43 @@ template <Clip kClip, int kHistory, bool kNoise, bool kUnclippedForm>
   }
 }
 
-template <Clip kClip, int kHistory, bool kNoise, bool kUnclippedForm>
+using ChunkFn = void (*)(const Coefficients&, const float*, const float*, const float*, const float*, const float*,
+                         float*, float*, float*, int64_t, float, float);
+
+template <Clip kClip, int kHistory, bool kNoise, bool kUnclippedForm, int64_t kAbsent = kAbsentAtRunTime>
 void step_chunk_portable(const Coefficients& c, const float* x, const float* m, const float* h1, const float* h2,
                          const float* z, float* out, float* d, float* x0, int64_t n, float clip_range, float scale) {
-  step_loop<kClip, kHistory, kNoise, kUnclippedForm>(c, x, m, h1, h2, z, out, d, x0, n, clip_range, scale);
+  step_loop<kClip, kHistory, kNoise, kUnclippedForm, kAbsent>(c, x, m, h1, h2, z, out, d, x0, n, clip_range, scale);
 }
 
 #if FS_FMA_CLONES
-template <Clip kClip, int kHistory, bool kNoise, bool kUnclippedForm>
+template <Clip kClip, int kHistory, bool kNoise, bool kUnclippedForm, int64_t kAbsent = kAbsentAtRunTime>
 FS_TARGET_FMA void step_chunk_fma(const Coefficients& c, const float* x, const float* m, const float* h1,
                                   const float* h2, const float* z, float* out, float* d, float* x0, int64_t n,
                                   float clip_range, float scale) {
-  step_loop<kClip, kHistory, kNoise, kUnclippedForm>(c, x, m, h1, h2, z, out, d, x0, n, clip_range, scale);
+  step_loop<kClip, kHistory, kNoise, kUnclippedForm, kAbsent>(c, x, m, h1, h2, z, out, d, x0, n, clip_range, scale);
 }
 #endif
+
+// The loops of known_absent_terms.h, one per entry: the FMA clones where there are some
+// (on an x86 CPU without AVX2 the run-time loops serve every step), else the baseline ones.
+template <size_t kEntry>
+constexpr ChunkFn known_absent_loop_of() {
+  constexpr KnownAbsentTerms e = kKnownAbsentTerms[kEntry];
+#if FS_FMA_CLONES
+  return &step_chunk_fma<e.clip, e.history, e.noise, e.unclipped_form, static_cast<int64_t>(e.absent)>;
+#else
+  return &step_chunk_portable<e.clip, e.history, e.noise, e.unclipped_form, static_cast<int64_t>(e.absent)>;
+#endif
+}
+
+template <size_t... kEntries>
+constexpr std::array<ChunkFn, sizeof...(kEntries)> known_absent_loops_of(std::index_sequence<kEntries...>) {
+  return {known_absent_loop_of<kEntries>()...};
+}
+
+constexpr std::array<ChunkFn, kNumKnownAbsentTerms> kKnownAbsentLoops =
+    known_absent_loops_of(std::make_index_sequence<kNumKnownAbsentTerms>{});
 
 // |x0| into dst; returns how many were NaN.
 [[gnu::always_inline]] inline int64_t abs_x0_loop(const Coefficients& c, const float* __restrict x,
@@ -318,24 +350,52 @@ void philox_chunk(uint64_t seed, uint64_t first_counter, float* __restrict dst, 
   for (int64_t i = 0; i < n; ++i) dst[i] = box_muller(u1[i], u2[i]);
 }
 
+// The loop a step runs: its absent terms known at compile time (known_absent_terms.h), or
+// the run-time loop, with or without the unclipped form of d.
+struct StepLoop {
+  bool unclipped_form = false;
+  uint32_t absent = 0;  // the step's absent terms among those the loop reads
+  ChunkFn known_absent_loop = nullptr;
+};
+
+StepLoop step_loop_for(Clip clip, int history, bool noise, uint32_t absent_terms) {
+  StepLoop loop;
+  // The unclipped form of d (US, layout.py) only with clipping, and only where a row may
+  // have it: its own loop, so that no other loop pays for it.
+  loop.unclipped_form = clip != Clip::kNone && ((absent_terms >> kUS) & 1u) == 0u;
+  loop.absent = absent_terms & terms_read(clip, history, noise, loop.unclipped_form);
+#if FS_FMA_CLONES
+  if (!use_fma_clones()) return loop;
+#endif
+  for (size_t i = 0; i < kNumKnownAbsentTerms; ++i) {
+    const KnownAbsentTerms& e = kKnownAbsentTerms[i];
+    if (e.clip == clip && e.history == history && e.noise == noise && e.unclipped_form == loop.unclipped_form &&
+        e.absent == loop.absent) {
+      loop.known_absent_loop = kKnownAbsentLoops[i];
+    }
+  }
+  return loop;
+}
+
 template <Clip kClip, int kHistory, NoiseSource kNoise>
 void run_step(const StepArgs& a) {
   constexpr bool kHasNoise = kNoise != NoiseSource::kNoNoise;
   const int64_t chunks_per_row = (a.row_size + kChunk - 1) / kChunk;
   const int64_t tasks = a.batch * chunks_per_row;
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / kChunk);
-  // The unclipped form of d (US, layout.py) only with clipping, and only where a row may
-  // have it: its own loop, so that no other loop pays for it.
   constexpr bool kClips = kClip != Clip::kNone;
-  const bool unclipped_form = kClips && ((a.absent_terms >> kUS) & 1u) == 0u;
-  auto* chunk_fn = unclipped_form ? &step_chunk_portable<kClip, kHistory, kHasNoise, kClips>
-                                  : &step_chunk_portable<kClip, kHistory, kHasNoise, false>;
+  const StepLoop loop = step_loop_for(kClip, kHistory, kHasNoise, a.absent_terms);
+  ChunkFn chunk_fn = loop.known_absent_loop;
+  if (chunk_fn == nullptr) {
+    chunk_fn = loop.unclipped_form ? &step_chunk_portable<kClip, kHistory, kHasNoise, kClips>
+                                   : &step_chunk_portable<kClip, kHistory, kHasNoise, false>;
 #if FS_FMA_CLONES
-  if (use_fma_clones()) {
-    chunk_fn = unclipped_form ? &step_chunk_fma<kClip, kHistory, kHasNoise, kClips>
-                              : &step_chunk_fma<kClip, kHistory, kHasNoise, false>;
-  }
+    if (use_fma_clones()) {
+      chunk_fn = loop.unclipped_form ? &step_chunk_fma<kClip, kHistory, kHasNoise, kClips>
+                                     : &step_chunk_fma<kClip, kHistory, kHasNoise, false>;
+    }
 #endif
+  }
   at::parallel_for(0, tasks, grain, [&](int64_t task_begin, int64_t task_end) {
     alignas(64) float bx[kChunk], bm[kChunk], bh1[kChunk], bh2[kChunk], bz[kChunk];
     alignas(64) float bout[kChunk], bd[kChunk], bx0[kChunk];
@@ -442,6 +502,23 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
     case Clip::kThreshold:
       return dispatch_history<Clip::kThreshold>(a, history, noise_source);
   }
+}
+
+StepLoopChoice step_loop_choice(int64_t clip, int64_t history, bool noise, int64_t absent_terms) {
+  TORCH_CHECK(clip >= 0 && clip <= 2, "clip must be 0, 1 or 2, got ", clip);
+  TORCH_CHECK(history >= 0 && history <= 2, "history must be 0, 1 or 2, got ", history);
+  const StepLoop loop = step_loop_for(static_cast<Clip>(clip), static_cast<int>(history), noise,
+                                      checked_absent_terms("cpu", absent_terms));
+  return {loop.unclipped_form, static_cast<int64_t>(loop.absent), loop.known_absent_loop != nullptr};
+}
+
+std::vector<std::tuple<int64_t, int64_t, bool, bool, int64_t>> known_absent_terms() {
+  std::vector<std::tuple<int64_t, int64_t, bool, bool, int64_t>> entries;
+  for (const KnownAbsentTerms& e : kKnownAbsentTerms) {
+    entries.emplace_back(static_cast<int64_t>(e.clip), e.history, e.noise, e.unclipped_form,
+                         static_cast<int64_t>(e.absent));
+  }
+  return entries;
 }
 
 void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out) {

@@ -3,9 +3,10 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <optional>
-
 #include <atomic>
+#include <optional>
+#include <tuple>
+#include <vector>
 
 namespace fused_sched::cpu {
 
@@ -32,6 +33,20 @@ void fused_step(const at::Tensor& sample, const at::Tensor& model_output, const 
 // Tests: the two Philox outputs tl.randn uses, for counters offset + [0, n), into the
 // contiguous int32 tensor `out` of shape (n, 2) (uint32 bit patterns).
 void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out);
+
+// Tests: the loop fused_step runs for a step of this clip mode, number of history terms,
+// noise and absent_terms: whether it computes d's unclipped form, the absent terms among
+// those it reads, and whether they are compiled into it (known_absent_terms.h; false
+// also where the CPU runs the baseline-ISA loops).
+struct StepLoopChoice {
+  bool unclipped_form;
+  int64_t absent;
+  bool known_absent;
+};
+StepLoopChoice step_loop_choice(int64_t clip, int64_t history, bool noise, int64_t absent_terms);
+
+// Tests: the entries of known_absent_terms.h as (clip, history, noise, unclipped form, absent).
+std::vector<std::tuple<int64_t, int64_t, bool, bool, int64_t>> known_absent_terms();
 
 // Per-batch-row dynamic-thresholding scale, float32 of shape (B,).
 at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
