@@ -21,6 +21,10 @@ from fused_sched import ops
 from fused_sched.ops import extension, layout as L
 
 CLIP_NAMES = ("Clip::kNone", "Clip::kClamp", "Clip::kThreshold")
+# cpu_fused_step's parameters in order (csrc/bindings.cpp, def_fused_step)
+STEP_ARGUMENTS = ("sample", "model_output", "coefficients", "history1", "history2", "noise", "noise_mode",
+                  "philox_seed", "philox_offset", "philox_base", "scale", "clip", "clip_range", "absent_terms", "out",
+                  "history_out", "x0_out")
 
 # The configurations of the schedulers that pipelines use, and the options that change
 # which terms a table leaves out (prediction type, clipping, thresholding, noise, order).
@@ -83,9 +87,11 @@ def common_loops(module):
     producer = None
 
     def recording_step(*args, **kwargs):
-        clip, noise, absent_terms = args[11], args[6] != 0, args[13]
-        history = (args[3] is not None) + (args[4] is not None)
-        loops.setdefault((clip, history, noise, *module.cpu_step_loop(clip, history, noise, absent_terms)), producer)
+        call = dict(zip(STEP_ARGUMENTS, args), **kwargs)
+        clip, noise = call["clip"], call["noise_mode"] != 0
+        history = (call["history1"] is not None) + (call["history2"] is not None)
+        loop = module.cpu_step_loop(clip, history, noise, call["absent_terms"])
+        loops.setdefault((clip, history, noise, *loop), producer)
         return step(*args, **kwargs)
 
     backend._fused_step = recording_step
