@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BACKENDS, backend_device
+from conftest import BACKENDS, backend_device, require_backend
 from drivers import bit_pattern, quantile_rows
 from fused_sched import ops
 from fused_sched.coefficients.table import assemble
@@ -69,10 +69,8 @@ def test_am_low_part_keeps_an_infinite_model_output_infinite(backend):
     both have one sign: with m = +-inf, AM*m + AL*m is an infinity, as diffusers' x - sigma*m
     is, never inf - inf = NaN (which thresholding would spread over the batch row). Checked
     on sigmas whose nearest float32 lies on either side."""
+    require_backend(backend)
     device = backend_device(backend)
-    reason = backends.why_unavailable(backend, device, (torch.float32,))
-    if reason is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {reason}")
     sigma = torch.tensor([0.1, 0.3, 0.7, 0.9, 0.99999986, 1e-3], dtype=torch.float64)
     table = assemble(len(sigma), ax=1.0, am=-sigma, **{"as": 2.0})
     assert bool((table[:, L.AL] != 0).all()), "every AM needs a low part for this test"
@@ -89,10 +87,8 @@ def test_clipped_x0_enters_the_output_only_when_clipping(backend):
     """OC multiplies the clipped x0. Unclipped, x0 may be +-inf (AS = inf: zero-SNR epsilon
     prediction at t = T-1) and a table folds any x0 term into OX and OM, so OC is not read:
     prev = OX*x + O0*d stays +-inf where 0*inf would make it NaN."""
+    require_backend(backend)
     device = backend_device(backend)
-    reason = backends.why_unavailable(backend, device, (torch.float32,))
-    if reason is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {reason}")
     x = torch.tensor([[1.0, -2.0, 0.5, 3.0]], device=device)
     m = torch.tensor([[0.5, 1.0, 0.25, -1.0]], device=device)
     rows = torch.zeros(1, L.NUM_COEFFICIENTS, device=device)
@@ -113,10 +109,8 @@ def test_float32_subnormals_are_not_flushed(backend):
     -ftz=true, refused at build time, or a GPU's .ftz instructions) would make them 0.
     Every value here is exact (powers of two times few-bit mantissas), so the expected
     bits are the float64 evaluation's."""
+    require_backend(backend)
     device = backend_device(backend)
-    reason = backends.why_unavailable(backend, device, (torch.float32,))
-    if reason is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {reason}")
     normal = [2.0**-122 * (1 + k / 8) for k in range(8)]
     subnormal = [k * 2.0**-140 for k in range(1, 9)]
     x64 = torch.tensor([normal + subnormal, [-v for v in subnormal + normal]], dtype=torch.float64)
@@ -156,10 +150,8 @@ def test_threshold_clip_as_one_clamp_equals_the_spec_form_bit_for_bit(dtype):
 def test_thresholding_scales_each_batch_row_for_any_rank(backend, shape):
     """x0 clipped to +-s_b and divided by s_b, s_b from batch row b alone, whatever the
     sample's rank (the scale is broadcast back over the row's own dimensions)."""
+    require_backend(backend)
     device = backend_device(backend)
-    reason = backends.why_unavailable(backend, device, (torch.float32,))
-    if reason is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {reason}")
     g = torch.Generator().manual_seed(5)
     x, m = (torch.randn(shape, generator=g) * 3 for _ in range(2))
     rows = torch.zeros(1, L.NUM_COEFFICIENTS)

@@ -372,6 +372,7 @@ StepLoop step_loop_for(Clip clip, int history, bool noise, uint32_t absent_terms
     if (e.clip == clip && e.history == history && e.noise == noise && e.unclipped_form == loop.unclipped_form &&
         e.absent == loop.absent) {
       loop.known_absent_loop = kKnownAbsentLoops[i];
+      break;
     }
   }
   return loop;

@@ -110,14 +110,19 @@ def nvcc_result_changing_flags(nvcc: list[str]) -> list[str]:
     NVCC_PREPEND_FLAGS / NVCC_APPEND_FLAGS that nvcc reads itself), would do that changes
     the kernels' results: descriptions from RESULT_CHANGING_DEVICE_FLAGS; [] where it shows
     none, or nvcc cannot be run (then the build itself says what is wrong)."""
+    told = {flag for line in _nvcc_dry_run(nvcc, *NVCC_FLAGS) if "cicc" in line for flag in line.split()}
+    return [what for flag, what in RESULT_CHANGING_DEVICE_FLAGS.items() if flag in told]
+
+
+def _nvcc_dry_run(nvcc: list[str], *flags: str) -> list[str]:
+    """The lines of ``nvcc --dryrun`` compiling an empty CUDA file with ``flags``: the
+    commands it would run, which say what it was told. [] where nvcc cannot be run."""
     try:
-        dry_run = subprocess.run([*nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull, *NVCC_FLAGS],
+        dry_run = subprocess.run([*nvcc, "--dryrun", *flags, "-x", "cu", "-c", os.devnull, "-o", os.devnull],
                                  capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return []
-    told = {flag for line in (dry_run.stdout + dry_run.stderr).splitlines() if "cicc" in line
-            for flag in line.split()}
-    return [what for flag, what in RESULT_CHANGING_DEVICE_FLAGS.items() if flag in told]
+    return (dry_run.stdout + dry_run.stderr).splitlines()
 
 
 def _has_cuda_headers(root: Path) -> bool:
@@ -147,12 +152,7 @@ def toolkit_root_from_nvcc(nvcc: str) -> str | None:
     For an nvcc that is a wrapper script outside its toolkit."""
     if not Path(nvcc).is_file():
         return None
-    try:
-        dry_run = subprocess.run([nvcc, "--dryrun", "-v", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                                 capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in (dry_run.stdout + dry_run.stderr).splitlines():
+    for line in _nvcc_dry_run([nvcc], "-v"):
         if line.startswith("#$ TOP="):
             root = Path(line.partition("=")[2].strip()).resolve()
             return str(root) if _has_cuda_headers(root) else None
