@@ -49,6 +49,9 @@ ATEN_HAS_FMA = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 STORAGE = (torch.float32, torch.float16, torch.bfloat16)
 K = layout.NUM_COEFFICIENTS
+ESTIMATE_TERMS = (layout.AX, layout.AM, layout.AL)  # the terms of x0 (data_estimate in step_math.h)
+ESTIMATE_TERM_SETS = [tuple(c for j, c in enumerate(ESTIMATE_TERMS) if mask >> j & 1)
+                      for mask in range(2 ** len(ESTIMATE_TERMS))]
 
 
 def _load(name: str):
@@ -176,6 +179,8 @@ def test_portable_kernels_give_the_same_bits(cpu):
                                                      torch.float32), "per_row", seed=40, history=2, noise=True)
             run_both(cpu, x, m, c, h, z, clip, torch.float32, torch.bfloat16, torch.float32)
             assert_same(cpu.threshold_scale(x, m, c, 0.7, 50.0), reference.threshold_scale(x, m, c, 0.7, 50.0))
+        for absent in ESTIMATE_TERM_SETS:
+            check_threshold_scale_leaves_absent_terms_out(cpu, absent)
     finally:
         ext.cpu_use_portable_kernels_only(False)
 
@@ -282,6 +287,59 @@ def test_threshold_scale_row_above_2_pow_24(kernels):
     c[0, layout.AX], c[0, layout.AM], c[0, layout.AS] = 1.25, -0.5, 0.75
     for ratio in (0.995, 0.6):
         assert_same(kernels.threshold_scale(x, m, c, ratio, 100.0), reference.threshold_scale(x, m, c, ratio, 100.0))
+
+
+def check_threshold_scale_leaves_absent_terms_out(backend, absent):
+    """The scale of rows whose x0 terms ``absent`` are absent is the reference's: the inf
+    and NaN of an absent term's operand stay out of |x0|. Row 0 holds them in x, row 1 in
+    m, so which rows are NaN depends on the set."""
+    g = torch.Generator().manual_seed(len(absent))
+    x, m = (torch.randn(2, 3001, generator=g) * 4 for _ in range(2))
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 1e-40])
+    x[0, 100:105], m[1, 2000:2005] = special, special
+    c = torch.randn(2, K, generator=g)
+    c[:, list(absent)] = 0.0
+    constant = layout.ConstantColumns({column: 0.0 for column in absent})
+    for ratio in (0.995, 0.3):
+        got = backend.threshold_scale(x, m, c, ratio, 1e30, constant_columns=constant)
+        assert_same(got, reference.threshold_scale(x, m, c, ratio, 1e30, constant_columns=constant))
+    reads_x = layout.AX not in absent
+    reads_m = layout.AM not in absent or layout.AL not in absent
+    assert got.isnan().tolist() == [reads_x, reads_m]
+
+
+@pytest.mark.parametrize("absent", ESTIMATE_TERM_SETS,
+                         ids=lambda absent: "+".join(layout.COLUMN_NAMES[c] for c in absent) or "none")
+def test_threshold_scale_leaves_absent_estimate_terms_out(kernels, absent):
+    """Every set of absent x0 terms (the cpu backend compiles a key loop per set)."""
+    check_threshold_scale_leaves_absent_terms_out(kernels, absent)
+
+
+def test_threshold_scale_order_statistics_in_two_top_digits_over_many_blocks(kernels):
+    """The two order statistics in different top digits (both digits' keys kept after pass 0),
+    in a row split into four blocks on the cpu backend (one per thread), each holding keys
+    of both digits and ties: the scale is the reference's, so every block kept the keys it
+    counted."""
+    n = 4 * 32768 + 6
+    lo, _, weight = reference.quantile_rank(0.75, n)
+    assert 0.0 < weight < 1.0
+    g = torch.Generator().manual_seed(11)
+    # Order statistic lo the largest of [1.5, 2), hi the smallest of [2, 2.5): keys of two top
+    # digits, each with thousands of distinct values and ties below it.
+    steps = torch.randint(0, 2**15, (n,), generator=g) / 2**16
+    values = torch.cat([2.0 - 2**-16 - steps[: lo + 1], 2.0 + steps[lo + 1:]])
+    x = values[torch.randperm(n, generator=g)].reshape(1, n)
+    x[0, ::2] *= -1.0
+    c = _identity_rows(1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        got = kernels.threshold_scale(x, x, c, 0.75, 1e30)
+    finally:
+        torch.set_num_threads(threads)
+    ordered = x.abs().sort().values[0]
+    assert ordered[lo] < 2.0 <= ordered[lo + 1]
+    assert_same(got, reference.threshold_scale(x, x, c, 0.75, 1e30))
 
 
 # ---- routing, availability, errors ----

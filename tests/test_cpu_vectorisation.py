@@ -6,8 +6,9 @@ left every step loop with history scalar, 13x the instructions (callgrind). So e
 clone (x86-64: the loops built for AVX2 + FMA, chosen at run time where the CPU has them)
 of the step loop, one per (clip mode, history terms, noise, unclipped form of d: with
 clipping only) specialisation with the absent terms read at run time and one per entry of
-csrc/cpu/known_absent_terms.h with them compiled in, and of the thresholding pass must hold
-packed 256-bit fused multiply-adds. Machine code, not time: no timed test.
+csrc/cpu/known_absent_terms.h with them compiled in, and of the thresholding pass's key
+loop, one per set of absent x0 terms, must hold packed 256-bit fused multiply-adds.
+Machine code, not time: no timed test.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import subprocess
 import pytest
 
 from conftest import require_backend
-from fused_sched.ops import extension
+from fused_sched.ops import extension, layout
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="the FMA clones exist on x86-64 only (FS_FMA_CLONES in ops_cpu.cpp)")
 
 STEP_CLONE = re.compile(r"step_chunk_fma<\(fused_sched::Clip\)(\d), (\d), (true|false), (true|false), (-?\d+)l>")
+KEY_CLONE = re.compile(r"abs_x0_keys_fma<(\d+)u>")
 ABSENT_AT_RUN_TIME = "-1"  # kAbsentAtRunTime in ops_cpu.cpp
 PACKED_FMA = re.compile(r"\sv(?:fn?m(?:add|sub))\d{3}ps\s.*ymm")
 
@@ -60,5 +62,10 @@ def test_every_step_and_threshold_loop_is_vectorised():
     assert set(step_clones) == expected, f"step loop clones found: {sorted(step_clones)}"
     scalar = sorted(key for key, n in step_clones.items() if n == 0)
     assert not scalar, f"step loops (clip, history, noise, unclipped form, absent terms) without packed fma: {scalar}"
-    threshold = [n for name, n in counts.items() if "abs_x0_fma" in name]
-    assert threshold and all(threshold), f"the thresholding pass's clone: {threshold}"
+    key_clones = {int(KEY_CLONE.search(name).group(1)): n for name, n in counts.items() if KEY_CLONE.search(name)}
+    estimate = (layout.AX, layout.AM, layout.AL)
+    every_set = {sum(1 << c for j, c in enumerate(estimate) if mask >> j & 1) for mask in range(2 ** len(estimate))}
+    assert set(key_clones) == every_set, f"thresholding key loop clones (absent terms) found: {sorted(key_clones)}"
+    # With every term absent, |x0| is a constant: nothing is left to multiply.
+    scalar = sorted(absent for absent, n in key_clones.items() if n == 0 and absent != max(every_set))
+    assert not scalar, f"thresholding key loops (absent terms) without packed fma: {scalar}"

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <iterator>
 #include <utility>
 #include <vector>
 
@@ -206,27 +207,157 @@ constexpr std::array<ChunkFn, sizeof...(kEntries)> known_absent_loops_of(std::in
 constexpr std::array<ChunkFn, kNumKnownAbsentTerms> kKnownAbsentLoops =
     known_absent_loops_of(std::make_index_sequence<kNumKnownAbsentTerms>{});
 
-// |x0| into dst; returns how many were NaN.
-[[gnu::always_inline]] inline int64_t abs_x0_loop(const Coefficients& c, const float* __restrict x,
-                                                  const float* __restrict m, float* __restrict dst, int64_t n) {
-  int64_t nan_count = 0;
+// The keys of |x0| (abs_key) into dst, n <= kChunk; returns how many were NaN. kAbsent:
+// which of the estimate's terms (AX, AM, AL) are absent, known at compile time so that
+// they compile away; each of the eight sets has its loop (abs_x0_keys_for).
+template <uint32_t kAbsent>
+[[gnu::always_inline]] inline int64_t abs_x0_key_loop(const Coefficients& row, const float* __restrict x,
+                                                      const float* __restrict m, uint32_t* __restrict dst, int64_t n) {
+  Coefficients c = row;
+  c.absent = kAbsent;
+  uint32_t nan_count = 0;  // 32-bit: a 64-bit sum would widen every vector of flags
   for (int64_t i = 0; i < n; ++i) {
-    const float v = std::fabs(data_estimate(c, x[i], m[i]));
+    const float v = data_estimate(c, x[i], m[i]);
     nan_count += is_nan(v);
-    dst[i] = v;
+    dst[i] = abs_key(v);
   }
   return nan_count;
 }
 
-int64_t abs_x0_portable(const Coefficients& c, const float* x, const float* m, float* dst, int64_t n) {
-  return abs_x0_loop(c, x, m, dst, n);
+using AbsX0KeysFn = int64_t (*)(const Coefficients&, const float*, const float*, uint32_t*, int64_t);
+
+template <uint32_t kAbsent>
+int64_t abs_x0_keys_portable(const Coefficients& c, const float* x, const float* m, uint32_t* dst, int64_t n) {
+  return abs_x0_key_loop<kAbsent>(c, x, m, dst, n);
 }
 
 #if FS_FMA_CLONES
-FS_TARGET_FMA int64_t abs_x0_fma(const Coefficients& c, const float* x, const float* m, float* dst, int64_t n) {
-  return abs_x0_loop(c, x, m, dst, n);
+template <uint32_t kAbsent>
+FS_TARGET_FMA int64_t abs_x0_keys_fma(const Coefficients& c, const float* x, const float* m, uint32_t* dst,
+                                      int64_t n) {
+  return abs_x0_key_loop<kAbsent>(c, x, m, dst, n);
 }
 #endif
+
+constexpr Column kEstimateTerms[] = {kAX, kAM, kAL};
+constexpr size_t kEstimateTermSets = size_t{1} << std::size(kEstimateTerms);
+
+// The absent bits of estimate-term set number i (bit j of i: kEstimateTerms[j] is absent).
+constexpr uint32_t estimate_absent_terms(size_t i) {
+  uint32_t absent = 0;
+  for (size_t j = 0; j < std::size(kEstimateTerms); ++j) {
+    if ((i >> j) & 1u) absent |= 1u << kEstimateTerms[j];
+  }
+  return absent;
+}
+
+template <size_t... kSets>
+constexpr std::array<AbsX0KeysFn, sizeof...(kSets)> portable_key_loops(std::index_sequence<kSets...>) {
+  return {&abs_x0_keys_portable<estimate_absent_terms(kSets)>...};
+}
+constexpr auto kPortableKeyLoops = portable_key_loops(std::make_index_sequence<kEstimateTermSets>{});
+
+#if FS_FMA_CLONES
+template <size_t... kSets>
+constexpr std::array<AbsX0KeysFn, sizeof...(kSets)> fma_key_loops(std::index_sequence<kSets...>) {
+  return {&abs_x0_keys_fma<estimate_absent_terms(kSets)>...};
+}
+constexpr auto kFmaKeyLoops = fma_key_loops(std::make_index_sequence<kEstimateTermSets>{});
+#endif
+
+// The key loop for rows whose absent terms are ``absent``.
+AbsX0KeysFn abs_x0_keys_for(uint32_t absent) {
+  size_t set = 0;
+  for (size_t j = 0; j < std::size(kEstimateTerms); ++j) {
+    set |= static_cast<size_t>((absent >> kEstimateTerms[j]) & 1u) << j;
+  }
+#if FS_FMA_CLONES
+  if (use_fma_clones()) return kFmaKeyLoops[set];
+#endif
+  return kPortableKeyLoops[set];
+}
+
+// The |x0| keys of one batch row, computed chunk by chunk from x and m whenever a pass
+// needs them: reading x and m again moves less memory than writing a row of keys and
+// reading it back (8 bytes per fp32 element against 12 with the write's read for
+// ownership; 4 for fp16/bf16), and needs no row-sized buffer.
+struct RowKeys {
+  Reader x, m;
+  Coefficients c;
+  int64_t row_begin;  // the row's first element in the flat tensors
+  AbsX0KeysFn abs_x0_keys;
+
+  // visit(keys, n) for consecutive chunks of the row's elements [lo, hi); returns how
+  // many keys were NaN. visit may change the keys it is given.
+  template <typename Visit>
+  int64_t for_each_chunk(int64_t lo, int64_t hi, Visit&& visit) const {
+    alignas(64) float bx[kChunk], bm[kChunk];
+    alignas(64) uint32_t keys[kChunk];
+    int64_t nan_count = 0;
+    for (int64_t offset = lo; offset < hi; offset += kChunk) {
+      const int64_t n = std::min(kChunk, hi - offset);
+      const float* xs = x.chunk(row_begin + offset, n, bx);
+      const float* ms = m.chunk(row_begin + offset, n, bm);
+      nan_count += abs_x0_keys(c, xs, ms, keys, n);
+      visit(keys, n);
+    }
+    return nan_count;
+  }
+};
+
+// Most keys share a few top digits, so consecutive increments of one histogram would
+// mostly hit the same bin and each wait for the last (a store-to-load chain of ~5 cycles
+// per key). Keys i, i+1, i+2, i+3 count into four separate histograms instead.
+constexpr int64_t kHistogramLanes = 4;
+
+void histogram_top_digits(const uint32_t* __restrict keys, int64_t n, uint32_t* __restrict lanes) {
+  int64_t i = 0;
+  for (; i + kHistogramLanes <= n; i += kHistogramLanes) {
+    for (int64_t lane = 0; lane < kHistogramLanes; ++lane) ++lanes[lane * kRadixMaxBins + radix_digit(keys[i + lane], 0)];
+  }
+  for (; i < n; ++i) ++lanes[radix_digit(keys[i], 0)];
+}
+
+void sum_histogram_lanes(const uint32_t* __restrict lanes, uint32_t* __restrict hist) {
+  for (int d = 0; d < kRadixMaxBins; ++d) {
+    uint32_t count = 0;
+    for (int64_t lane = 0; lane < kHistogramLanes; ++lane) count += lanes[lane * kRadixMaxBins + d];
+    hist[d] = count;
+  }
+}
+
+// Radix select's later passes over one block: the keys [0, n) whose bits above this pass's
+// digit match the prefix of either order statistic (both are one prefix unless ``split``)
+// have their digit counted and are moved to the front, in order; returns how many.
+// Everything arrives by value so that it stays in registers: read through references, the
+// prefixes and the pass were reloaded after every store into the keys, which may alias them.
+int64_t keep_matching_keys(uint32_t* __restrict keys, int64_t n, int pass, uint32_t prefix_lo, uint32_t prefix_hi,
+                           bool split, uint32_t* __restrict hist_lo, uint32_t* __restrict hist_hi) {
+  auto matches = [&](uint32_t key) {
+    return static_cast<uint32_t>(radix_prefix_matches(key, prefix_lo, pass)) |
+           static_cast<uint32_t>(radix_prefix_matches(key, prefix_hi, pass));
+  };
+  int64_t kept = 0;
+  auto keep = [&](uint32_t key) {
+    const bool lo = radix_prefix_matches(key, prefix_lo, pass);
+    const bool hi = split && radix_prefix_matches(key, prefix_hi, pass);
+    if (lo) ++hist_lo[radix_digit(key, pass)];
+    if (hi) ++hist_hi[radix_digit(key, pass)];
+    if (lo || hi) keys[kept++] = key;
+  };
+  // In pass 1 about 99% of the keys match neither prefix: a group of them is ruled out by
+  // one vectorised test instead of a compare and branch per key.
+  constexpr int64_t kGroup = 16;
+  int64_t i = 0;
+  for (; i + kGroup <= n; i += kGroup) {
+    uint32_t any = 0;
+    for (int64_t j = 0; j < kGroup; ++j) any |= matches(keys[i + j]);
+    if (any == 0) continue;
+    for (int64_t j = 0; j < kGroup; ++j) keep(keys[i + j]);
+  }
+  for (; i < n; ++i) keep(keys[i]);
+  return kept;
+}
 
 // The Philox rounds and uniforms of a chunk in baseline code (the AVX2 loops use
 // philox_uniforms_avx2 below: the same integer arithmetic and conversion, the same bits).
@@ -566,51 +697,39 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
 
   // Radix select over the bit patterns of |x0| (non-negative floats order like their bits),
   // one row at a time, each pass split over blocks of the row that run in parallel with
-  // their own histograms. Pass 0 is fused with computing |x0| into a buffer; every later
-  // pass keeps (compacts in place, within its block) only the keys still matching the
-  // prefix of either order statistic, so the final pass reads few keys.
-  auto* abs_x0 = &abs_x0_portable;
-#if FS_FMA_CLONES
-  if (use_fma_clones()) abs_x0 = &abs_x0_fma;
-#endif
-  std::vector<uint32_t> keys(static_cast<size_t>(row_size));
+  // their own histograms. Pass 0 counts the top digit of every key. Pass 1 computes the
+  // keys again and keeps, block by block, only those under a top digit that an order
+  // statistic has (usually about 1% of the row), counting their next digit; pass 2 reads
+  // those alone.
+  const AbsX0KeysFn abs_x0_keys = abs_x0_keys_for(absent);
   const int64_t max_block = int64_t{1} << 30;  // histogram counts are uint32
   const int64_t nblocks = std::max<int64_t>(
       std::min<int64_t>(at::get_num_threads(), (row_size + kMinElementsPerTask - 1) / kMinElementsPerTask),
       (row_size + max_block - 1) / max_block);
   const int64_t block_size = (row_size + nblocks - 1) / nblocks;
+  auto block_end = [&](int64_t b) { return std::min(row_size, (b + 1) * block_size); };
   std::vector<uint32_t> hist_lo(static_cast<size_t>(nblocks * kRadixMaxBins));
   std::vector<uint32_t> hist_hi(static_cast<size_t>(nblocks * kRadixMaxBins));
-  std::vector<int64_t> kept(static_cast<size_t>(nblocks));
   std::vector<uint8_t> block_has_nan(static_cast<size_t>(nblocks));
+  // The keys pass 1 keeps, block b's in [segment[b], segment[b + 1]), kept[b] of them still
+  // matching after each later pass.
+  std::vector<uint32_t> candidates;
+  std::vector<int64_t> segment(static_cast<size_t>(nblocks + 1));
+  std::vector<int64_t> kept(static_cast<size_t>(nblocks));
 
   at::Tensor result = at::empty({batch}, sample.options().dtype(at::kFloat));
   float* s = result.data_ptr<float>();
   const float max_scale = static_cast<float>(max_value);
   for (int64_t row = 0; row < batch; ++row) {
-    const Coefficients c = load_coefficients(coef + (coefficient_rows == 1 ? 0 : row) * kNumCoefficients, absent);
-    std::fill(hist_lo.begin(), hist_lo.end(), 0u);
-    // Pass 0: |x0| into the buffer and the histogram of its top digit.
+    const RowKeys keys{x, m, load_coefficients(coef + (coefficient_rows == 1 ? 0 : row) * kNumCoefficients, absent),
+                       row * row_size, abs_x0_keys};
     at::parallel_for(0, nblocks, 1, [&](int64_t bb, int64_t be) {
-      alignas(64) float bx[kChunk], bm[kChunk], bk[kChunk];
+      std::vector<uint32_t> lanes(static_cast<size_t>(kHistogramLanes * kRadixMaxBins));
       for (int64_t b = bb; b < be; ++b) {
-        const int64_t lo = b * block_size;
-        const int64_t hi = std::min(row_size, lo + block_size);
-        uint32_t* h = hist_lo.data() + b * kRadixMaxBins;
-        int64_t nan_count = 0;
-        for (int64_t offset = lo; offset < hi; offset += kChunk) {
-          const int64_t n = std::min(kChunk, hi - offset);
-          const int64_t begin = row * row_size + offset;
-          const float* xs = x.chunk(begin, n, bx);
-          const float* ms = m.chunk(begin, n, bm);
-          uint32_t* dst = keys.data() + offset;
-          nan_count += abs_x0(c, xs, ms, bk, n);
-          for (int64_t i = 0; i < n; ++i) {
-            dst[i] = abs_key(bk[i]);
-            ++h[radix_digit(dst[i], 0)];
-          }
-        }
-        kept[b] = std::max<int64_t>(0, hi - lo);
+        std::fill(lanes.begin(), lanes.end(), 0u);
+        const int64_t nan_count = keys.for_each_chunk(
+            b * block_size, block_end(b), [&](const uint32_t* k, int64_t n) { histogram_top_digits(k, n, lanes.data()); });
+        sum_histogram_lanes(lanes.data(), hist_lo.data() + b * kRadixMaxBins);
         block_has_nan[b] = nan_count != 0;
       }
     });
@@ -624,36 +743,27 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
     for (int pass = 0; pass < kRadixPasses; ++pass) {
       const bool split = pass > 0 && !radix_prefix_matches(prefix_hi, prefix_lo, pass);
       if (pass > 0) {
-        // Histogram the keys that still match a prefix; keep only those for the next pass.
         std::fill(hist_lo.begin(), hist_lo.end(), 0u);
         if (split) std::fill(hist_hi.begin(), hist_hi.end(), 0u);
-        const bool last = pass + 1 == kRadixPasses;
         at::parallel_for(0, nblocks, 1, [&](int64_t bb, int64_t be) {
           for (int64_t b = bb; b < be; ++b) {
-            uint32_t* k = keys.data() + b * block_size;
             uint32_t* hl = hist_lo.data() + b * kRadixMaxBins;
             uint32_t* hh = hist_hi.data() + b * kRadixMaxBins;
-            const int64_t n = kept[b];
-            int64_t w = 0;
-            if (!split) {
-              for (int64_t i = 0; i < n; ++i) {
-                const uint32_t key = k[i];
-                if (radix_prefix_matches(key, prefix_lo, pass)) {
-                  ++hl[radix_digit(key, pass)];
-                  k[w++] = key;
-                }
-              }
+            uint32_t* block_candidates = candidates.data() + segment[b];
+            if (pass == 1) {
+              const int64_t capacity = segment[b + 1] - segment[b];
+              int64_t count = 0;
+              keys.for_each_chunk(b * block_size, block_end(b), [&](uint32_t* k, int64_t n) {
+                const int64_t matching = keep_matching_keys(k, n, pass, prefix_lo, prefix_hi, split, hl, hh);
+                TORCH_CHECK(count + matching <= capacity,
+                            "fused_sched cpu backend: radix select found more keys than pass 0 counted");
+                std::copy(k, k + matching, block_candidates + count);
+                count += matching;
+              });
+              kept[b] = count;
             } else {
-              for (int64_t i = 0; i < n; ++i) {
-                const uint32_t key = k[i];
-                const bool ml = radix_prefix_matches(key, prefix_lo, pass);
-                const bool mh = radix_prefix_matches(key, prefix_hi, pass);
-                if (ml) ++hl[radix_digit(key, pass)];
-                if (mh) ++hh[radix_digit(key, pass)];
-                if (ml || mh) k[w++] = key;
-              }
+              kept[b] = keep_matching_keys(block_candidates, kept[b], pass, prefix_lo, prefix_hi, split, hl, hh);
             }
-            if (!last) kept[b] = w;
           }
         });
       }
@@ -677,6 +787,14 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
       const uint32_t d_hi = choose(split ? hist_hi : hist_lo, k_hi);
       prefix_lo |= d_lo << radix_shift(pass);
       prefix_hi |= d_hi << radix_shift(pass);
+      if (pass == 0) {
+        // Room for the keys pass 1 keeps: those under either top digit, counted just now.
+        for (int64_t b = 0; b < nblocks; ++b) {
+          const uint32_t* h = hist_lo.data() + b * kRadixMaxBins;
+          segment[b + 1] = segment[b] + h[d_lo] + (d_hi != d_lo ? h[d_hi] : 0u);
+        }
+        candidates.resize(static_cast<size_t>(segment[nblocks]));
+      }
     }
     s[row] = threshold_from_order_statistics(key_value(prefix_lo), key_value(prefix_hi), rank.weight, false,
                                              max_scale);
