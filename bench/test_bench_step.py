@@ -18,12 +18,18 @@ import torch
 
 from fused_sched import ops
 from fused_sched.benchmark import (SCHEDULERS, SHAPES, BaselineUnavailable, compile_step, compiled_reference,
-                                   no_recompiles, stepper)
+                                   no_recompiles, prime_host_allocator, stepper)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE_NAMES = ["tiny", "sd-512"] if DEVICE.type == "cpu" else ["cogvideox-49f", "wan-720p"]
 IMPLEMENTATIONS = ["diffusers", "torch.compile"] + [
     name for name, reason in ops.availability(DEVICE).items() if reason is None]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pipeline_like_allocator():
+    """Latent-sized host tensors from malloc's heap, as in a pipeline (prime_host_allocator)."""
+    prime_host_allocator()
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

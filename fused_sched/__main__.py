@@ -14,8 +14,8 @@ import torch
 
 from . import __version__, ops
 from .ops import extension
-from .benchmark import (DTYPES, device_name, SCHEDULERS, SHAPES, BaselineUnavailable, Timing, bytes_per_step, copy_bandwidth,
-                        error_summary, time_step, write_report)
+from .benchmark import (DTYPES, ROUNDS, SCHEDULERS, SHAPES, BaselineUnavailable, Timing, bytes_per_step, contender,
+                        copy_bandwidth, device_name, error_summary, time_in_turns, write_report)
 
 COMPILED = "torch.compile"  # the compiled-reference baseline's name in the rows (see benchmark.py)
 SKIPPED = "skipped (--no-compile-baseline)"
@@ -131,52 +131,59 @@ def cmd_bench(args) -> int:
     bandwidth = copy_bandwidth(device)
     meta = dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9, load_average_at_start=load,
                 cpu_count=os.cpu_count(),
-                timing="per sample: wall time of one step and a device synchronize (host time included)",
+                timing="per sample: wall time of one step and a device synchronize (host time included); "
+                       f"a case's implementations timed in turns ({ROUNDS} rounds, order rotated each round; "
+                       "fused_sched.benchmark.time_in_turns)",
                 bytes_per_step="the op's least traffic: each tensor it reads and writes once at its own dtype, "
                                "x and m once more where thresholding (fused_sched.benchmark.bytes_per_step)")
     cases = [(k, s, d) for k in kinds for s in shapes for d in dtypes]
     rows = []
-    total = len(cases) * (1 + len(backends) + (0 if args.no_compile_baseline else 1))
+    rounds = min(ROUNDS, args.repeats)
+    total = len(cases) * rounds
     done = 0
 
-    def measured(*arguments, **options):
+    def round_done():
         nonlocal done
-        try:
-            return time_step(*arguments, repeats=args.repeats, steps=args.steps, **options)
-        finally:
-            done += 1
-            _progress(done, total)
+        done += 1
+        _progress(done, total)
 
-    for kind, (shape_name, shape), dtype_name in cases:
+    for index, (kind, (shape_name, shape), dtype_name) in enumerate(cases):
         dtype = DTYPES[dtype_name]
         case = (kind, shape_name, shape, dtype_name)
+        timings = {}
         try:
             moved = bytes_per_step(kind, shape, dtype, device)
-            baseline = measured(kind, "diffusers", shape, dtype, device)
+            contenders = [contender(kind, "diffusers", shape, dtype, device, steps=args.steps)]
+            for backend in backends:
+                try:
+                    contenders.append(contender(kind, "fused", shape, dtype, device, backend=backend, steps=args.steps))
+                except Exception as error:
+                    timings[backend] = error
+            compiled = SKIPPED
+            if not args.no_compile_baseline:
+                try:
+                    contenders.append(contender(kind, "compiled", shape, dtype, device, steps=args.steps))
+                except BaselineUnavailable as error:
+                    compiled = str(error)
+            timings.update(time_in_turns(contenders, device, args.repeats, rounds=rounds, progress=round_done))
+            if isinstance(timings["diffusers"], Exception):
+                raise timings["diffusers"]
         except Exception as error:  # a case that cannot run says why in its rows; the others still run
             rows += [_failed_row(*case, name, error) for name in ["diffusers"] + backends]
-            done += len(backends) + (0 if args.no_compile_baseline else 1)
+            done = (index + 1) * rounds
+            _progress(done, total)
             if args.json:
                 write_report(args.json, meta, rows)
             continue
-        fused = []
-        for backend in backends:
-            try:
-                fused.append((backend, measured(kind, "fused", shape, dtype, device, backend=backend)))
-            except Exception as error:
-                fused.append((backend, error))
-        # Timed last in its case: compilation may leave work behind (compile workers, garbage).
-        compiled = SKIPPED
-        if not args.no_compile_baseline:
-            try:
-                compiled = measured(kind, "compiled", shape, dtype, device)
-            except BaselineUnavailable as error:
-                compiled = str(error)
+        baseline = timings["diffusers"]
+        if "compiled" in timings:
+            compiled = timings["compiled"] if isinstance(timings["compiled"], Timing) else str(timings["compiled"])
         rows.append(_row(*case, "diffusers", baseline, baseline, compiled, moved, bandwidth))
         if isinstance(compiled, Timing):
             rows.append(_row(*case, COMPILED, compiled, baseline, compiled, moved, bandwidth))
-        rows += [_row(*case, backend, timing, baseline, compiled, moved, bandwidth) if isinstance(timing, Timing)
-                 else _failed_row(*case, backend, timing) for backend, timing in fused]
+        rows += [_row(*case, backend, timings[backend], baseline, compiled, moved, bandwidth)
+                 if isinstance(timings[backend], Timing) else _failed_row(*case, backend, timings[backend])
+                 for backend in backends]
         if args.json:  # after every case, so a run cut short keeps what it measured
             write_report(args.json, meta, rows)
     print(file=sys.stderr)

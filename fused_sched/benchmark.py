@@ -4,7 +4,9 @@ A case is (scheduler, config, latent shape, dtype). Each is timed side by side i
 diffusers' eager step, the fused class on a given backend, and the torch.compile baseline,
 same inputs, same trajectory position, timestep passed as an element of
 ``scheduler.timesteps`` as pipelines do. Times are host+device wall time per step
-(synchronised on CUDA), median and spread over repeats.
+(synchronised on CUDA), median and spread over repeats. A case's implementations are
+timed in turns (:func:`time_in_turns`), so that a machine whose speed drifts during the run
+slows them alike instead of skewing their ratios.
 
 The torch.compile baseline ("compiled" here, ``torch.compile`` in the command's output)
 answers "what would plain torch.compile of the same math give you". It is the fused
@@ -22,7 +24,7 @@ noise draws), the guard check and launch of the compiled graph, and its kernels,
 work the fused rows time, with only the op differing (the public op's argument checks and
 backend dispatch are not in it). Compilation happens in the first call, before timing; its
 duration is reported separately. Each case compiles afresh (``torch.compiler.reset``), and
-timing runs under the ``fail_on_recompile`` stance, so no timed call compiles or silently
+its turns run under the ``fail_on_recompile`` stance, so no timed call compiles or silently
 falls back to eager. Before timing, the compiled outputs are checked against the eager
 reference on the same inputs. Where any of this fails (no C++ compiler for inductor's CPU
 code, an unsupported dtype, a graph break), :class:`BaselineUnavailable` carries the reason.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import dataclasses
+import gc
 import inspect
 import json
 import os
@@ -142,35 +145,128 @@ def make_step(kind: str, fused: bool, shape, dtype, device, steps: int = 20):
     return stepper(kind, scheduler, x, m, steps // 2)
 
 
-def time_step(kind: str, which: str, shape, dtype, device, backend: str | None = None,
-              repeats: int = 50, warmup: int = 5, steps: int = 20) -> Timing:
-    """Time one step of ``kind`` for ``which`` = "diffusers", "fused" (on ``backend``, else the
-    selected one) or "compiled" (the torch.compile baseline, see the module docstring; raises
-    :class:`BaselineUnavailable` where it does not compile)."""
+@dataclasses.dataclass
+class Contender:
+    """One implementation of a case's step: ``step`` runs it, inside ``turn()`` (the context
+    each of its turns needs); ``compile_s`` is the compiled baseline's compilation time."""
+
+    name: str
+    step: collections.abc.Callable[[], object]
+    turn: collections.abc.Callable[[], contextlib.AbstractContextManager]
+    compile_s: float | None = None
+
+
+def contender(kind: str, which: str, shape, dtype, device, backend: str | None = None, steps: int = 20) -> Contender:
+    """The step of ``kind`` for ``which`` = "diffusers", "fused" (on ``backend``, else the
+    selected one) or "compiled" (the torch.compile baseline, see the module docstring:
+    compiled here, by its first step; raises :class:`BaselineUnavailable` where it does not
+    compile). Named ``which``, or the backend for "fused"."""
     if which not in ("diffusers", "fused", "compiled"):
         raise ValueError(f"which={which!r}; expected 'diffusers', 'fused' or 'compiled'")
     step = make_step(kind, which != "diffusers", shape, dtype, device, steps)
-    if which == "compiled":
-        with compiled_reference() as op:
-            compile_s = compile_step(step, op, device)
+    if which == "diffusers":
+        return Contender("diffusers", step, contextlib.nullcontext)
+    if which == "fused":
+        turn = (lambda: ops.use_backend(backend)) if backend else contextlib.nullcontext
+        return Contender(backend or "fused", step, turn)
+    with compiled_reference() as op:
+        compile_s = compile_step(step, op, device)
+
+    @contextlib.contextmanager
+    def compiled_turn():
+        # The op compiled above stands in again; a call that would recompile raises.
+        with _op_replaced(op, op.plan), no_recompiles():
+            yield
+
+    gc.collect()  # compilation's garbage, not collected during another contender's turn
+    return Contender("compiled", step, compiled_turn, compile_s)
+
+
+# Rounds of turns that time_in_turns gives a case's contenders: even, so that every
+# contender's mean place in the order is the same.
+ROUNDS = 6
+
+
+def time_in_turns(contenders, device, repeats: int = 50, warmup: int = 5, rounds: int = ROUNDS,
+                  progress=None) -> dict:
+    """{name: Timing, or the exception its step raised} for the contenders of one case, timed
+    in turns: ``rounds`` rounds in which each contender takes one untimed step and then its
+    share of the ``repeats`` timed ones, in the given order in even rounds and reversed in
+    odd ones (A B C, C B A, ...: a steady drift then moves every contender's samples alike
+    over an even number of rounds). A machine whose speed drifts (a shared VM's copy
+    bandwidth moved 8-46 GB/s between runs, diffusers' medians 2x) then slows every
+    contender alike, where timing one after the other put the drift into their ratios. A
+    contender whose step raises is dropped from later turns; the compiled baseline's
+    exception becomes :class:`BaselineUnavailable`. ``progress()`` is called after each
+    round."""
+    rounds = max(1, min(rounds, repeats))
+    prime_host_allocator()
+    results = {c.name: [] for c in contenders}
+    live = list(contenders)
+    for c in list(live):  # warm-up, as a pipeline's first steps
+        try:
+            with c.turn():
+                _warm_up(c.step, device, warmup)
+        except Exception as error:
+            results[c.name] = _turn_error(c, error)
+            live.remove(c)
+    for r in range(rounds):
+        share = repeats // rounds + (1 if r < repeats % rounds else 0)
+        for c in (live if r % 2 == 0 else live[::-1]):
             try:
-                with no_recompiles():
-                    timing = _measure(step, device, repeats, warmup)
-            except BaselineUnavailable:
-                raise
-            except Exception as error:  # a recompile or a failure after the first call
-                raise BaselineUnavailable(f"torch.compile failed after compiling: {error_summary(error)}") from error
-        return dataclasses.replace(timing, compile_s=compile_s)
-    context = ops.use_backend(backend) if (which == "fused" and backend) else contextlib.nullcontext()
-    with context:
-        return _measure(step, device, repeats, warmup)
+                with c.turn():
+                    c.step()
+                    _synchronize(device)
+                    results[c.name] += _samples(c.step, device, share)
+            except Exception as error:
+                results[c.name] = _turn_error(c, error)
+        live = [c for c in live if isinstance(results[c.name], list)]
+        if progress is not None:
+            progress()
+    timings = {}
+    for c in contenders:
+        samples = results[c.name]
+        if not isinstance(samples, list):
+            timings[c.name] = samples
+            continue
+        quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
+        timings[c.name] = Timing(statistics.median(samples), quartiles[2] - quartiles[0], len(samples), c.compile_s)
+    return timings
+
+
+def _turn_error(c: Contender, error: Exception) -> Exception:
+    if c.name == "compiled" and not isinstance(error, BaselineUnavailable):
+        return BaselineUnavailable(f"torch.compile failed after compiling: {error_summary(error)}")
+    return error
+
+
+# glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems).
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
+def prime_host_allocator() -> None:
+    """Puts glibc's malloc in the state a pipeline's has: allocations below 32 MiB served from
+    its heap, not from fresh mappings.
+
+    glibc maps every allocation above its mmap threshold afresh (128 KiB at start) and so
+    page-faults it on first touch; freeing a mapped chunk raises the threshold to that
+    chunk's size, up to 32 MiB. In a pipeline the model's freed activations have long done
+    so. In a bench process nothing had: on the CogVideoX latent diffusers' DDIM step took
+    4,356 page faults per step (about four of its 4.5 MB temporaries mapped afresh) and the
+    fused cpu step 2,162, against 0 and 110 primed; diffusers' step took 2.9 ms instead of
+    2.0 ms, and which implementation paid how much depended on what ran before it.
+    Freeing one mapped chunk of just under 32 MiB raises the threshold for the rest of the
+    process; nothing changes elsewhere (CUDA tensors use torch's caching allocator; other C
+    libraries)."""
+    chunk = torch.empty(GLIBC_MMAP_THRESHOLD_MAX // 4 - 2**12, dtype=torch.float32)  # never touched: no faults
+    del chunk
 
 
 # A GPU idles at a low clock: warm up for this long at least, not only `warmup` steps.
 CUDA_WARMUP_S = 0.1
 
 
-def _measure(step, device, repeats: int, warmup: int) -> Timing:
+def _warm_up(step, device, warmup: int) -> None:
     start = time.perf_counter()
     minimum = CUDA_WARMUP_S if device.type == "cuda" else 0.0
     done = 0
@@ -178,14 +274,17 @@ def _measure(step, device, repeats: int, warmup: int) -> Timing:
         step()
         done += 1
     _synchronize(device)
+
+
+def _samples(step, device, count: int) -> list[float]:
+    """Wall time of ``count`` steps, each with a device synchronize."""
     samples = []
-    for _ in range(repeats):
+    for _ in range(count):
         start = time.perf_counter()
         step()
         _synchronize(device)
         samples.append(time.perf_counter() - start)
-    quartiles = statistics.quantiles(samples, n=4)
-    return Timing(statistics.median(samples), quartiles[2] - quartiles[0], len(samples))
+    return samples
 
 
 # --- the torch.compile baseline --------------------------------------------------------------

@@ -114,20 +114,25 @@ def test_bench_reports_a_baseline_that_does_not_compile(tmp_path, monkeypatch, c
 
 
 def test_bench_keeps_going_past_a_case_that_fails(tmp_path, monkeypatch, capsys):
-    """An implementation that raises in one case is a row with the error; the run goes on to
-    the other implementations and cases, and the report is complete (and can be plotted)."""
+    """An implementation that raises in one case, while it is made or in its turns, is a row
+    with the error; the run goes on to the other implementations and cases, and the report is
+    complete (and can be plotted)."""
     from fused_sched import __main__ as cli
 
-    measure = cli.time_step
+    make = cli.contender
 
     def failing(kind, which, *args, **kwargs):
+        made = make(kind, which, *args, **kwargs)
         if kind == "ddim" and which == "fused":
-            raise RuntimeError("kernel launch failed (simulated)")
+            def launch_fails():
+                raise RuntimeError("kernel launch failed (simulated)")
+
+            made.step = launch_fails
         if kind == "dpm++2m" and which == "diffusers":
             raise ValueError("diffusers cannot run this (simulated)")
-        return measure(kind, which, *args, **kwargs)
+        return made
 
-    monkeypatch.setattr(cli, "time_step", failing)
+    monkeypatch.setattr(cli, "contender", failing)
     path, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     assert cli.main(["bench", "--scheduler", "ddim,dpm++2m,ddim-inverse", "--shape", "tiny", "--backend", "torch",
                      "--repeats", "3", "--no-compile-baseline", "--json", str(path)]) == 0
