@@ -194,7 +194,7 @@ def time_in_turns(contenders, device, repeats: int = 50, warmup: int = 5, rounds
     share of the ``repeats`` timed ones, in the given order in even rounds and reversed in
     odd ones (A B C, C B A, ...: a steady drift then moves every contender's samples alike
     over an even number of rounds). A machine whose speed drifts (a shared VM's copy
-    bandwidth moved 8-46 GB/s between runs, diffusers' medians 2x) then slows every
+    bandwidth moved 8-48 GB/s between runs, diffusers' medians 2x) then slows every
     contender alike, where timing one after the other put the drift into their ratios. A
     contender whose step raises is dropped from later turns; the compiled baseline's
     exception becomes :class:`BaselineUnavailable`. ``progress()`` is called after each

@@ -2,7 +2,7 @@
 
 Its ratios are only as good as the conditions the contenders ran under. Timed one after the
 other, a machine whose speed moves during the run (a shared VM: its copy bandwidth moved
-8-46 GB/s between runs) puts that drift into the ratios; timed in turns, every contender
+8-48 GB/s between runs) puts that drift into the ratios; timed in turns, every contender
 sees it alike. A clock that the steps themselves advance makes the drift exact here.
 """
 
