@@ -251,10 +251,11 @@ def prime_host_allocator() -> None:
     glibc maps every allocation above its mmap threshold afresh (128 KiB at start) and so
     page-faults it on first touch; freeing a mapped chunk raises the threshold to that
     chunk's size, up to 32 MiB. In a pipeline the model's freed activations have long done
-    so. In a bench process nothing had: on the CogVideoX latent diffusers' DDIM step took
-    4,356 page faults per step (about four of its 4.5 MB temporaries mapped afresh) and the
-    fused cpu step 2,162, against 0 and 110 primed; diffusers' step took 2.9 ms instead of
-    2.0 ms, and which implementation paid how much depended on what ran before it.
+    so (and raised the trim threshold, twice it, with it). In a bench process nothing had:
+    on the CogVideoX latent diffusers' DDIM step page-faulted up to 5,421 times per step
+    (the count depends on the address-space layout; 0 to 439 primed) and the fused cpu step
+    up to 2,162; diffusers' step took 2.9 ms instead of 2.0 ms, and which implementation
+    paid how much depended on what ran before it.
     Freeing one mapped chunk of just under 32 MiB raises the threshold for the rest of the
     process; nothing changes elsewhere (CUDA tensors use torch's caching allocator; other C
     libraries)."""
