@@ -313,7 +313,9 @@ constexpr int64_t kHistogramLanes = 4;
 void histogram_top_digits(const uint32_t* __restrict keys, int64_t n, uint32_t* __restrict lanes) {
   int64_t i = 0;
   for (; i + kHistogramLanes <= n; i += kHistogramLanes) {
-    for (int64_t lane = 0; lane < kHistogramLanes; ++lane) ++lanes[lane * kRadixMaxBins + radix_digit(keys[i + lane], 0)];
+    for (int64_t lane = 0; lane < kHistogramLanes; ++lane) {
+      ++lanes[lane * kRadixMaxBins + radix_digit(keys[i + lane], 0)];
+    }
   }
   for (; i < n; ++i) ++lanes[radix_digit(keys[i], 0)];
 }
@@ -727,8 +729,9 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
       std::vector<uint32_t> lanes(static_cast<size_t>(kHistogramLanes * kRadixMaxBins));
       for (int64_t b = bb; b < be; ++b) {
         std::fill(lanes.begin(), lanes.end(), 0u);
-        const int64_t nan_count = keys.for_each_chunk(
-            b * block_size, block_end(b), [&](const uint32_t* k, int64_t n) { histogram_top_digits(k, n, lanes.data()); });
+        const int64_t nan_count = keys.for_each_chunk(b * block_size, block_end(b), [&](const uint32_t* k, int64_t n) {
+          histogram_top_digits(k, n, lanes.data());
+        });
         sum_histogram_lanes(lanes.data(), hist_lo.data() + b * kRadixMaxBins);
         block_has_nan[b] = nan_count != 0;
       }
