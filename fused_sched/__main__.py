@@ -132,7 +132,7 @@ def cmd_bench(args) -> int:
     meta = dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9, load_average_at_start=load,
                 cpu_count=os.cpu_count(),
                 timing="per sample: wall time of one step and a device synchronize (host time included); "
-                       f"a case's implementations timed in turns ({ROUNDS} rounds, order rotated each round; "
+                       f"a case's implementations timed in turns ({ROUNDS} rounds, the order reversed every other round; "
                        "fused_sched.benchmark.time_in_turns)",
                 bytes_per_step="the op's least traffic: each tensor it reads and writes once at its own dtype, "
                                "x and m once more where thresholding (fused_sched.benchmark.bytes_per_step)")
