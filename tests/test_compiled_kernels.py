@@ -342,6 +342,34 @@ def test_threshold_scale_order_statistics_in_two_top_digits_over_many_blocks(ker
     assert_same(got, reference.threshold_scale(x, x, c, 0.75, 1e30))
 
 
+@pytest.mark.parametrize("threads, batch, row_size", [
+    (4, 4, 16384 + 5),      # rows too small to split: one row per thread
+    (2, 5, 40000),          # rows that could be split, but more rows than threads: rows in parallel
+    (4, 2, 3 * 32768 + 1),  # fewer rows than threads: one row at a time, in four blocks
+], ids=["small-rows", "many-rows", "rows-in-blocks"])
+def test_threshold_scale_batch_rows_on_threads(kernels, threads, batch, row_size):
+    """Every way the cpu backend spreads a batch over its threads gives each row its own
+    scale: rows with their own coefficients, the first saturating at the maximum, the
+    second NaN, the last tied where it is not the second, the rest random."""
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, row_size, generator=g) * 3
+    m = torch.randn(batch, row_size, generator=g)
+    x[1, row_size // 2] = float("nan")
+    x[-1] = (x[-1] * 4).round() / 4
+    c = torch.randn(batch, K, generator=g)
+    c[0, layout.AX] = 1e3
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = kernels.threshold_scale(x, m, c, 0.995, 50.0)
+    finally:
+        torch.set_num_threads(threads_before)
+    expected = reference.threshold_scale(x, m, c, 0.995, 50.0)
+    assert expected[0] == 50.0 and expected[1].isnan()
+    assert expected[~expected.isnan()].unique().numel() == batch - 1  # a row given another's scale would show
+    assert_same(got, expected)
+
+
 # ---- routing, availability, errors ----
 
 

@@ -683,6 +683,125 @@ void philox_bits(int64_t seed, int64_t offset, const at::Tensor& out) {
   });
 }
 
+namespace {
+
+// Radix select of the order statistics of one batch row's |x0| (non-negative floats order
+// like their bits), with the row split into blocks that run in parallel with their own
+// histograms. Pass 0 counts the top digit of every key. Pass 1 computes the keys again and
+// keeps, block by block, only those under a top digit that an order statistic has (0.3% of
+// a Gaussian row at the 0.995 quantile), counting their next digit; pass 2 reads those alone.
+class RowSelection {
+ public:
+  RowSelection(int64_t row_size, int64_t nblocks)
+      : row_size_(row_size),
+        nblocks_(nblocks),
+        block_size_((row_size + nblocks - 1) / nblocks),
+        hist_lo_(static_cast<size_t>(nblocks * kRadixMaxBins)),
+        hist_hi_(static_cast<size_t>(nblocks * kRadixMaxBins)),
+        block_has_nan_(static_cast<size_t>(nblocks)),
+        segment_(static_cast<size_t>(nblocks + 1)),
+        kept_(static_cast<size_t>(nblocks)) {}
+
+  // The row's thresholding scale s.
+  float scale(const RowKeys& keys, const QuantileRank& rank, float max_scale) {
+    count_top_digits(keys);
+    if (std::any_of(block_has_nan_.begin(), block_has_nan_.end(), [](uint8_t f) { return f != 0; })) {
+      return threshold_from_order_statistics(NAN, NAN, rank.weight, true, max_scale);
+    }
+    uint32_t prefix_lo = 0, prefix_hi = 0;
+    int64_t k_lo = rank.lo, k_hi = rank.hi;
+    for (int pass = 0; pass < kRadixPasses; ++pass) {
+      const bool split = pass > 0 && !radix_prefix_matches(prefix_hi, prefix_lo, pass);
+      if (pass > 0) count_matching_digits(keys, pass, prefix_lo, prefix_hi, split);
+      const uint32_t d_lo = digit_of_rank(hist_lo_, pass, k_lo);
+      const uint32_t d_hi = digit_of_rank(split ? hist_hi_ : hist_lo_, pass, k_hi);
+      prefix_lo |= d_lo << radix_shift(pass);
+      prefix_hi |= d_hi << radix_shift(pass);
+      if (pass == 0) reserve_candidates(d_lo, d_hi);
+    }
+    return threshold_from_order_statistics(key_value(prefix_lo), key_value(prefix_hi), rank.weight, false, max_scale);
+  }
+
+ private:
+  int64_t block_end(int64_t b) const { return std::min(row_size_, (b + 1) * block_size_); }
+
+  void count_top_digits(const RowKeys& keys) {
+    at::parallel_for(0, nblocks_, 1, [&](int64_t bb, int64_t be) {
+      std::vector<uint32_t> lanes(static_cast<size_t>(kHistogramLanes * kRadixMaxBins));
+      for (int64_t b = bb; b < be; ++b) {
+        std::fill(lanes.begin(), lanes.end(), 0u);
+        const int64_t nan_count = keys.for_each_chunk(b * block_size_, block_end(b), [&](const uint32_t* k, int64_t n) {
+          histogram_top_digits(k, n, lanes.data());
+        });
+        sum_histogram_lanes(lanes.data(), hist_lo_.data() + b * kRadixMaxBins);
+        block_has_nan_[b] = nan_count != 0;
+      }
+    });
+  }
+
+  // Room for the keys pass 1 keeps: those under either top digit, counted by pass 0.
+  void reserve_candidates(uint32_t d_lo, uint32_t d_hi) {
+    for (int64_t b = 0; b < nblocks_; ++b) {
+      const uint32_t* h = hist_lo_.data() + b * kRadixMaxBins;
+      segment_[b + 1] = segment_[b] + h[d_lo] + (d_hi != d_lo ? h[d_hi] : 0u);
+    }
+    candidates_.resize(static_cast<size_t>(segment_[nblocks_]));
+  }
+
+  void count_matching_digits(const RowKeys& keys, int pass, uint32_t prefix_lo, uint32_t prefix_hi, bool split) {
+    std::fill(hist_lo_.begin(), hist_lo_.end(), 0u);
+    if (split) std::fill(hist_hi_.begin(), hist_hi_.end(), 0u);
+    at::parallel_for(0, nblocks_, 1, [&](int64_t bb, int64_t be) {
+      for (int64_t b = bb; b < be; ++b) {
+        uint32_t* hl = hist_lo_.data() + b * kRadixMaxBins;
+        uint32_t* hh = hist_hi_.data() + b * kRadixMaxBins;
+        uint32_t* block_candidates = candidates_.data() + segment_[b];
+        if (pass == 1) {
+          const int64_t capacity = segment_[b + 1] - segment_[b];
+          int64_t count = 0;
+          keys.for_each_chunk(b * block_size_, block_end(b), [&](uint32_t* k, int64_t n) {
+            const int64_t matching = keep_matching_keys(k, n, pass, prefix_lo, prefix_hi, split, hl, hh);
+            TORCH_CHECK(count + matching <= capacity,
+                        "fused_sched cpu backend: radix select found more keys than pass 0 counted");
+            std::copy(k, k + matching, block_candidates + count);
+            count += matching;
+          });
+          kept_[b] = count;
+        } else {
+          kept_[b] = keep_matching_keys(block_candidates, kept_[b], pass, prefix_lo, prefix_hi, split, hl, hh);
+        }
+      }
+    });
+  }
+
+  // Sums the block histograms and picks the digit holding rank k; returns it, k made
+  // relative to the digit's first key.
+  uint32_t digit_of_rank(const std::vector<uint32_t>& hist, int pass, int64_t& k) const {
+    int64_t below = 0;
+    for (int d = 0; d < (1 << radix_bits(pass)); ++d) {
+      int64_t count = 0;
+      for (int64_t b = 0; b < nblocks_; ++b) count += hist[b * kRadixMaxBins + d];
+      if (below + count > k) {
+        k -= below;
+        return static_cast<uint32_t>(d);
+      }
+      below += count;
+    }
+    TORCH_CHECK(false, "fused_sched cpu backend: radix select lost its rank");
+    return 0u;
+  }
+
+  int64_t row_size_, nblocks_, block_size_;
+  std::vector<uint32_t> hist_lo_, hist_hi_;
+  std::vector<uint8_t> block_has_nan_;
+  // The keys pass 1 keeps, block b's in [segment_[b], segment_[b + 1]), kept_[b] of them
+  // still matching after each later pass.
+  std::vector<uint32_t> candidates_;
+  std::vector<int64_t> segment_, kept_;
+};
+
+}  // namespace
+
 at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coefficients,
                            double ratio, double max_value, int64_t absent_terms) {
   const auto [batch, row_size] = check_step_inputs("cpu", c10::DeviceType::CPU, sample, model_output, coefficients);
@@ -696,111 +815,32 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
   const Reader m = reader_of(model_output);
   const float* coef = coefficients.const_data_ptr<float>();
   const int64_t coefficient_rows = coefficients.size(0);
-
-  // Radix select over the bit patterns of |x0| (non-negative floats order like their bits),
-  // one row at a time, each pass split over blocks of the row that run in parallel with
-  // their own histograms. Pass 0 counts the top digit of every key. Pass 1 computes the
-  // keys again and keeps, block by block, only those under a top digit that an order
-  // statistic has (0.3% of a Gaussian row at the 0.995 quantile), counting their next
-  // digit; pass 2 reads those alone.
   const AbsX0KeysFn abs_x0_keys = abs_x0_keys_for(absent);
-  const int64_t max_block = int64_t{1} << 30;  // histogram counts are uint32
-  const int64_t nblocks = std::max<int64_t>(
-      std::min<int64_t>(at::get_num_threads(), (row_size + kMinElementsPerTask - 1) / kMinElementsPerTask),
-      (row_size + max_block - 1) / max_block);
-  const int64_t block_size = (row_size + nblocks - 1) / nblocks;
-  auto block_end = [&](int64_t b) { return std::min(row_size, (b + 1) * block_size); };
-  std::vector<uint32_t> hist_lo(static_cast<size_t>(nblocks * kRadixMaxBins));
-  std::vector<uint32_t> hist_hi(static_cast<size_t>(nblocks * kRadixMaxBins));
-  std::vector<uint8_t> block_has_nan(static_cast<size_t>(nblocks));
-  // The keys pass 1 keeps, block b's in [segment[b], segment[b + 1]), kept[b] of them still
-  // matching after each later pass.
-  std::vector<uint32_t> candidates;
-  std::vector<int64_t> segment(static_cast<size_t>(nblocks + 1));
-  std::vector<int64_t> kept(static_cast<size_t>(nblocks));
+  auto row_keys = [&](int64_t row) {
+    return RowKeys{x, m, load_coefficients(coef + (coefficient_rows == 1 ? 0 : row) * kNumCoefficients, absent),
+                   row * row_size, abs_x0_keys};
+  };
 
   at::Tensor result = at::empty({batch}, sample.options().dtype(at::kFloat));
   float* s = result.data_ptr<float>();
   const float max_scale = static_cast<float>(max_value);
-  for (int64_t row = 0; row < batch; ++row) {
-    const RowKeys keys{x, m, load_coefficients(coef + (coefficient_rows == 1 ? 0 : row) * kNumCoefficients, absent),
-                       row * row_size, abs_x0_keys};
-    at::parallel_for(0, nblocks, 1, [&](int64_t bb, int64_t be) {
-      std::vector<uint32_t> lanes(static_cast<size_t>(kHistogramLanes * kRadixMaxBins));
-      for (int64_t b = bb; b < be; ++b) {
-        std::fill(lanes.begin(), lanes.end(), 0u);
-        const int64_t nan_count = keys.for_each_chunk(b * block_size, block_end(b), [&](const uint32_t* k, int64_t n) {
-          histogram_top_digits(k, n, lanes.data());
-        });
-        sum_histogram_lanes(lanes.data(), hist_lo.data() + b * kRadixMaxBins);
-        block_has_nan[b] = nan_count != 0;
-      }
+  const int64_t threads = at::get_num_threads();
+  const int64_t max_block = int64_t{1} << 30;  // histogram counts are uint32
+  const int64_t nblocks = std::max<int64_t>(
+      std::min<int64_t>(threads, (row_size + kMinElementsPerTask - 1) / kMinElementsPerTask),
+      (row_size + max_block - 1) / max_block);
+  if (batch > 1 && (nblocks == 1 || batch >= threads)) {
+    // Rows in parallel, each selected by one thread: rows too small to split, or enough of
+    // them to keep every thread busy without.
+    const int64_t rows_per_task = std::max<int64_t>(1, kMinElementsPerTask / row_size);
+    const int64_t row_blocks = (row_size + max_block - 1) / max_block;
+    at::parallel_for(0, batch, rows_per_task, [&](int64_t rb, int64_t re) {
+      RowSelection selection(row_size, row_blocks);
+      for (int64_t row = rb; row < re; ++row) s[row] = selection.scale(row_keys(row), rank, max_scale);
     });
-    const bool has_nan = std::any_of(block_has_nan.begin(), block_has_nan.end(), [](uint8_t f) { return f != 0; });
-    if (has_nan) {
-      s[row] = threshold_from_order_statistics(NAN, NAN, rank.weight, true, max_scale);
-      continue;
-    }
-    uint32_t prefix_lo = 0, prefix_hi = 0;
-    int64_t k_lo = rank.lo, k_hi = rank.hi;
-    for (int pass = 0; pass < kRadixPasses; ++pass) {
-      const bool split = pass > 0 && !radix_prefix_matches(prefix_hi, prefix_lo, pass);
-      if (pass > 0) {
-        std::fill(hist_lo.begin(), hist_lo.end(), 0u);
-        if (split) std::fill(hist_hi.begin(), hist_hi.end(), 0u);
-        at::parallel_for(0, nblocks, 1, [&](int64_t bb, int64_t be) {
-          for (int64_t b = bb; b < be; ++b) {
-            uint32_t* hl = hist_lo.data() + b * kRadixMaxBins;
-            uint32_t* hh = hist_hi.data() + b * kRadixMaxBins;
-            uint32_t* block_candidates = candidates.data() + segment[b];
-            if (pass == 1) {
-              const int64_t capacity = segment[b + 1] - segment[b];
-              int64_t count = 0;
-              keys.for_each_chunk(b * block_size, block_end(b), [&](uint32_t* k, int64_t n) {
-                const int64_t matching = keep_matching_keys(k, n, pass, prefix_lo, prefix_hi, split, hl, hh);
-                TORCH_CHECK(count + matching <= capacity,
-                            "fused_sched cpu backend: radix select found more keys than pass 0 counted");
-                std::copy(k, k + matching, block_candidates + count);
-                count += matching;
-              });
-              kept[b] = count;
-            } else {
-              kept[b] = keep_matching_keys(block_candidates, kept[b], pass, prefix_lo, prefix_hi, split, hl, hh);
-            }
-          }
-        });
-      }
-      const int bins = 1 << radix_bits(pass);
-      // Sum the block histograms and pick the digit holding rank k; returns it, k made relative.
-      auto choose = [&](const std::vector<uint32_t>& hist, int64_t& k) {
-        int64_t below = 0;
-        for (int d = 0; d < bins; ++d) {
-          int64_t count = 0;
-          for (int64_t b = 0; b < nblocks; ++b) count += hist[b * kRadixMaxBins + d];
-          if (below + count > k) {
-            k -= below;
-            return static_cast<uint32_t>(d);
-          }
-          below += count;
-        }
-        TORCH_CHECK(false, "fused_sched cpu backend: radix select lost its rank");
-        return 0u;
-      };
-      const uint32_t d_lo = choose(hist_lo, k_lo);
-      const uint32_t d_hi = choose(split ? hist_hi : hist_lo, k_hi);
-      prefix_lo |= d_lo << radix_shift(pass);
-      prefix_hi |= d_hi << radix_shift(pass);
-      if (pass == 0) {
-        // Room for the keys pass 1 keeps: those under either top digit, counted just now.
-        for (int64_t b = 0; b < nblocks; ++b) {
-          const uint32_t* h = hist_lo.data() + b * kRadixMaxBins;
-          segment[b + 1] = segment[b] + h[d_lo] + (d_hi != d_lo ? h[d_hi] : 0u);
-        }
-        candidates.resize(static_cast<size_t>(segment[nblocks]));
-      }
-    }
-    s[row] = threshold_from_order_statistics(key_value(prefix_lo), key_value(prefix_hi), rank.weight, false,
-                                             max_scale);
+  } else {
+    RowSelection selection(row_size, nblocks);
+    for (int64_t row = 0; row < batch; ++row) s[row] = selection.scale(row_keys(row), rank, max_scale);
   }
   return result;
 }
