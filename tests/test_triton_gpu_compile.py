@@ -96,6 +96,19 @@ def test_machine_code_does_not_depend_on_fp_fusion(compiled):
         assert entry["same_sass_with_and_without_fp_fusion"], (entry["case"], entry["kernel"], entry["config"])
 
 
+def test_inductor_compiles_the_kernels_it_regenerates(compiled):
+    """torch.compile with inductor does not launch a registered op's kernel as written: it
+    regenerates the kernel's source from the globals the kernel loads (other kernels, ints,
+    constexprs) and compiles that. A helper reached through a module attribute (C.AX) was
+    left undefined there, and every compiled call of the ops failed. Every specialisation
+    compiled from the regenerated source is the same machine code."""
+    for sm in ARCHITECTURES:
+        checked = [k for k in compiled[sm] if "same_sass_as_inductor_regenerates" in k]
+        assert {k["kernel"] for k in checked} == {k["kernel"] for k in compiled[sm]}
+        for entry in checked:
+            assert entry["same_sass_as_inductor_regenerates"], (sm, entry["case"], entry["kernel"])
+
+
 # The registered Triton ops traced as torch.compile traces them with dynamic shapes (sizes
 # as symbols), in compiled mode: there a triton_op's shapes come from running its host
 # wrapper on fake tensors, which the interpreter's hand-written fakes never do. The host

@@ -10,8 +10,10 @@ tensors for a set of cases with ``wrap`` recording each launch instead of runnin
 recorded launch is then compiled by Triton's own launch path (``JITFunction.warmup``:
 argument specialisation, options, the whole pipeline down to a cubin by ptxas) for
 compute capability SM, under a stand-in driver that reports that target and nothing else.
-Every autotuning configuration of the launcher is compiled. OUT.json lists, per compiled
-kernel, what tests/test_triton_gpu_compile.py checks in its PTX.
+Every autotuning configuration of the launcher is compiled, and each launch once more from
+the source inductor regenerates for it (torch.compile compiles that, not the module's
+kernel). OUT.json lists, per compiled kernel, what tests/test_triton_gpu_compile.py checks
+in its PTX and machine code.
 """
 
 from __future__ import annotations
@@ -188,10 +190,30 @@ def main(sm: int, out: Path) -> None:
         out.write_text(json.dumps({"sm": sm, "kernels": _compile_cases(sm, Path(tmp))}, indent=1))
 
 
+def _as_inductor_compiles_it(kernel, tmp: Path):
+    """The kernel as inductor compiles a registered op's launch of it: from the source that
+    torch._inductor regenerates out of the globals the kernel loads, in a module of its own
+    that starts with inductor's imports."""
+    import importlib.util
+
+    from torch._inductor.codegen.triton import TritonKernel
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+    source = (TritonKernel.gen_common_triton_imports() + "\n@triton.jit\n"
+              + user_defined_triton_kernel_transitive_closure_source_code(kernel))
+    path = tmp / f"inductor_{kernel.__name__}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, kernel.__name__)
+
+
 def _compile_cases(sm: int, tmp: Path) -> list[dict]:
     from triton.runtime import autotuner
 
     results = []
+    regenerated = {}
     for name, run, every_config, check_fusion in _cases(sm):
         recorder = LaunchRecorder()
         run(recorder)
@@ -212,6 +234,14 @@ def _compile_cases(sm: int, tmp: Path) -> list[dict]:
                     "cubin_bytes": len(compiled.asm["cubin"]),
                     **_ptx_summary(compiled.asm["ptx"]),
                 }
+                if config is configs[0]:
+                    # Every specialisation: a name left out of the regenerated source fails only
+                    # where the branch that uses it is compiled.
+                    if kernel.__name__ not in regenerated:
+                        regenerated[kernel.__name__] = _as_inductor_compiles_it(kernel, tmp)
+                    as_inductor = regenerated[kernel.__name__].warmup(*args, grid=grid, **options)
+                    result["same_sass_as_inductor_regenerates"] = (
+                        _sass(as_inductor.asm["cubin"], tmp) == _sass(compiled.asm["cubin"], tmp))
                 if check_fusion:
                     # Whatever Triton's default (it changes in 3.10), the machine code must be
                     # the one that rounds every product and sum as written.

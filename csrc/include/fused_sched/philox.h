@@ -1,13 +1,16 @@
 // Counter-based normal noise for noise=PhiloxNoise(seed, offset), shared by the CPU and
-// CUDA kernels: exactly Triton's tl.randn(seed, counter), so that every backend computes
-// the same numbers (fused_sched/ops/philox.py is the reference and documents the steps).
+// CUDA kernels: the steps of Triton's tl.randn(seed, counter), so that every backend computes
+// the same numbers up to the rounding of its math functions (fused_sched/ops/philox.py is
+// the reference and documents the steps).
 //
 // Philox4x32-10 and the uint32 -> uniform conversion are exact integer / IEEE operations
 // and give the same bits everywhere. The Box-Muller step calls log, sqrt and cos: sqrt is
-// correctly rounded on the host and on the device (__fsqrt_rn); logf / cosf are those of
-// the host libm (or, in the CPU kernels' AVX2 loops, glibc's libmvec: csrc/cpu/ops_cpu.cpp)
-// and of CUDA's math library, each within a few ulp, so z may differ from the other
-// backends' by a few float32 ulp (tests/test_philox_noise.py states the bound).
+// correctly rounded here on the host and on the device (__fsqrt_rn), while compiled
+// tl.randn uses the GPU's approximate square root (sqrt.approx, within an ulp or so);
+// logf / cosf are those of the host libm (or, in the CPU kernels' AVX2 loops, glibc's
+// libmvec: csrc/cpu/ops_cpu.cpp) and of CUDA's math library, each within a few ulp, so z
+// may differ from the other backends' by a few float32 ulp (tests/test_philox_noise.py
+// states the bound).
 //
 // Products are explicitly rounded (step_math.h's mul) so that nvcc cannot contract them.
 // No torch and no CUDA header: g++ compiles this on its own.

@@ -2,8 +2,9 @@
 //
 // Written once so that both backends round identically, and as the reference does:
 // fused_sched/ops/reference.py builds each sum with torch.addcmul(a, b, c) = a + b*c,
-// which ATen evaluates as one fused multiply-add (its AVX2/AVX-512 CPU kernels and its
-// CUDA kernel), and every other product or sum separately rounded. Here the same terms
+// which ATen evaluates as one fused multiply-add (its AVX2/AVX-512 CPU kernels, and its
+// CUDA kernel for value 1, as called there: one FFMA in torch 2.11.0+cu130's sm_90 code),
+// and every other product or sum separately rounded. Here the same terms
 // are explicit fmadd() calls and every other operation is explicitly rounded, so the
 // compiler cannot contract or reassociate anything: host code is built with
 // -ffp-contract=off, and device code uses __fmaf_rn / __fmul_rn / __fadd_rn, which nvcc

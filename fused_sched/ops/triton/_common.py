@@ -2,12 +2,13 @@
 
 Rounding. The kernels evaluate exactly the operations of ``fused_sched/ops/reference.py``:
 each ``torch.addcmul(a, b, c)`` there is computed by ATen as one fused multiply-add (its
-AVX2/AVX-512 CPU kernels and its CUDA kernel), so here it is an explicit ``tl.fma``; every
-other product, sum and quotient is a separately rounded fp32 operation. An explicit fma
-leaves the compiler nothing to contract (Triton's ``enable_fp_fusion`` only fuses a plain
-multiply into a following add, and no plain product here feeds a plain add), and
-divisions use ``tl.math.div_rn`` because Triton's ``/`` lowers to an approximate
-division on NVIDIA GPUs. Recent interpreters (Triton 3.9) evaluate ``tl.fma`` with a
+AVX2/AVX-512 CPU kernels, and its CUDA kernel where value is 1, as the reference calls it:
+an FFMA of b and c, read in the sm_90 machine code of torch 2.11.0+cu130, the oldest torch
+this package supports), so here it is an explicit ``tl.fma``; every other product, sum and
+quotient is a separately rounded fp32 operation. An explicit fma leaves the compiler
+nothing to contract (Triton's ``enable_fp_fusion`` only fuses a plain multiply into a
+following add, and no plain product here feeds a plain add), and divisions use
+``tl.math.div_rn`` because Triton's ``/`` lowers to an approximate division on NVIDIA GPUs. Recent interpreters (Triton 3.9) evaluate ``tl.fma`` with a
 correctly rounded fp32 fma, so on CPU the kernels reproduce the reference bit for bit;
 older ones (3.6) multiply and then add, rounding twice, a last-place difference that a GPU
 never shows. ``FMA_ROUNDS_ONCE`` says which (probed once, under the interpreter only).

@@ -34,6 +34,13 @@ import triton.language as tl
 from .. import philox
 from ..philox import PhiloxNoise
 from . import _common as C
+# The kernels name what they use from _common bare. inductor compiles a registered op's kernel
+# from source it regenerates out of the globals the kernel loads (kernels, ints and constexprs);
+# a module attribute such as C.AX would be left undefined there.
+from ._common import (
+    AL, AM, AS, AX, CLIP_CLAMP, CLIP_NONE, CLIP_THRESHOLD, NOISE_PHILOX, NOISE_TENSOR, O0, O1, O2, OC, OM, ON, OX, P0,
+    PM, PS, PX, add_term, data_estimate, empty_sum, keep_unclipped_history_value, scaled, store,
+)
 
 # Under the interpreter the block size is fixed (autotuning would only time numpy); small
 # enough that the test sizes span several blocks and exercise the masked tail.
@@ -91,64 +98,64 @@ def _step_kernel(
     base = row.to(tl.int64) * row_numel
     coef = coef_ptr + row.to(tl.int64) * coef_row_stride  # K * rows passes 2**31 first
 
-    ax = tl.load(coef + C.AX)
-    am = tl.load(coef + C.AM)
-    a_s = tl.load(coef + C.AS)
-    px = tl.load(coef + C.PX)
-    p0 = tl.load(coef + C.P0)
-    pm = tl.load(coef + C.PM)
-    ox = tl.load(coef + C.OX)
-    o0 = tl.load(coef + C.O0)
-    om = tl.load(coef + C.OM)
+    ax = tl.load(coef + AX)
+    am = tl.load(coef + AM)
+    a_s = tl.load(coef + AS)
+    px = tl.load(coef + PX)
+    p0 = tl.load(coef + P0)
+    pm = tl.load(coef + PM)
+    ox = tl.load(coef + OX)
+    o0 = tl.load(coef + O0)
+    om = tl.load(coef + OM)
 
     # Streamed once: evict_first keeps them from displacing anything worth caching.
     x = tl.load(x_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
     m = tl.load(m_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
 
-    x0 = C.data_estimate(x, m, ax, am, tl.load(coef + C.AL), a_s, ABSENT)
+    x0 = data_estimate(x, m, ax, am, tl.load(coef + AL), a_s, ABSENT)
     unclipped_x0 = x0
-    if CLIP == C.CLIP_CLAMP:
+    if CLIP == CLIP_CLAMP:
         # torch.clamp: a NaN stays NaN (both comparisons are false).
         x0 = tl.where(x0 < -clip_range, -clip_range, tl.where(x0 > clip_range, clip_range, x0))
-    elif CLIP == C.CLIP_THRESHOLD:
+    elif CLIP == CLIP_THRESHOLD:
         s = tl.load(scale_ptr + row)
         # torch.maximum / torch.minimum: a NaN in either operand wins (a NaN row has s = NaN).
         x0 = tl.where((x0 > -s) | (x0 != x0), x0, -s)
         x0 = tl.where((x0 < s) | (x0 != x0), x0, s)
         x0 = tl.math.div_rn(x0, s)
 
-    empty = C.empty_sum(x)
-    d = C.add_term(C.add_term(C.add_term(empty, px, x, C.PX, ABSENT), p0, x0, C.P0, ABSENT), pm, m, C.PM, ABSENT)
-    d = C.scaled(d, tl.load(coef + C.PS))  # scaled after the sum cancels (layout.py)
-    if CLIP != C.CLIP_NONE:
-        d = C.keep_unclipped_history_value(d, x, m, unclipped_x0, x0, coef, ABSENT)
-    out = C.add_term(empty, ox, x, C.OX, ABSENT)
-    if CLIP != C.CLIP_NONE:  # unclipped, x0 is folded into OX and OM and may be +-inf (layout.py)
-        out = C.add_term(out, tl.load(coef + C.OC), x0, C.OC, ABSENT)
-    out = C.add_term(C.add_term(out, o0, d, C.O0, ABSENT), om, m, C.OM, ABSENT)
+    empty = empty_sum(x)
+    d = add_term(add_term(add_term(empty, px, x, PX, ABSENT), p0, x0, P0, ABSENT), pm, m, PM, ABSENT)
+    d = scaled(d, tl.load(coef + PS))  # scaled after the sum cancels (layout.py)
+    if CLIP != CLIP_NONE:
+        d = keep_unclipped_history_value(d, x, m, unclipped_x0, x0, coef, ABSENT)
+    out = add_term(empty, ox, x, OX, ABSENT)
+    if CLIP != CLIP_NONE:  # unclipped, x0 is folded into OX and OM and may be +-inf (layout.py)
+        out = add_term(out, tl.load(coef + OC), x0, OC, ABSENT)
+    out = add_term(add_term(out, o0, d, O0, ABSENT), om, m, OM, ABSENT)
     # History enters as differences of consecutive values (layout.py): d - h1, h1 - h2.
     if HISTORY >= 1:
         h1 = tl.load(h1_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
-        out = C.add_term(out, tl.load(coef + C.O1), d - h1, C.O1, ABSENT)
+        out = add_term(out, tl.load(coef + O1), d - h1, O1, ABSENT)
     if HISTORY >= 2:
         h2 = tl.load(h2_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
-        out = C.add_term(out, tl.load(coef + C.O2), h1 - h2, C.O2, ABSENT)
-    if NOISE == C.NOISE_TENSOR:
+        out = add_term(out, tl.load(coef + O2), h1 - h2, O2, ABSENT)
+    if NOISE == NOISE_TENSOR:
         z = tl.load(z_ptr + base + cols, mask=mask, eviction_policy="evict_first").to(tl.float32)
-        out = C.add_term(out, tl.load(coef + C.ON), z, C.ON, ABSENT)
-    elif NOISE == C.NOISE_PHILOX:
+        out = add_term(out, tl.load(coef + ON), z, ON, ABSENT)
+    elif NOISE == NOISE_PHILOX:
         # The element's flat index in the whole tensor keys its number: any split agrees.
         first = noise_offset
         if OFFSET_IN_MEMORY:
             first = first + tl.load(offset_ptr)
         z = tl.randn(seed, first + base + cols)
-        out = C.add_term(out, tl.load(coef + C.ON), z, C.ON, ABSENT)
+        out = add_term(out, tl.load(coef + ON), z, ON, ABSENT)
 
-    C.store(out_ptr + base + cols, out, mask)
+    store(out_ptr + base + cols, out, mask)
     if WRITE_D:
-        C.store(d_ptr + base + cols, d, mask)
+        store(d_ptr + base + cols, d, mask)
     if WRITE_X0:
-        C.store(x0_ptr + base + cols, x0, mask)
+        store(x0_ptr + base + cols, x0, mask)
 
 
 def launcher(configs: list):

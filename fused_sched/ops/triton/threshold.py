@@ -34,6 +34,12 @@ import triton.language as tl
 
 from .. import reference
 from . import _common as C
+# The kernels name what they use from _common bare. inductor compiles a registered op's kernel
+# from source it regenerates out of the globals the kernel loads (kernels, ints and constexprs);
+# a module attribute such as C.AX would be left undefined there.
+from ._common import (
+    AL, AM, AS, AX, data_estimate,
+)
 
 # (shift, bits) of each pass's digit, most significant first; together bits 0..30.
 DIGITS = ((23, 8), (15, 8), (7, 8), (0, 7))
@@ -93,10 +99,10 @@ def _histogram_kernel(
     prefix_hi = tl.load(state + _PREFIX_HI).to(tl.int32)
     split = prefix_lo != prefix_hi
     coef = coef_ptr + row.to(tl.int64) * coef_row_stride  # K * rows passes 2**31 first
-    ax = tl.load(coef + C.AX)
-    am = tl.load(coef + C.AM)
-    al = tl.load(coef + C.AL)
-    a_s = tl.load(coef + C.AS)
+    ax = tl.load(coef + AX)
+    am = tl.load(coef + AM)
+    al = tl.load(coef + AL)
+    a_s = tl.load(coef + AS)
     base = row.to(tl.int64) * row_numel
 
     counts_lo = tl.zeros([BINS], tl.int32)
@@ -108,7 +114,7 @@ def _histogram_kernel(
         mask = cols < row_numel
         x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-        v = C.data_estimate(x, m, ax, am, al, a_s, ABSENT)
+        v = data_estimate(x, m, ax, am, al, a_s, ABSENT)
         key = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         digit = (key >> SHIFT) & (BINS - 1)
         if PASS == 0:
