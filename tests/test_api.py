@@ -71,6 +71,42 @@ def test_dpm_state_advances_like_diffusers():
         assert [o is None for o in fused.model_outputs] == [o is None for o in reference.model_outputs]
 
 
+@pytest.mark.parametrize("config", [{}, {"solver_order": 3}, {"algorithm_type": "sde-dpmsolver++"}], ids=str)
+def test_dpm_float64_history_then_float32_outputs_like_diffusers(config):
+    """A float64 model output, then float32 ones: diffusers' update promotes to float64 while
+    the float64 history term takes part and casts to the model output's dtype; the fused
+    step computes in float64 there too (it refused the step, naming an internal argument)."""
+    g = torch.Generator().manual_seed(3)
+    x, m = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    results = []
+    for cls in PAIRS["dpm"]:
+        scheduler = cls(**config)
+        scheduler.set_timesteps(10)
+        outputs = [m.double()] + [m * i for i in (1, 2, 3)]
+        results.append([scheduler.step(out, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+                        for i, (out, t) in enumerate(zip(outputs, scheduler.timesteps))])
+    for expected, got in zip(*results):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_cogvideox_dpm_float64_history_like_diffusers():
+    """A float64 old_pred_original_sample joins diffusers' promotion: prev float64, x0 float32."""
+    g = torch.Generator().manual_seed(4)
+    x, m = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    old = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=g)
+    results = []
+    for cls in PAIRS["cogvideox_dpm"]:
+        scheduler = cls()
+        scheduler.set_timesteps(10)
+        t, back = scheduler.timesteps[3], scheduler.timesteps[2]
+        results.append(scheduler.step(m, old, t, back, x, generator=torch.Generator().manual_seed(0)))
+    for expected, got in zip(*results):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert [r.dtype for r in results[1]] == [torch.float64, torch.float32]
+
+
 @pytest.mark.parametrize("kind", ["ddim", "cogvideox_ddim", "cogvideox_dpm", "dpm"])
 def test_add_noise_matches_diffusers(kind):
     reference_cls, fused_cls = PAIRS[kind]

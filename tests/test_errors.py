@@ -84,6 +84,34 @@ def test_generator_and_variance_noise_together():
                           rtol=1e-5, atol=1e-6)
 
 
+NOISY_STEPS = {  # kind, config, step of a bad model_output that draws noise once its shape passed
+    "ddim-eta": ("ddim", {}, lambda s, m, g, **kw: s.step(m, s.timesteps[0], X, eta=1.0, generator=g, **kw)),
+    "sde-dpm++": ("dpm", {"algorithm_type": "sde-dpmsolver++"},
+                  lambda s, m, g, **kw: s.step(m, s.timesteps[0], X, generator=g, **kw)),
+    "cogvideox-dpm": ("cogvideox_dpm", {}, lambda s, m, g, **kw: s.step(m, None, s.timesteps[0], None, X, generator=g)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOISY_STEPS))
+def test_a_step_that_fails_leaves_the_generator_as_it_was(case):
+    """As in diffusers, a noisy step whose inputs are refused draws nothing: the retry with
+    the right inputs draws the noise the first call would have, and gives diffusers' result."""
+    kind, config, step = NOISY_STEPS[case]
+    generator = torch.Generator().manual_seed(0)
+    before = generator.get_state()
+    with pytest.raises(ValueError, match=r"model_output has shape \(2, 4, 8, 7\); expected the sample's shape"):
+        step(_ready(kind, **config), X[..., :7], generator)
+    assert torch.equal(generator.get_state(), before)
+    if kind != "cogvideox_dpm":
+        with pytest.raises(ValueError, match=r"variance_noise has shape \(2, 4, 8, 7\); expected a tensor"):
+            step(_ready(kind, **config), X, None, variance_noise=X[..., :7])
+    retried = step(_ready(kind, **config), torch.tanh(X), generator)[0]
+    reference = PAIRS[kind][0](**config)
+    reference.set_timesteps(10)
+    expected = step(reference, torch.tanh(X), torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(retried, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_cogvideox_dpm_history_without_timestep_back():
     scheduler = _ready("cogvideox_dpm")
     with pytest.raises(ValueError, match="without timestep_back"):

@@ -201,8 +201,12 @@ class FusedSchedulerMixin:
         return t
 
     @staticmethod
-    def _coefficient_dtype(sample: torch.Tensor, model_output: torch.Tensor) -> torch.dtype:
+    def _coefficient_dtype(sample: torch.Tensor, model_output: torch.Tensor, history=()) -> torch.dtype:
+        """float64 where any input the step reads is (diffusers' arithmetic promotes to it: a
+        float64 history term makes the update float64 even after float32 outputs), else float32."""
         wide = sample.dtype == torch.float64 or model_output.dtype == torch.float64
+        if history and not wide:
+            wide = any(h.dtype == torch.float64 for h in history)
         return torch.float64 if wide else torch.float32
 
     @staticmethod
@@ -213,6 +217,20 @@ class FusedSchedulerMixin:
             _refuse_tensor("model_output", model_output)
         if not (isinstance(sample, torch.Tensor) and sample.is_floating_point()):
             _refuse_tensor("sample", sample)
+
+    @staticmethod
+    def _check_shapes_before_noise(model_output, sample, variance_noise=None) -> None:
+        """The op's shape checks, made before a step draws noise: a step that fails must leave
+        the caller's generator as it was (diffusers fails before its draw), so that a retry
+        draws the same noise."""
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)}; expected the sample's shape "
+                             f"{tuple(sample.shape)}")
+        if variance_noise is not None and (not isinstance(variance_noise, torch.Tensor)
+                                           or variance_noise.shape != sample.shape):
+            got = (f"shape {tuple(variance_noise.shape)}" if isinstance(variance_noise, torch.Tensor)
+                   else f"type {type(variance_noise).__name__}")
+            raise ValueError(f"variance_noise has {got}; expected a tensor of the sample's shape {tuple(sample.shape)}")
 
     def _draw_noise(self, shape, generator, device, dtype, variance_noise=None):
         """z for one noisy draw: a tensor as diffusers draws it, or, after

@@ -16,7 +16,7 @@ from .. import ops
 from ..coefficients.ddim import LAMBDA, cogvideox_ddim_table, cogvideox_dpm_history_column, cogvideox_dpm_tables
 from ..coefficients.table import PlacedTable, normalized_device
 from ..ops import layout as L
-from .base import validated_init
+from .base import _refuse_tensor, validated_init
 from .ddim import _check_config
 from .ddim_family import AddNoiseMixin, DDIMFamilyMixin, check_index_dtype
 from .step_output import step_output
@@ -144,6 +144,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
                 "old_pred_original_sample was given without timestep_back: the second-order step needs the "
                 "previous (noisier) timestep"
             )
+        self._check_shapes_before_noise(model_output, sample)
         dtype, _, x0_dtype = self._step_dtypes(sample, model_output)
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
         if not second_order:
@@ -157,14 +158,28 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         # The first-order result is discarded, but its noise draw still advances the generator.
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
         placed, index = self._second_order_row(t, back)
+        history = (old_pred_original_sample,)
+        dtype, prev_dtype = self._with_history_dtypes(sample, model_output, history)
         rows = placed.row(index, sample.device, dtype)
         prev, _, x0 = ops.fused_step(
-            sample, model_output, rows, history=(old_pred_original_sample,), noise=noise, x0_dtype=x0_dtype,
+            sample, model_output, rows, history=history, noise=noise, out_dtype=prev_dtype, x0_dtype=x0_dtype,
             constant_columns=placed.constant_columns,
         )
         if not return_dict:
             return (prev, x0)
         return step_output(DDIMSchedulerOutput, prev, x0)
+
+    def _with_history_dtypes(self, sample, model_output, history) -> tuple[torch.dtype, torch.dtype]:
+        """(coefficients, prev) dtypes of a second-order step: diffusers' update adds the
+        history term, so its dtype joins the promotion (a float64 old_pred_original_sample
+        makes prev float64); pred_original_sample's stays the first-order one."""
+        if not (isinstance(history[0], torch.Tensor) and history[0].is_floating_point()):
+            _refuse_tensor("old_pred_original_sample", history[0])
+        dtype, promoted, _ = self._step_dtypes(sample, model_output)
+        prev_dtype = torch.promote_types(promoted, history[0].dtype)
+        if prev_dtype == promoted:
+            return dtype, promoted
+        return self._coefficient_dtype(sample, model_output, history), prev_dtype
 
     def _second_order_row(self, t: int, back: int) -> tuple[PlacedTable, int]:
         """(table, row index) of the second-order row for the pair (t, back)."""
@@ -188,7 +203,11 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         ``timestep_back`` is required; out-of-range timesteps fail in the gathers.
         """
         device = sample.device
+        self._check_shapes_before_noise(model_output, sample)
         dtype, _, x0_dtype = self._step_dtypes(sample, model_output)
+        prev_dtype = None
+        if old is not None:
+            dtype, prev_dtype = self._with_history_dtypes(sample, model_output, (old,))
         first = self._tables["first"]
         t = self._device_index(timestep, "timestep", device)
         rows = first.on(device, dtype).index_select(0, t)
@@ -212,7 +231,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             noise = self._second_draw(noise, second_order, sample.shape, generator, device, sample.dtype)
             history = (old,)
             known = known.only(set(range(L.NUM_COEFFICIENTS)) - {L.O1})
-        prev, _, x0 = ops.fused_step(sample, model_output, rows, history=history, noise=noise,
+        prev, _, x0 = ops.fused_step(sample, model_output, rows, history=history, noise=noise, out_dtype=prev_dtype,
                                      x0_dtype=x0_dtype, constant_columns=known)
         if old is None or not return_dict:
             return (prev, x0)

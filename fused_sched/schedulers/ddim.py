@@ -91,6 +91,7 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         noise = None
         if eta > 0:  # diffusers draws noise whenever eta > 0, even where std is 0
             self._check_model_io(model_output, sample)  # before reading it (_fused_step checks it too)
+            self._check_shapes_before_noise(model_output, sample, variance_noise)
             noise = self._draw_noise(model_output.shape, generator, model_output.device, model_output.dtype,
                                      variance_noise)
         prev, x0 = self._fused_step(key, timestep, sample, model_output, noise, self._clip)

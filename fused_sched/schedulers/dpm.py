@@ -274,11 +274,11 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         row = row_index(i, order)
         if row in self._non_finite_rows:
             raise ValueError(self._non_finite_message([(i, order)]))
-        coefficient_dtype = self._coefficient_dtype(sample, model_output)
+        history = tuple(self.model_outputs[-1 : -order : -1]) if order > 1 else ()
+        coefficient_dtype = self._coefficient_dtype(sample, model_output, history)
         rows = self._table.row(row, sample.device, coefficient_dtype)
 
-        noise = self._sde_noise(model_output, generator, variance_noise)
-        history = tuple(self.model_outputs[-1 : -order : -1]) if order > 1 else ()
+        noise = self._sde_noise(model_output, sample, generator, variance_noise)
         history_dtype = self._history_dtype(sample, model_output)
         out_dtype = torch.promote_types(sample.dtype, history_dtype) if self._inverse else history_dtype
         prev, d, _ = ops.fused_step(
@@ -294,10 +294,11 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             return (prev,)
         return step_output(SchedulerOutput, prev)
 
-    def _sde_noise(self, model_output, generator, variance_noise):
+    def _sde_noise(self, model_output, sample, generator, variance_noise):
         """z for the SDE solvers (fp32, as diffusers draws it), None for the ODE ones."""
         if self.config.algorithm_type not in SDE_ALGORITHMS:
             return None
+        self._check_shapes_before_noise(model_output, sample, variance_noise)
         if variance_noise is None or self._philox_seed is not None:  # in-kernel noise refuses variance_noise
             return self._draw_noise(model_output.shape, generator, model_output.device, torch.float32,
                                     variance_noise)
@@ -338,7 +339,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
             model_output = model_output[:, :3]
         rows = self._cursor.rows(self._table.on(sample.device, self._coefficient_dtype(sample, model_output)))
-        noise = self._sde_noise(model_output, generator, variance_noise)
+        noise = self._sde_noise(model_output, sample, generator, variance_noise)
         history_dtype = self._history_dtype(sample, model_output)
         if self._static_history is not None:
             history = self._checked_static_history(sample, history_dtype)
