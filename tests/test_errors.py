@@ -45,6 +45,34 @@ def test_timestep_outside_training_range():
         _ready().step(X, 1000, X)
 
 
+@pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim", "cogvideox_dpm"])
+@pytest.mark.parametrize("value", [1000, -3])
+def test_tensor_timestep_outside_training_range(kind, value):
+    """A tensor that is not an element of scheduler.timesteps is gathered on the device; on
+    the CPU its range is checked by the gather, and the error names it like an int's."""
+    scheduler = _ready(kind)
+    timestep = torch.tensor(value)
+    message = rf"timestep={value} is outside the training range \[0, 1000\)"
+    with pytest.raises(ValueError, match=message):
+        if kind == "cogvideox_dpm":
+            scheduler.use_philox_noise(0)  # with in-kernel noise the order is decided on the device
+            scheduler.step(X, X, timestep, scheduler.timesteps[0], X)
+        else:
+            scheduler.step(X, timestep, X)
+
+
+def test_a_gather_that_cannot_raise_gives_nan_rows(monkeypatch):
+    """Off the CPU, or traced, an out-of-range index cannot raise without a sync, and a failed
+    gather would be a device-side assert: the row is NaN instead, the others untouched."""
+    from fused_sched.schedulers.ddim_family import gather_rows
+
+    table = torch.arange(12.0).reshape(4, 3)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the path a traced or GPU step takes
+    rows = gather_rows(table, torch.tensor([2, 4, -1, 0]))
+    assert torch.equal(rows[[0, 3]], table[[2, 0]])
+    assert rows[[1, 2]].isnan().all()
+
+
 def test_shape_mismatch_names_the_argument():
     with pytest.raises(ValueError, match="model_output has shape"):
         _ready().step(torch.randn(2, 4, 8, 9), 901, X)

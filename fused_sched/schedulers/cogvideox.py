@@ -18,7 +18,7 @@ from ..coefficients.table import PlacedTable, normalized_device
 from ..ops import layout as L
 from .base import _refuse_tensor, validated_init
 from .ddim import _check_config
-from .ddim_family import AddNoiseMixin, DDIMFamilyMixin, check_index_dtype
+from .ddim_family import AddNoiseMixin, DDIMFamilyMixin, check_index_dtype, gather_rows
 from .step_output import step_output
 
 
@@ -106,6 +106,8 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             # Not an element of scheduler.timesteps: its value decides the order and how many
             # noise draws happen, so it must be read. Pipelines pass timesteps[i] and never sync.
             check_index_dtype(timestep, argument)
+            if timestep.numel() != 1:
+                raise ValueError(f"{argument} must hold one value, got shape {tuple(timestep.shape)}")
             t = int(timestep)
         return self._check_training_timestep(t, argument)
 
@@ -210,7 +212,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             dtype, prev_dtype = self._with_history_dtypes(sample, model_output, (old,))
         first = self._tables["first"]
         t = self._device_index(timestep, "timestep", device)
-        rows = first.on(device, dtype).index_select(0, t)
+        rows = gather_rows(first.on(device, dtype), t)
         noise = self._draw_noise(sample.shape, generator, device, sample.dtype)
         history = ()
         known = first.constant_columns
@@ -223,7 +225,8 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
                 )
             back = self._device_index(timestep_back, "timestep_back", device)
             terms = self._terms_on(device)
-            o1 = cogvideox_dpm_history_column(terms.index_select(0, t), terms.index_select(0, back)[:, LAMBDA])
+            o1 = cogvideox_dpm_history_column(gather_rows(terms, t),
+                                              gather_rows(terms, back, "timestep_back")[:, LAMBDA])
             column = torch.arange(rows.shape[1], device=device)
             second_rows = torch.where(column == L.O1, o1.to(dtype)[:, None], rows)
             second_order = (t - self._step_gap() >= 0)[:, None]

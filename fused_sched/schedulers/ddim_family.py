@@ -162,7 +162,7 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
 
     def _row(self, placed: PlacedTable, timestep, device, dtype) -> torch.Tensor:
         """(1, K) coefficients for ``timestep``: a view when its value is host-known, else a
-        device-side gather (no sync; an out-of-range tensor timestep fails in the gather)."""
+        device-side gather (no sync; see ``gather_rows`` for an out-of-range tensor)."""
         t = self._host_timestep(timestep)
         if t is not None:
             self._check_training_timestep(t)
@@ -172,7 +172,25 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         index = timestep.reshape(-1).to(device=table.device, dtype=torch.int64)
         if index.numel() != 1:
             raise ValueError(f"timestep must hold one value, got shape {tuple(timestep.shape)}")
-        return table.index_select(0, index)
+        return gather_rows(table, index)
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor, argument: str = "timestep") -> torch.Tensor:
+    """Rows ``index`` (int64, on the table's device) of a table indexed by training timestep,
+    without reading the index on the host. On the CPU an index outside the table raises a
+    ValueError naming ``argument`` (the gather checks it anyway, at no cost). On a GPU, or
+    traced, where a failed gather is a device-side assert that ends the process's CUDA context and
+    checking first would wait for the device, the row of an out-of-range index is NaN: the
+    step then returns NaN."""
+    if index.device.type == "cpu" and not torch.compiler.is_compiling():  # a traced step takes the device path
+        try:
+            return table.index_select(0, index)
+        except IndexError:
+            bad = [int(i) for i in index if not 0 <= int(i) < table.shape[0]]
+            raise ValueError(f"{argument}={bad[0]} is outside the training range [0, {table.shape[0]})") from None
+    safe = index.clamp(0, table.shape[0] - 1)
+    rows = table.index_select(0, safe)
+    return torch.where((safe == index)[:, None], rows, torch.full((), float("nan"), dtype=rows.dtype, device=rows.device))
 
 
 
