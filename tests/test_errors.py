@@ -140,6 +140,31 @@ def test_a_step_that_fails_leaves_the_generator_as_it_was(case):
     torch.testing.assert_close(retried, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind, config, message", [
+    ("ddim", dict(clip_sample=True, clip_sample_range=0.0), "clip_sample_range=0.0 with clip_sample=True"),
+    ("ddim_inverse", dict(clip_sample=True, clip_sample_range=-1.0), "clip_sample_range=-1.0 with clip_sample=True"),
+    ("ddim", dict(thresholding=True, sample_max_value=-1.0), "sample_max_value=-1.0 with thresholding=True"),
+    ("dpm", dict(thresholding=True, sample_max_value=0.0), "sample_max_value=0.0 with thresholding=True"),
+    ("dpm", dict(use_karras_sigmas=True, use_flow_sigmas=True), "use_flow_sigmas=True with use_karras_sigmas=True"),
+    ("dpm", dict(use_lu_lambdas=True, use_flow_sigmas=True), "use_flow_sigmas=True with use_lu_lambdas=True"),
+], ids=lambda v: v if isinstance(v, str) and " " not in v else None)
+def test_configs_that_break_diffusers_are_refused_at_construction(kind, config, message):
+    """Refused when the scheduler is made, naming the config keys (they failed at the first
+    step, naming the op's arguments or a repeated timestep that was not the cause)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PAIRS[kind][1](**config)
+
+
+def test_cogvideox_takes_clip_options_it_never_uses():
+    """diffusers' CogVideoX schedulers accept clip_sample and clip_sample_range and ignore them."""
+    scheduler = _ready("cogvideox_ddim", clip_sample=True, clip_sample_range=0.0)
+    reference = PAIRS["cogvideox_ddim"][0](clip_sample=True, clip_sample_range=0.0)
+    reference.set_timesteps(10)
+    t = scheduler.timesteps[2]
+    torch.testing.assert_close(scheduler.step(torch.tanh(X), t, X).prev_sample,
+                               reference.step(torch.tanh(X), t, X).prev_sample, rtol=1e-5, atol=1e-5)
+
+
 def test_cogvideox_dpm_history_without_timestep_back():
     scheduler = _ready("cogvideox_dpm")
     with pytest.raises(ValueError, match="without timestep_back"):

@@ -37,6 +37,25 @@ def validated_init(parent_init, validate):
     return __init__
 
 
+def check_clipping_config(config) -> None:
+    """The x0 bounds of a config that clips, checked when the scheduler is made: diffusers
+    clamps with any value, and a bound that is not positive sets every x0 to 0, flips it or
+    divides it by 0."""
+    if config.get("thresholding", False):
+        if not config.sample_max_value > 0:
+            raise ValueError(
+                f"sample_max_value={config.sample_max_value!r} with thresholding=True: the thresholding scale "
+                "s = clamp(quantile, 1, sample_max_value) divides x0 and must be > 0 (diffusers' s would be "
+                "sample_max_value, flipping x0 or dividing it by 0)"
+            )
+    elif config.get("clip_sample", False) and not config.clip_sample_range > 0:
+        raise ValueError(
+            f"clip_sample_range={config.clip_sample_range!r} with clip_sample=True: x0 is clamped to "
+            "[-clip_sample_range, clip_sample_range], which must not be empty or a point (diffusers clamps every "
+            "x0 to 0, or to the negative bound)"
+        )
+
+
 class FusedSchedulerMixin:
     """Host-side bookkeeping shared by the fused classes; holds no tensor math."""
 

@@ -10,7 +10,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from ..ops import layout as L
 from ..coefficients.ddim import ddim_table
-from .base import validated_init
+from .base import check_clipping_config, validated_init
 from .ddim_family import AddNoiseMixin, DDIMFamilyMixin
 from .step_output import step_output
 
@@ -25,6 +25,12 @@ def _check_config(scheduler) -> None:
         )
 
 
+def _check_clipping_config(scheduler) -> None:
+    """The DDIM schedulers that clip (CogVideoX's take the options and never use them)."""
+    _check_config(scheduler)
+    check_clipping_config(scheduler.config)
+
+
 def clip_options(config) -> dict:
     """fused_step's clip arguments for a config with clip_sample / thresholding (thresholding wins)."""
     if config.thresholding:
@@ -36,7 +42,7 @@ def clip_options(config) -> dict:
 
 
 class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
-    __init__ = validated_init(DDIMScheduler.__init__, _check_config)
+    __init__ = validated_init(DDIMScheduler.__init__, _check_clipping_config)
 
     def _build_tables(self, device) -> None:
         self._clip = clip_options(self.config)  # made per schedule, with the tables: steps read no config

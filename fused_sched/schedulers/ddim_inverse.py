@@ -8,13 +8,13 @@ from diffusers.schedulers.scheduling_ddim_inverse import DDIMSchedulerOutput
 
 from ..coefficients.ddim import ddim_inverse_table
 from .base import validated_init
-from .ddim import _check_config
+from .ddim import _check_clipping_config
 from .ddim_family import DDIMFamilyMixin
 from .step_output import step_output
 
 
 class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
-    __init__ = validated_init(DDIMInverseScheduler.__init__, _check_config)
+    __init__ = validated_init(DDIMInverseScheduler.__init__, _check_clipping_config)
 
     def _boundary_alpha(self) -> torch.Tensor:
         return self.initial_alpha_cumprod

@@ -14,7 +14,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from .. import ops
 from ..coefficients.dpm import DATA_PREDICTION_ALGORITHMS, SDE_ALGORITHMS, dpm_table, row_index
 from ..coefficients.table import PlacedTable
-from .base import FusedSchedulerMixin, checked_num_inference_steps, stream_capturing, validated_init
+from .base import (FusedSchedulerMixin, check_clipping_config, checked_num_inference_steps, stream_capturing,
+                   validated_init)
 from .step_cursor import DeviceStepCursor
 from .step_output import step_output
 
@@ -30,6 +31,16 @@ def _check_config(scheduler) -> None:
             f"prediction_type='flow_prediction' needs algorithm_type 'dpmsolver++' or 'sde-dpmsolver++', "
             f"got {config.algorithm_type!r}"
         )
+    if config.use_flow_sigmas:
+        others = [name for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+                  if config.get(name, False)]
+        if others:
+            raise ValueError(
+                f"use_flow_sigmas=True with {others[0]}=True: the latter's sigmas (those of the variance-preserving "
+                "schedule, above 1 at the start) are then read as flow sigmas, alpha = 1 - sigma < 0, and diffusers "
+                "returns all-NaN; use one of them"
+            )
+    check_clipping_config(config)
     if config.algorithm_type == "sde-dpmsolver" and config.solver_order >= 3:
         raise ValueError(
             "algorithm_type='sde-dpmsolver' with solver_order=3: there is no third-order SDE-DPM-Solver update "
