@@ -78,6 +78,13 @@ def test_shape_mismatch_names_the_argument():
         _ready().step(torch.randn(2, 4, 8, 9), 901, X)
 
 
+def test_dpm_latent_shape_change_mid_trajectory_names_the_history():
+    scheduler = _ready("dpm")
+    scheduler.step(X, scheduler.timesteps[0], X)
+    with pytest.raises(ValueError, match=r"solver history of the previous steps \(model_outputs\) has shape"):
+        scheduler.step(X[:1], scheduler.timesteps[1], X[:1])
+
+
 def test_dtype_errors_name_the_argument():
     with pytest.raises(TypeError, match="model_output must be a floating-point tensor"):
         _ready().step(torch.ones(2, 4, 8, 8, dtype=torch.int32), 901, X)

@@ -286,6 +286,12 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         if row in self._non_finite_rows:
             raise ValueError(self._non_finite_message([(i, order)]))
         history = tuple(self.model_outputs[-1 : -order : -1]) if order > 1 else ()
+        if history and history[0].shape != sample.shape:
+            raise ValueError(
+                f"sample has shape {tuple(sample.shape)}, but the solver history of the previous steps "
+                f"(model_outputs) has shape {tuple(history[0].shape)}: a trajectory keeps its latent shape; call "
+                "set_timesteps to start a new one"
+            )
         coefficient_dtype = self._coefficient_dtype(sample, model_output, history)
         rows = self._table.row(row, sample.device, coefficient_dtype)
 
