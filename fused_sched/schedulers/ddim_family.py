@@ -187,6 +187,8 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor, argument: str = "times
             return table.index_select(0, index)
         except IndexError:
             bad = [int(i) for i in index if not 0 <= int(i) < table.shape[0]]
+            if not bad:
+                raise
             raise ValueError(f"{argument}={bad[0]} is outside the training range [0, {table.shape[0]})") from None
     safe = index.clamp(0, table.shape[0] - 1)
     rows = table.index_select(0, safe)
