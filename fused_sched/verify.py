@@ -97,14 +97,49 @@ class StepDistance:
         return self.fused / (self.diffusers + FLOAT32_ULP)
 
 
+_DPM_UPDATES = ("dpm_solver_first_order_update", "multistep_dpm_solver_second_order_update",
+                "multistep_dpm_solver_third_order_update")
+
+
 def in_float64(scheduler) -> None:
     """Cast a diffusers scheduler's schedule (after set_timesteps) to float64: every scalar its
-    step forms from it is then float64, and so is the step on float64 inputs."""
+    step forms from it is then float64, and so is the step on float64 inputs.
+
+    DPMSolverMultistepScheduler.step casts the sample (and SDE noise) to float32 before its
+    update, where a float64 scalar times a float32 tensor is a float32 product: the term
+    (alpha_t/alpha_s)*x, which at small alpha nearly cancels against the model-output term,
+    would be rounded in float32 (2e-4 of the result on a cosine schedule). The updates get
+    the step's own sample and noise, in float64, instead."""
     if hasattr(scheduler, "sigmas"):
         scheduler.sigmas = scheduler.sigmas.double()
-    if hasattr(scheduler, "final_alpha_cumprod"):
-        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
-        scheduler.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod).double()
+    for boundary in ("final_alpha_cumprod", "initial_alpha_cumprod"):  # the DDIM family's (the inverse's)
+        if hasattr(scheduler, boundary):
+            scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+            setattr(scheduler, boundary, torch.as_tensor(getattr(scheduler, boundary)).double())
+    if "_float64_step_inputs" not in vars(scheduler) and all(hasattr(scheduler, name) for name in _DPM_UPDATES):
+        _dpm_updates_in_float64(scheduler)
+
+
+def _dpm_updates_in_float64(scheduler) -> None:
+    inputs = scheduler._float64_step_inputs = {}
+    step = scheduler.step
+
+    def step_keeping_inputs(model_output, timestep, sample, generator=None, variance_noise=None, **kwargs):
+        inputs["sample"] = sample.double()
+        inputs["noise"] = None if variance_noise is None else variance_noise.double()
+        return step(model_output, timestep, sample, generator, variance_noise, **kwargs)
+
+    scheduler.step = step_keeping_inputs
+    for name in _DPM_UPDATES:
+        def update_in_float64(*args, _update=getattr(scheduler, name), **kwargs):
+            kwargs["sample"] = inputs["sample"]
+            if kwargs.get("noise") is not None:
+                if inputs["noise"] is None:
+                    raise ValueError("a float64 DPM-Solver step needs its SDE noise as variance_noise")
+                kwargs["noise"] = inputs["noise"]
+            return _update(*args, **kwargs)
+
+        setattr(scheduler, name, update_in_float64)
 
 
 def _distance(value: torch.Tensor, exact: torch.Tensor) -> float:

@@ -103,6 +103,21 @@ def _set_timesteps(scheduler, n, set_kwargs, device):
         scheduler.set_timesteps(n, device=device, **set_kwargs)
 
 
+def float64_oracle(kind, config):
+    """diffusers' own scheduler of ``kind``, whose ``set_timesteps`` leaves its schedule in
+    float64 (``verify.in_float64``): fed float64 tensors, its step is a float64 evaluation
+    that shares nothing with the fused tables, the truth the float64 contract judges by."""
+    scheduler = PAIRS[kind][0](**config)
+    set_timesteps = scheduler.set_timesteps
+
+    def set_timesteps_in_float64(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        verify.in_float64(scheduler)
+
+    scheduler.set_timesteps = set_timesteps_in_float64
+    return scheduler
+
+
 def run_trajectory(kind, scheduler, config, n, shape=(2, 4, 8, 8), dtype=torch.float32, args=None,
                    set_kwargs=None, start_at_first_step=False, device=CPU):
     """[(prev, x0)] per step from a fixed x_T, stand-in model and noise seed, with data on
@@ -135,8 +150,8 @@ def trajectories(kind, config, num_inference_steps, shape=(2, 4, 8, 8), dtype=to
     every step, which isolates each step's own error. Returns (reference, fused, results),
     results[i] = ((prev, x0) of diffusers, (prev, x0) of fused, (x, m), truth, history),
     where truth is, with ``oracle``, the float64 evaluation of the same step from the same
-    inputs (the fused class on the torch backend, given the float32 runs' noise values),
-    else None. ``start_at_first_step``: diffusers starts at step 0 (see ``run_trajectory``).
+    inputs (diffusers' own step in float64, ``float64_oracle``, given the float32 runs' noise
+    values), else None. ``start_at_first_step``: diffusers starts at step 0 (see ``run_trajectory``).
 
     ``share_history`` (multistep DPM-Solver): before each step the fused and float64
     schedulers also get diffusers' history (the latter its float64 upcast), so a step is
@@ -146,11 +161,13 @@ def trajectories(kind, config, num_inference_steps, shape=(2, 4, 8, 8), dtype=to
     None], judged like the step's outputs. Else history is None."""
     args = args or StepArgs()
     reference, fused = make_pair(kind, config)
-    schedulers = [reference, fused] + ([PAIRS[kind][1](**config)] if oracle else [])
+    schedulers = [reference, fused] + ([float64_oracle(kind, config)] if oracle else [])
     for scheduler in schedulers:
         _set_timesteps(scheduler, num_inference_steps, set_kwargs or {}, device)
     if start_at_first_step:
         reference._step_index = 0
+        if oracle:
+            schedulers[2]._step_index = 0
     x, pattern, factor = _initial_state(kind, config, shape, dtype, device)
     gens = [torch.Generator().manual_seed(args.seed) for _ in schedulers]
     states = [{} for _ in schedulers]
@@ -164,9 +181,8 @@ def trajectories(kind, config, num_inference_steps, shape=(2, 4, 8, 8), dtype=to
         truth = None
         if oracle:
             exact = schedulers[2]
-            with fused_sched.use_backend("torch"):
-                truth = _step(kind, exact, m.double(), exact.timesteps[i], x.double(), i, exact.timesteps, states[2],
-                              oracle_args, gens[2], torch.float32)
+            truth = _step(kind, exact, m.double(), exact.timesteps[i], x.double(), i, exact.timesteps, states[2],
+                          oracle_args, gens[2], torch.float32)
         history = None
         if share_history and kind in MULTISTEP:
             history = share_reference_history(schedulers) + [None] * (3 - len(schedulers))
