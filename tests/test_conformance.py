@@ -5,7 +5,9 @@ evaluate the same formulas in float32; they differ in the order of operations (d
 rounds every intermediate, the fused step combines precomputed coefficients), which costs
 a few float32 ulps per step (about 1e-7 relative, measured step by step with teacher forcing
 below); 1e-4 leaves room for that to accumulate over 10-25 steps of a contractive model but
-is far below any real error (a wrong coefficient or a missed clip shows as >1e-3).
+is above the rounding; each step is then also judged on its own from diffusers' inputs
+(teacher forcing) at 1e-5, where a wrong coefficient of small weight shows (one that moves a
+trajectory by only 4.5e-5 of its scale was found this way).
 Where a trajectory is ill-conditioned (alpha -> 0 with clipping), float32 rounding itself
 is amplified past that: there the float64 contract of DESIGN.md decides, step by step from
 identical inputs (``_first_step_outside_contract``), against diffusers' own step evaluated
@@ -158,24 +160,25 @@ def check_conformance(kind, config, n, shape, args=None, set_kwargs=None, *, dev
     assert ref_error is None, f"diffusers fails ({ref_error!r}) where fused runs; compare by hand"
     assert len(fused_outputs) == len(ref_outputs)
     broken_at = _first_non_finite(ref_outputs)
+    trajectory_off = None  # the first output beyond FP32_TOLERANCE of diffusers' trajectory
     for i, ((ref_prev, ref_x0), (fused_prev, fused_x0)) in enumerate(zip(ref_outputs, fused_outputs)):
         assert torch.isfinite(fused_prev).all(), f"step {i}: fused output is not finite"
         if broken_at is not None and i >= broken_at:
             break  # diffusers returns NaN/inf from here on; fused stays finite (documented paths)
         assert fused_prev.dtype == ref_prev.dtype and fused_prev.shape == ref_prev.shape
-        pairs = [(fused_prev, ref_prev, 0)] + ([(fused_x0, ref_x0, 1)] if ref_x0 is not None else [])
-        for fused_value, ref_value, which in pairs:
+        pairs = [(fused_prev, ref_prev, "prev")] + ([(fused_x0, ref_x0, "x0")] if ref_x0 is not None else [])
+        for fused_value, ref_value, name in pairs:
             assert fused_value.dtype == ref_value.dtype
-            if relative_error(fused_value, ref_value) <= FP32_TOLERANCE:
-                continue
-            # Judged step by step against diffusers' own float64 step from the same inputs: a
-            # float64 trajectory of diffusers is no truth (its DPM step casts the sample to
-            # float32), and one of the fused class would share its tables with the fused run.
-            failure = _first_step_outside_contract(kind, config, n, shape, args, set_kwargs, device,
-                                                   start_at_first_step)
-            assert failure is None, (f"step {i} {'x0' if which else 'prev'}: error "
-                                     f"{relative_error(fused_value, ref_value):.2e}; {failure}")
-            return  # every step keeps the contract: the trajectories' distance is amplified rounding
+            if trajectory_off is None and relative_error(fused_value, ref_value) > FP32_TOLERANCE:
+                trajectory_off = f"step {i} {name}: {relative_error(fused_value, ref_value):.2e} from diffusers"
+    # Every step is also judged on its own, from diffusers' inputs (teacher forcing): a wrong
+    # coefficient of small weight can stay within FP32_TOLERANCE of the trajectory's scale
+    # (a lower-order rule one step off: 4.5e-5), and where the trajectory is beyond it, this
+    # tells amplified rounding from a wrong step. The float64 evaluation there is diffusers'
+    # own step (a float64 trajectory of diffusers is no truth: its DPM step casts the sample
+    # to float32; one of the fused class would share its tables with the run it judges).
+    failure = _first_step_outside_contract(kind, config, n, shape, args, set_kwargs, device, start_at_first_step)
+    assert failure is None, f"{trajectory_off or 'the trajectory is within tolerance'}; {failure}"
 
 
 def _ddim_matches_diffusers_case(beta_schedule, prediction_type, clip_sample, clip_sample_range, thresholding, ratio,
