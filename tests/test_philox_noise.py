@@ -194,9 +194,15 @@ def test_uniforms_are_in_the_unit_interval():
     assert u[1, 0] == u[1, 1] and u[0, 0] == u[2, 0]  # v and ~v map to the same value
 
 
+@pytest.mark.parametrize("packs", [False, True], ids=["odd-count", "count-of-eights"])
 @pytest.mark.parametrize("seed,offset", [(0, 0), (2024, 12345), (2**64 - 1, 2**33 + 1)])
-def test_noise_matches_reference(backend, seed, offset):
-    shape = (3, 1001) if _interpreted(backend) else (4, 3, 33, 97)
+def test_noise_matches_reference(backend, seed, offset, packs):
+    """An element count of whole eights takes the CUDA kernel's packed path (eight elements a
+    thread, their counters consecutive), any other count the element-wise one."""
+    if packs:
+        shape = (3, 1000) if _interpreted(backend) else (4, 3, 32, 96)
+    else:
+        shape = (3, 1001) if _interpreted(backend) else (4, 3, 33, 97)
     got = _z(shape, PhiloxNoise(seed, offset))
     expected = philox.philox_normal(seed, offset, math.prod(shape), DEVICE).reshape(shape)
     _assert_close_z(got, expected)
@@ -297,16 +303,19 @@ def test_rerun_is_bit_identical(backend):
         assert torch.equal(other.prev_sample, runs[0].prev_sample) and torch.equal(other.x0, runs[0].x0)
 
 
-def test_identical_under_splits(backend):
+@pytest.mark.parametrize("width", [301, 304], ids=["odd-count", "count-of-eights"])
+def test_identical_under_splits(backend, width):
+    """With width 304 the whole tensor and its halves take the CUDA kernel's packed path and
+    the unaligned and odd-sized pieces its element-wise one, which must agree."""
     seed, offset = 777, 3 * 2**31 + 11  # counters cross a 2**32 boundary inside the tensor
-    shape = (4, 5, 301)
+    shape = (4, 5, width)
     numel = math.prod(shape)
     whole = _z(shape, PhiloxNoise(seed, offset))
 
     # batch halves as separate calls, the second offset by the elements of the first
     half = numel // 2
-    first = _z((2, 5, 301), PhiloxNoise(seed, offset))
-    second = _z((2, 5, 301), PhiloxNoise(seed, offset + half))
+    first = _z((2, 5, width), PhiloxNoise(seed, offset))
+    second = _z((2, 5, width), PhiloxNoise(seed, offset + half))
     assert torch.equal(torch.cat([first, second]), whole)
 
     # a flat view split at points that are no multiple of any block, pack or chunk size
