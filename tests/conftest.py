@@ -19,7 +19,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # csrc/cuda's kernels run on CPU tensors by the tests' CUDA emulator (tests/cuda_emulator):
 # a backend of the tests only, registered as fused_sched registers its own (resolved on
 # first use), so every backend-parametrised test also runs the CUDA sources on machines
-# without a GPU. `auto` never chooses it: it is in no preference list.
+# without a GPU: their host-compiled form, with the device's own logic (step_math.h's
+# FS_SELECT_FORMS) but the host's libm and no device intrinsics, so a GPU run still has
+# the last word on those. `auto` never chooses it: it is in no preference list.
 backends._REGISTRY.setdefault("cuda-emulator", "cuda_emulator:BACKEND")
 
 BACKENDS = ("torch", "cpu", "cuda", "triton", "cuda-emulator")

@@ -122,6 +122,16 @@ FS_HD float fmadd(float a, float b, float c) {
 
 FS_HD bool is_nan(float v) { return v != v; }
 
+// Where a term may be absent or a value replaced, the GPU selects and the CPU loops blend bit
+// patterns (gcc vectorises a blend; see add_difference_term). The tests' CUDA emulator, which
+// compiles the .cu sources for the host, takes the GPU's select forms, so that CI checks
+// them against the reference as it checks the CPU's blends through the cpu backend.
+#if defined(__CUDA_ARCH__) || defined(FUSED_SCHED_CUDA_EMULATOR)
+#define FS_SELECT_FORMS 1
+#else
+#define FS_SELECT_FORMS 0
+#endif
+
 #if !defined(__CUDA_ARCH__)
 // Bits of `when_set` where `mask` is set, of `otherwise` elsewhere (a mask is all 0 or all 1).
 inline float blend(uint32_t mask, float when_set, float otherwise) {
@@ -157,7 +167,7 @@ FS_HD float add_term(float sum, const Coefficients& c, Column column, float a, f
 // uses on that side (-ftrapping-math), which left the step loops with history scalar (13x
 // the instructions, callgrind); here the difference is formed on both.
 FS_HD float add_difference_term(float sum, const Coefficients& c, Column column, float a, float newer, float older) {
-#if defined(__CUDA_ARCH__)
+#if FS_SELECT_FORMS
   return add_term(sum, c, column, a, sub(newer, older));
 #else
   const uint32_t keep_sum = 0u - ((c.absent >> column) & 1u);
@@ -215,7 +225,7 @@ FS_HD float keep_unclipped_history_value(const Coefficients& c, float x, float m
     (void)x0c;
     return d;
   } else {
-#if defined(__CUDA_ARCH__)
+#if FS_SELECT_FORMS
     if ((c.absent >> kUS) & 1u) return d;
     return x0c == x0 && c.us != 0.0f ? unclipped_history_value(c, x, m) : d;
 #else
