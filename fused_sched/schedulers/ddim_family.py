@@ -179,9 +179,9 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor, argument: str = "times
     """Rows ``index`` (int64, on the table's device) of a table indexed by training timestep,
     without reading the index on the host. On the CPU an index outside the table raises a
     ValueError naming ``argument`` (the gather checks it anyway, at no cost). On a GPU, or
-    traced, where a failed gather is a device-side assert that ends the process's CUDA context and
-    checking first would wait for the device, the row of an out-of-range index is NaN: the
-    step then returns NaN."""
+    traced, where a failed gather is a device-side assert that ends the process's CUDA
+    context and checking first would wait for the device, the row of an out-of-range index
+    is NaN: the step then returns NaN."""
     if index.device.type == "cpu" and not torch.compiler.is_compiling():  # a traced step takes the device path
         try:
             return table.index_select(0, index)
@@ -192,7 +192,7 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor, argument: str = "times
             raise ValueError(f"{argument}={bad[0]} is outside the training range [0, {table.shape[0]})") from None
     safe = index.clamp(0, table.shape[0] - 1)
     rows = table.index_select(0, safe)
-    return torch.where((safe == index)[:, None], rows, torch.full((), float("nan"), dtype=rows.dtype, device=rows.device))
+    return torch.where((safe == index)[:, None], rows, float("nan"))
 
 
 
