@@ -387,6 +387,18 @@ def test_num_inference_steps_as_a_whole_float_is_taken(kind):
     assert fused.num_inference_steps == 12
 
 
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_num_inference_steps_as_an_integer_tensor_is_taken(kind):
+    """A one-element integer tensor, as diffusers takes it (a float tensor stays refused)."""
+    reference, fused = (cls() for cls in PAIRS[kind])
+    reference.set_timesteps(12)
+    fused.set_timesteps(torch.tensor(12))
+    assert torch.equal(fused.timesteps, reference.timesteps)
+    assert fused.num_inference_steps == 12
+    with pytest.raises(TypeError, match="num_inference_steps must be an integer"):
+        fused.set_timesteps(torch.tensor(12.5))
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_thresholding_empty_rows_is_refused_clearly(backend):
     reason = ops.availability(torch.device("cpu"))[backend]

@@ -310,6 +310,9 @@ def checked_num_inference_steps(value) -> int:
     """``value`` as a positive int (a float holding one is taken, as diffusers takes it):
     diffusers divides by zero on 0, and builds an empty or mis-indexed schedule from a
     negative or fractional count that fails only later."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point \
+            and value.dtype != torch.bool:
+        value = int(value)  # diffusers computes with a one-element integer tensor as with its value
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
