@@ -696,6 +696,7 @@ class RowSelection {
       : row_size_(row_size),
         nblocks_(nblocks),
         block_size_((row_size + nblocks - 1) / nblocks),
+        lanes_(static_cast<size_t>(nblocks * kHistogramLanes * kRadixMaxBins)),
         hist_lo_(static_cast<size_t>(nblocks * kRadixMaxBins)),
         hist_hi_(static_cast<size_t>(nblocks * kRadixMaxBins)),
         block_has_nan_(static_cast<size_t>(nblocks)),
@@ -727,13 +728,13 @@ class RowSelection {
 
   void count_top_digits(const RowKeys& keys) {
     at::parallel_for(0, nblocks_, 1, [&](int64_t bb, int64_t be) {
-      std::vector<uint32_t> lanes(static_cast<size_t>(kHistogramLanes * kRadixMaxBins));
       for (int64_t b = bb; b < be; ++b) {
-        std::fill(lanes.begin(), lanes.end(), 0u);
+        uint32_t* lanes = lanes_.data() + b * kHistogramLanes * kRadixMaxBins;
+        std::fill(lanes, lanes + kHistogramLanes * kRadixMaxBins, 0u);
         const int64_t nan_count = keys.for_each_chunk(b * block_size_, block_end(b), [&](const uint32_t* k, int64_t n) {
-          histogram_top_digits(k, n, lanes.data());
+          histogram_top_digits(k, n, lanes);
         });
-        sum_histogram_lanes(lanes.data(), hist_lo_.data() + b * kRadixMaxBins);
+        sum_histogram_lanes(lanes, hist_lo_.data() + b * kRadixMaxBins);
         block_has_nan_[b] = nan_count != 0;
       }
     });
@@ -792,6 +793,7 @@ class RowSelection {
   }
 
   int64_t row_size_, nblocks_, block_size_;
+  std::vector<uint32_t> lanes_;  // pass 0's kHistogramLanes histograms per block, reused row after row
   std::vector<uint32_t> hist_lo_, hist_hi_;
   std::vector<uint8_t> block_has_nan_;
   // The keys pass 1 keeps, block b's in [segment_[b], segment_[b + 1]), kept_[b] of them
