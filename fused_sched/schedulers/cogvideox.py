@@ -147,7 +147,8 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
                 "previous (noisier) timestep"
             )
         self._check_shapes_before_noise(model_output, sample)
-        dtype, _, x0_dtype = self._step_dtypes(sample, model_output)
+        dtypes = self._step_dtypes(sample, model_output)
+        dtype, _, x0_dtype = dtypes
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
         if not second_order:
             placed = self._tables["first"]
@@ -160,28 +161,27 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         # The first-order result is discarded, but its noise draw still advances the generator.
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
         placed, index = self._second_order_row(t, back)
-        history = (old_pred_original_sample,)
-        dtype, prev_dtype = self._with_history_dtypes(sample, model_output, history)
+        dtype, prev_dtype = self._second_order_dtypes(dtypes, old_pred_original_sample)
         rows = placed.row(index, sample.device, dtype)
         prev, _, x0 = ops.fused_step(
-            sample, model_output, rows, history=history, noise=noise, out_dtype=prev_dtype, x0_dtype=x0_dtype,
+            sample, model_output, rows, history=(old_pred_original_sample,), noise=noise, out_dtype=prev_dtype,
+            x0_dtype=x0_dtype,
             constant_columns=placed.constant_columns,
         )
         if not return_dict:
             return (prev, x0)
         return step_output(DDIMSchedulerOutput, prev, x0)
 
-    def _with_history_dtypes(self, sample, model_output, history) -> tuple[torch.dtype, torch.dtype]:
-        """(coefficients, prev) dtypes of a second-order step: diffusers' update adds the
-        history term, so its dtype joins the promotion (a float64 old_pred_original_sample
-        makes prev float64); pred_original_sample's stays the first-order one."""
-        if not (isinstance(history[0], torch.Tensor) and history[0].is_floating_point()):
-            _refuse_tensor("old_pred_original_sample", history[0])
-        dtype, promoted, _ = self._step_dtypes(sample, model_output)
-        prev_dtype = torch.promote_types(promoted, history[0].dtype)
-        if prev_dtype == promoted:
-            return dtype, promoted
-        return self._coefficient_dtype(sample, model_output, history), prev_dtype
+    @staticmethod
+    def _second_order_dtypes(dtypes, old) -> tuple[torch.dtype, torch.dtype]:
+        """(coefficients, prev) dtypes of a second-order step, from the first-order step's
+        ``dtypes`` (``_step_dtypes``): diffusers' update adds the history term, so its dtype
+        joins the promotion (a float64 old_pred_original_sample makes prev float64);
+        pred_original_sample's stays the first-order one."""
+        if not (isinstance(old, torch.Tensor) and old.is_floating_point()):
+            _refuse_tensor("old_pred_original_sample", old)
+        dtype, promoted, _ = dtypes
+        return (torch.float64 if old.dtype == torch.float64 else dtype), torch.promote_types(promoted, old.dtype)
 
     def _second_order_row(self, t: int, back: int) -> tuple[PlacedTable, int]:
         """(table, row index) of the second-order row for the pair (t, back)."""
@@ -206,10 +206,11 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         """
         device = sample.device
         self._check_shapes_before_noise(model_output, sample)
-        dtype, _, x0_dtype = self._step_dtypes(sample, model_output)
+        dtypes = self._step_dtypes(sample, model_output)
+        dtype, _, x0_dtype = dtypes
         prev_dtype = None
         if old is not None:
-            dtype, prev_dtype = self._with_history_dtypes(sample, model_output, (old,))
+            dtype, prev_dtype = self._second_order_dtypes(dtypes, old)
         first = self._tables["first"]
         t = self._device_index(timestep, "timestep", device)
         rows = gather_rows(first.on(device, dtype), t)
