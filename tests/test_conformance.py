@@ -429,3 +429,28 @@ def test_an_infinite_model_output_is_thresholded_like_diffusers(backend, device,
         results.append((x, scheduler.model_outputs[-1]))
     for fused, reference in zip(results[1], results[0]):
         assert relative_error(fused, reference) <= FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_an_infinite_model_output_gives_diffusers_values_at_every_timestep(backend, device, kind, prediction_type):
+    """m = +-inf at every training timestep: x0 = (x - sigma*m)/alpha is +-inf and clipped to
+    +-1, prev +-inf (NaN at the end, 0*inf, where alpha_prev = 1), as diffusers gives them. A row whose AM happened to be a float32 number
+    once had no low part (AL = 0) in a table where other rows have one, and 0*inf made that
+    row NaN (DDIM's t = 18); now every such row has one (``coefficients.table.assemble``)."""
+    results = []
+    for cls in PAIRS[kind]:
+        scheduler = cls(prediction_type=prediction_type, clip_sample=True)
+        scheduler.set_timesteps(scheduler.config.num_train_timesteps, device=device)
+        x = torch.tensor([[0.5, -0.25, 0.75, -1.0]], device=device)
+        m = torch.tensor([[math.inf, -math.inf, 0.5, -0.5]], device=device)
+        outputs = []
+        for t in scheduler.timesteps:
+            out = scheduler.step(m, t, x)
+            outputs.append(torch.cat([out.prev_sample, out.pred_original_sample]))
+        results.append(torch.stack(outputs))
+    reference, fused = results
+    assert torch.equal(fused.isnan(), reference.isnan()) and torch.equal(fused.isinf(), reference.isinf())
+    finite = torch.isfinite(reference)
+    torch.testing.assert_close(fused[~finite], reference[~finite], rtol=0.0, atol=0.0, equal_nan=True)
+    assert relative_error(fused[finite], reference[finite]) <= FP32_TOLERANCE

@@ -68,12 +68,17 @@ def test_am_low_part_keeps_an_infinite_model_output_infinite(backend):
     """A table splits AM into its float32 part and the rest AL (layout.py), toward zero, so
     both have one sign: with m = +-inf, AM*m + AL*m is an infinity, as diffusers' x - sigma*m
     is, never inf - inf = NaN (which thresholding would spread over the batch row). Checked
-    on sigmas whose nearest float32 lies on either side."""
+    on sigmas whose nearest float32 lies on either side, and on sigmas that are float32
+    numbers in a table whose other rows need a low part (0.5, 0.25): those get one too, as a
+    zero AL in such a row would be 0*inf = NaN (only a column that is 0 in every row is left
+    out). A table whose every AM is a float32 number keeps AL = 0 (left out)."""
     require_backend(backend)
     device = backend_device(backend)
-    sigma = torch.tensor([0.1, 0.3, 0.7, 0.9, 0.99999986, 1e-3], dtype=torch.float64)
+    sigma = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9, 0.99999986, 0.25, 1e-3], dtype=torch.float64)
     table = assemble(len(sigma), ax=1.0, am=-sigma, **{"as": 2.0})
-    assert bool((table[:, L.AL] != 0).all()), "every AM needs a low part for this test"
+    assert bool((table[:, L.AL] != 0).all())
+    exact = assemble(2, ax=1.0, am=torch.tensor([-0.5, -0.25], dtype=torch.float64))
+    assert bool((exact[:, L.AL] == 0).all()) and exact[:, L.AM].tolist() == [-0.5, -0.25]
     assert bool((table[:, L.AL] * table[:, L.AM] > 0).all()) and bool((table[:, L.AM] + table[:, L.AL] == -sigma).all())
     x = torch.tensor([[0.5, -0.5]], device=device)
     m = torch.tensor([[math.inf, -math.inf]], device=device)

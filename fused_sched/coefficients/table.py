@@ -16,6 +16,12 @@ def assemble(rows: int, **columns) -> torch.Tensor:
     float64 number); a float64 step adds the two back. Toward zero, so that AL has AM's sign:
     an infinite model output then gives AM*m and AL*m infinities of one sign, where
     diffusers' x - sigma*m is infinite, not inf - inf = NaN.
+
+    Where some row needs a low part, a row whose AM is a float32 number gets one too: AM
+    one float32 step toward zero and AL that step, exactly. A zero AL would make 0*inf = NaN
+    of an infinite model output in that row (DDIM's 1000-step schedule has one, t = 18),
+    and only a column that is 0 in every row is left out of the sums (layout.absent_terms).
+    A table where no row needs one keeps AL = 0, left out (sample prediction, flow sigmas).
     """
     table = torch.zeros(rows, L.NUM_COEFFICIENTS, dtype=torch.float64)
     table[:, L.SCALE_COLUMNS] = 1.0
@@ -23,8 +29,13 @@ def assemble(rows: int, **columns) -> torch.Tensor:
         table[:, L.COLUMN_NAMES.index(name)] = torch.as_tensor(value, dtype=torch.float64)
     am = table[:, L.AM]
     high = am.to(torch.float32)
-    high = torch.where(high.double().abs() > am.abs(), torch.nextafter(high, torch.zeros_like(high)), high).double()
+    toward_zero = torch.nextafter(high, torch.zeros_like(high))
     finite = torch.isfinite(high)
+    inexact = finite & (high.double() != am)
+    exact_nonzero = finite & (high.double() == am) & (am != 0)
+    # inexact.any() stays a tensor: a step may build a table while torch.compile traces it.
+    step_down = (high.double().abs() > am.abs()) | (exact_nonzero & inexact.any())
+    high = torch.where(step_down, toward_zero, high).double()
     table[:, L.AL] = torch.where(finite, am - high, 0.0)
     table[:, L.AM] = torch.where(finite, high, am)
     return table

@@ -201,8 +201,10 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         the eager draws: the second-order step uses the second draw, so with in-kernel noise
         its offset and the counter's advance depend on that selection. Differences from the
         eager step, which cannot be decided without the values: with history, the result is
-        a DDIMSchedulerOutput when ``return_dict`` even on the last (first-order) step, and
-        ``timestep_back`` is required; out-of-range timesteps fail in the gathers.
+        a DDIMSchedulerOutput when ``return_dict`` even on the last (first-order) step,
+        ``timestep_back`` is required, a float64 ``old_pred_original_sample`` makes prev
+        float64 on that step too (diffusers' first-order step ignores the history, and its
+        prev has the first-order dtype); out-of-range timesteps fail in the gathers.
         """
         device = sample.device
         self._check_shapes_before_noise(model_output, sample)
