@@ -73,7 +73,7 @@ def test_device_rows_equal_the_host_rows_for_any_timestep_pair(name, dtype):
     for t, back in scheduled + unscheduled:
         if t - gap < 0:
             continue
-        placed, index = scheduler._second_order_row(t, back)
+        placed, index, _ = scheduler._second_order_row(t, back)
         host_row = placed.on(torch.device("cpu"), dtype)[index]
         terms = scheduler._terms_on(torch.device("cpu"))
         o1 = cogvideox_dpm_history_column(terms[[t]], terms[[back], LAMBDA])

@@ -454,3 +454,32 @@ def test_an_infinite_model_output_gives_diffusers_values_at_every_timestep(backe
     finite = torch.isfinite(reference)
     torch.testing.assert_close(fused[~finite], reference[~finite], rtol=0.0, atol=0.0, equal_nan=True)
     assert relative_error(fused[finite], reference[finite]) <= FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("zero_snr", [True, False], ids=["zero-snr", "snr"])
+@pytest.mark.parametrize("skip", [1, 2], ids=["scheduled-pair", "unscheduled-pair"])
+def test_cogvideox_dpm_second_order_step_keeps_an_infinite_model_output_infinite(backend, device, prediction_type,
+                                                                                  zero_snr, skip):
+    """An infinite model output gives diffusers' +-inf in a second-order step, for the
+    schedule's own pair (t, back) and for a pair formed per call. On a zero-SNR schedule, a
+    step back from T-1 (alpha-bar 0, lambda = -inf, r = inf) weighs the history by 0:
+    diffusers' M3*x0 - M4*old is x0 there, and the fused step leaves O1*(x0 - old) out (0*inf
+    would be NaN). A pair formed per call keeps the first-order table's known zeros (OM: 0*m
+    was NaN there)."""
+    results = []
+    for cls in PAIRS["cogvideox_dpm"]:
+        scheduler = cls(rescale_betas_zero_snr=zero_snr, prediction_type=prediction_type, timestep_spacing="trailing")
+        scheduler.set_timesteps(12, device=device)
+        timesteps = scheduler.timesteps
+        assert int(timesteps[0]) == scheduler.config.num_train_timesteps - 1
+        generator = torch.Generator(device).manual_seed(0)
+        x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1)).to(device)
+        x, old = scheduler.step(0.3 * x + 0.1, None, timesteps[0], None, x, generator=generator)
+        m = 0.3 * x + 0.1
+        m[0, 0, 0, 0], m[0, 1, 0, 0] = math.inf, -math.inf
+        results.append(scheduler.step(m, old, timesteps[skip], timesteps[0], x, generator=generator))
+    (reference, reference_x0), (fused, fused_x0) = results
+    assert bool(reference[0, :2, 0, 0].isinf().all())
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(fused_x0, reference_x0, rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -250,6 +250,18 @@ def test_epsilon_with_zero_snr_is_refused_where_diffusers_gives_nan(kind):
         fused_cls(**config).set_timesteps(10)
 
 
+def test_inverse_ddim_sample_prediction_with_alpha_one_is_refused_where_diffusers_gives_inf():
+    """set_alpha_to_one makes the inverse's first alpha 1: eps = (x - x0)/sqrt(1 - 1)."""
+    reference_cls, fused_cls = PAIRS["ddim_inverse"]
+    config = dict(prediction_type="sample", set_alpha_to_one=True)
+    reference = reference_cls(**config)
+    reference.set_timesteps(10)
+    out = reference.step(torch.tanh(X), reference.timesteps[0], X)[0]
+    assert not torch.isfinite(out).all()  # the refusal below is justified
+    with pytest.raises(ValueError, match="prediction_type='sample'.*set_alpha_to_one=True"):
+        fused_cls(**config).set_timesteps(10)
+
+
 @pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim", "cogvideox_dpm"])
 def test_a_trailing_schedule_reaching_timestep_minus_one_is_refused_in_set_timesteps(kind):
     """61 trailing steps of 1000: diffusers' np.arange yields 62 timesteps, one of them -1,

@@ -22,6 +22,14 @@ from .ddim_family import AddNoiseMixin, DDIMFamilyMixin, check_index_dtype, gath
 from .step_output import step_output
 
 
+_ALL_BUT_HISTORY_WEIGHT = frozenset(range(L.NUM_COEFFICIENTS)) - {L.O1}
+
+
+def _without_history_term(known: L.ConstantColumns) -> L.ConstantColumns:
+    """``known`` with O1 = 0: the step leaves its history term out."""
+    return L.ConstantColumns({**known, L.O1: 0.0})
+
+
 class FusedCogVideoXDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDDIMScheduler):
     __init__ = validated_init(CogVideoXDDIMScheduler.__init__, _check_config)
 
@@ -86,6 +94,9 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             second[list(pairs)] = self._second_order_rows(list(pairs.values()))
         self._pair_rows = {pair: t for t, pair in pairs.items()}
         self._install_table("second", second, device)
+        # Pairs whose history weight is 0 (back at alpha-bar = 0 on zero-SNR schedules: r = inf).
+        self._weightless_pairs = frozenset(pair for t, pair in pairs.items() if second[t, L.O1] == 0)
+        self._weightless_known = _without_history_term(self._tables["second"].constant_columns)
 
     def _second_order_rows(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
         t = torch.tensor([p[0] for p in pairs])
@@ -160,13 +171,12 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         back = self._resolve(timestep_back, "timestep_back")
         # The first-order result is discarded, but its noise draw still advances the generator.
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
-        placed, index = self._second_order_row(t, back)
+        placed, index, known = self._second_order_row(t, back)
         dtype, prev_dtype = self._second_order_dtypes(dtypes, old_pred_original_sample)
         rows = placed.row(index, sample.device, dtype)
         prev, _, x0 = ops.fused_step(
             sample, model_output, rows, history=(old_pred_original_sample,), noise=noise, out_dtype=prev_dtype,
-            x0_dtype=x0_dtype,
-            constant_columns=placed.constant_columns,
+            x0_dtype=x0_dtype, constant_columns=known,
         )
         if not return_dict:
             return (prev, x0)
@@ -183,13 +193,23 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         dtype, promoted, _ = dtypes
         return (torch.float64 if old.dtype == torch.float64 else dtype), torch.promote_types(promoted, old.dtype)
 
-    def _second_order_row(self, t: int, back: int) -> tuple[PlacedTable, int]:
-        """(table, row index) of the second-order row for the pair (t, back)."""
+    def _second_order_row(self, t: int, back: int) -> tuple[PlacedTable, int, L.ConstantColumns]:
+        """(table, row index, constant columns) of the second-order row for the pair (t, back).
+
+        Where the row's history weight O1 is 0, the constant columns say so, and the step
+        leaves the term O1*(x0 - old) out: diffusers' update there is M3*x0 - M4*old with
+        M4 = 0, which an infinite x0 leaves infinite, where 0*(x0 - old) would be NaN."""
         index = self._pair_rows.get((t, back))
         if index is not None:
-            return self._tables["second"], index
-        known = self._tables["second"].constant_columns.only(L.ESTIMATE_COLUMNS)
-        return PlacedTable(self._second_order_rows([(t, back)]), known=known), 0
+            placed = self._tables["second"]
+            weightless = (t, back) in self._weightless_pairs
+            return placed, index, (self._weightless_known if weightless else placed.constant_columns)
+        rows = self._second_order_rows([(t, back)])
+        # The row is a first-order row with its own O1: every other column the first-order
+        # table holds constant holds here (OM = 0 among them, where 0*inf would be NaN).
+        known = self._tables["first"].constant_columns.only(_ALL_BUT_HISTORY_WEIGHT)
+        known = _without_history_term(known) if rows[0, L.O1] == 0 else known
+        return PlacedTable(rows, known=known), 0, known
 
     def _device_step(self, model_output, old, timestep, timestep_back, sample, generator, return_dict):
         """The step with the order chosen on the device, reading no timestep value.
@@ -204,7 +224,10 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         a DDIMSchedulerOutput when ``return_dict`` even on the last (first-order) step,
         ``timestep_back`` is required, a float64 ``old_pred_original_sample`` makes prev
         float64 on that step too (diffusers' first-order step ignores the history, and its
-        prev has the first-order dtype); out-of-range timesteps fail in the gathers.
+        prev has the first-order dtype), and where the history weight is 0 (that step; a
+        zero-SNR step back from T-1) an infinite x0 gives NaN, 0*(x0 - old), where diffusers
+        gives +-inf (the eager step leaves the term out: ``_second_order_row``); out-of-range
+        timesteps fail in the gathers.
         """
         device = sample.device
         self._check_shapes_before_noise(model_output, sample)
@@ -236,7 +259,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             rows = torch.where(second_order, second_rows, rows)
             noise = self._second_draw(noise, second_order, sample.shape, generator, device, sample.dtype)
             history = (old,)
-            known = known.only(set(range(L.NUM_COEFFICIENTS)) - {L.O1})
+            known = known.only(_ALL_BUT_HISTORY_WEIGHT)
         prev, _, x0 = ops.fused_step(sample, model_output, rows, history=history, noise=noise, out_dtype=prev_dtype,
                                      x0_dtype=x0_dtype, constant_columns=known)
         if old is None or not return_dict:
