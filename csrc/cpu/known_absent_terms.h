@@ -69,6 +69,8 @@ inline constexpr KnownAbsentTerms kKnownAbsentTerms[] = {
     {Clip::kNone, 1, false, false, columns<kPX, kPM, kOM>},
     {Clip::kNone, 1, false, false, columns<kPX, kPM, kOM, kAL>},
     {Clip::kNone, 1, true, false, columns<kPX, kPM, kOM>},
+    // CogVideoX DPM's zero-SNR step back from T-1 weighs its history by 0 (O1 left out).
+    {Clip::kNone, 1, true, false, columns<kPX, kPM, kOM, kO1>},
     {Clip::kNone, 2, false, false, columns<kPX, kPM, kOM>},
     {Clip::kThreshold, 0, false, false, columns<kPX, kPM, kOM, kOC>},
     {Clip::kThreshold, 0, false, false, columns<kAX, kPX, kPM, kOM, kOC, kAL>},
