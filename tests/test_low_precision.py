@@ -244,6 +244,34 @@ def test_dpm_history_and_output_dtypes_follow_diffusers(kind, sample_dtype, mode
                 assert dtypes[1] == dtypes[0], config
 
 
+@pytest.mark.parametrize("kind", ["dpm", "dpm_inverse"])
+@pytest.mark.parametrize("solver_order", [2, 3])
+@pytest.mark.parametrize("switch", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)], ids=str)
+def test_dpm_output_dtype_after_a_dtype_change_mid_trajectory_follows_diffusers(backend, device, kind, solver_order,
+                                                                               switch):
+    """Two steps in one dtype, then two in another: the history then mixes dtypes. diffusers'
+    forward step casts prev to the stored value's dtype; the inverse's prev is what its
+    update promotes to over the sample and every model output it weighs, history included
+    (a bf16 step after float32 ones returns float32). Both get diffusers' sample each step;
+    a float32 prev is within the low-precision bound of diffusers' (the inputs are low
+    precision; a low-precision prev of the inverse is diffusers' arithmetic in that dtype,
+    see test_low_precision_is_no_farther_from_float64_than_diffusers)."""
+    reference_cls, fused_cls = PAIRS[kind]
+    reference, fused = reference_cls(solver_order=solver_order), fused_cls(solver_order=solver_order)
+    for scheduler in (reference, fused):
+        scheduler.set_timesteps(6, device=device)
+    sample = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).to(device)
+    for i, t in enumerate(reference.timesteps[:4]):
+        dtype = switch[i >= 2]
+        x, m = sample.to(dtype), (0.5 * sample).to(dtype)
+        expected = reference.step(m, t, x).prev_sample
+        got = fused.step(m, fused.timesteps[i], x).prev_sample
+        assert got.dtype == expected.dtype, (i, got.dtype, expected.dtype)
+        if expected.dtype == torch.float32:
+            assert relative_error(got, expected) <= LOW_PRECISION_TOLERANCE, i
+        sample = expected.float()
+
+
 @pytest.mark.parametrize("sample_dtype, model_dtype, noise_dtype", [
     (torch.float16, torch.float16, torch.float32), (torch.bfloat16, torch.float32, torch.float16),
     (torch.float32, torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16, torch.bfloat16)])

@@ -254,6 +254,18 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             keeps_model_dtype = c.prediction_type == "epsilon" and not c.thresholding
         return model_output.dtype if keeps_model_dtype else torch.promote_types(sample.dtype, model_output.dtype)
 
+    def _out_dtype(self, sample, history_dtype, history) -> torch.dtype:
+        """prev's dtype. diffusers' forward step casts it to the stored value's dtype; the
+        inverse's update returns what its arithmetic promotes to: the sample and every model
+        output it weighs (this step's and the history's, which may hold other dtypes after a
+        pipeline changes dtype mid-trajectory)."""
+        if not self._inverse:
+            return history_dtype
+        dtype = torch.promote_types(sample.dtype, history_dtype)
+        for h in history:
+            dtype = torch.promote_types(dtype, h.dtype)
+        return dtype
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -297,7 +309,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
 
         noise = self._sde_noise(model_output, sample, generator, variance_noise)
         history_dtype = self._history_dtype(sample, model_output)
-        out_dtype = torch.promote_types(sample.dtype, history_dtype) if self._inverse else history_dtype
+        out_dtype = self._out_dtype(sample, history_dtype, history)
         prev, d, _ = ops.fused_step(
             sample, model_output, rows, history=history, noise=noise, out_dtype=out_dtype,
             history_dtype=history_dtype, constant_columns=self._table.constant_columns, **self._clip,
@@ -365,7 +377,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
                 h if h is not None else torch.zeros(sample.shape, dtype=history_dtype, device=sample.device)
                 for h in self.model_outputs[-1 : -c.solver_order : -1]
             )
-        out_dtype = torch.promote_types(sample.dtype, history_dtype) if self._inverse else history_dtype
+        out_dtype = self._out_dtype(sample, history_dtype, history)
         prev, d, _ = ops.fused_step(
             sample, model_output, rows, history=history, noise=noise, out_dtype=out_dtype,
             history_dtype=history_dtype, constant_columns=self._table.constant_columns, **self._clip,
