@@ -29,13 +29,12 @@ def assemble(rows: int, **columns) -> torch.Tensor:
         table[:, L.COLUMN_NAMES.index(name)] = torch.as_tensor(value, dtype=torch.float64)
     am = table[:, L.AM]
     high = am.to(torch.float32)
-    toward_zero = torch.nextafter(high, torch.zeros_like(high))
+    nearest = high.double()
     finite = torch.isfinite(high)
-    inexact = finite & (high.double() != am)
-    exact_nonzero = finite & (high.double() == am) & (am != 0)
+    inexact = finite & (nearest != am)
     # inexact.any() stays a tensor: a step may build a table while torch.compile traces it.
-    step_down = (high.double().abs() > am.abs()) | (exact_nonzero & inexact.any())
-    high = torch.where(step_down, toward_zero, high).double()
+    step_down = (nearest.abs() > am.abs()) | (finite & ~inexact & (am != 0) & inexact.any())
+    high = torch.where(step_down, torch.nextafter(high, torch.zeros_like(high)), high).double()
     table[:, L.AL] = torch.where(finite, am - high, 0.0)
     table[:, L.AM] = torch.where(finite, high, am)
     return table
