@@ -95,6 +95,40 @@ def test_set_timesteps_refills_the_storage_steps_read(kind, second_steps):
         assert torch.equal(a, b), f"step {i}"
 
 
+def _placed_tables(scheduler) -> dict:
+    tables = dict(getattr(scheduler, "_tables", {}))
+    if hasattr(scheduler, "_table"):
+        tables["dpm"] = scheduler._table
+    return tables
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_a_step_after_the_schedule_state_changed_refills_the_storage_steps_read(kind):
+    """A step after ``alphas_cumprod`` / ``sigmas`` was edited rebuilds the tables
+    (tests/test_changed_inputs.py) in place: a graph captured before the edit reads the new
+    values, the same as a scheduler edited before its first step holds."""
+    schedulers = []
+    for steps_before_edit in (3, 0):
+        scheduler = PAIRS[kind][1](**CASES[kind])
+        scheduler.use_philox_noise(4)
+        scheduler.set_timesteps(10)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        _trajectory(kind, scheduler, x, steps_taken=steps_before_edit)
+        before = _storage_read_by_steps(scheduler)
+        getattr(scheduler, "sigmas" if kind.startswith("dpm") else "alphas_cumprod").mul_(0.95)
+        _trajectory(kind, scheduler, x, steps_taken=1)
+        if steps_before_edit:
+            assert _storage_read_by_steps(scheduler) == before
+        schedulers.append(scheduler)
+    edited_mid_trajectory, edited_first = (_placed_tables(s) for s in schedulers)
+    assert edited_mid_trajectory.keys() == edited_first.keys()
+    for key, placed in edited_mid_trajectory.items():
+        # NaN: rows of an order a step cannot have (dpm_table)
+        torch.testing.assert_close(placed.host, edited_first[key].host, rtol=0, atol=0, equal_nan=True)
+        for copy in placed._placed.values():
+            torch.testing.assert_close(copy, placed.host.to(copy.dtype), rtol=0, atol=0, equal_nan=True)
+
+
 def test_ddim_rebuilds_every_eta_table_in_set_timesteps():
     """A graph captured over an eta > 0 step reads that eta's table: set_timesteps refills it
     too, before any eager step with that eta would."""

@@ -178,6 +178,31 @@ def test_cogvideox_dpm_history_without_timestep_back():
         scheduler.step(X, X, scheduler.timesteps[1], None, X)
 
 
+@pytest.mark.parametrize("back", [1000, -1])
+@pytest.mark.parametrize("history", [False, True])
+def test_cogvideox_dpm_refuses_a_timestep_back_outside_the_training_range_on_a_first_order_step(back, history):
+    """diffusers reads alphas_cumprod[timestep_back] on every step given one: out of range it
+    raises IndexError, and -1 wraps to the noisiest alpha; on the last step, or without
+    history, the step is first order and does not use it, which must not hide the error."""
+    scheduler = _ready("cogvideox_dpm")
+    last = scheduler.timesteps[-1]  # t - gap < 0: first order whatever the history
+    for t in (last, scheduler.timesteps[1]) if not history else (last,):
+        with pytest.raises(ValueError, match=re.escape(f"timestep_back={back} is outside the training range")):
+            scheduler.step(X, X if history else None, t, back, X)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim", "cogvideox_dpm"])
+def test_a_steps_offset_past_the_training_range_is_named_as_the_cause(kind):
+    """Leading spacing with steps_offset=1 and as many steps as training steps ends at
+    timestep 1000, out of range for diffusers' step (IndexError): the refusal names the
+    offset, not the trailing spacing's np.arange overshoot."""
+    scheduler = PAIRS[kind][1](steps_offset=1, timestep_spacing="leading")
+    with pytest.raises(ValueError, match=r"steps_offset=1 .* gives timestep\(s\) \[1000\] at or past "
+                                         r"num_train_timesteps=1000") as raised:
+        scheduler.set_timesteps(1000)
+    assert "np.arange" not in str(raised.value)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])  # sample: x0 = m, d = x0 pass through
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 def test_inputs_are_not_modified(kind, prediction_type, backend, device):
@@ -367,14 +392,18 @@ def test_fused_op_argument_checks():
         ops.fused_step(X, X, c, history=(X, X, X))
     with pytest.raises(ValueError, match="threshold_ratio must be in"):
         ops.fused_step(X, X, c, clip="threshold", threshold_ratio=1.5)
-    for beyond_float32 in (1e-50, 1e-40, 3.4028235e38, 1e39):  # 0, subnormal, and overflowing as float32
-        with pytest.raises(ValueError, match=re.escape(f"threshold_max={beyond_float32!r} must be inf or a normal float32")):
-            ops.fused_step(X, X, c, clip="threshold", threshold_max=beyond_float32)
-        # where the step computes in float64, the bound is float64 too, as in diffusers
-        ops.fused_step(X.double(), X.double(), c.double(), clip="threshold", threshold_max=beyond_float32,
-                       backend="torch")
-    for bound in (torch.finfo(torch.float32).tiny, float(torch.finfo(torch.float32).max), math.inf):
-        ops.fused_step(X, X, c, clip="threshold", threshold_max=bound)
+    # A float32 step takes its x0 bound in float32 (the thresholding scale's upper bound, the
+    # clamp's range): one that is 0, subnormal or overflowing there is refused on every backend
+    for clip, argument in (("threshold", "threshold_max"), ("clamp", "clip_range")):
+        for beyond_float32 in (1e-50, 1e-40, 3.4028235e38, 1e39):
+            with pytest.raises(ValueError, match=re.escape(f"{argument}={beyond_float32!r} must be inf or a normal "
+                                                           "float32")):
+                ops.fused_step(X, X, c, clip=clip, **{argument: beyond_float32})
+            # where the step computes in float64, the bound is float64 too, as in diffusers
+            ops.fused_step(X.double(), X.double(), c.double(), clip=clip, **{argument: beyond_float32},
+                           backend="torch")
+        for bound in (torch.finfo(torch.float32).tiny, float(torch.finfo(torch.float32).max), math.inf):
+            ops.fused_step(X, X, c, clip=clip, **{argument: bound})
     with pytest.raises(ValueError, match=rf"coefficients has shape \(3, {k}\)"):
         ops.fused_step(X, X, torch.zeros(3, k))
     assert math.isfinite(float(ops.fused_step(X, X, c).prev_sample.sum()))

@@ -217,8 +217,17 @@ def _plan(sample, model_output, coefficients, history, noise, clip, clip_range, 
 
     if clip not in CLIP_MODES:
         raise ValueError(f"clip={clip!r}; expected one of {CLIP_MODES}")
-    if clip == "clamp" and not clip_range > 0:
-        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    if clip == "clamp":
+        if not clip_range > 0:
+            raise ValueError(f"clip_range must be > 0, got {clip_range}")
+        if not wide and not (FLOAT32.tiny <= clip_range <= FLOAT32.max or clip_range == math.inf):
+            # x0 is clamped in float32 here: a bound beyond float32's range is refused by
+            # torch.clamp, where a kernel would round it to inf (diffusers raises RuntimeError);
+            # one that rounds to 0 or a subnormal clamps every x0 to (nearly) 0
+            raise ValueError(
+                f"clip_range={clip_range!r} must be inf or a normal float32 value, from {FLOAT32.tiny:.6g} to "
+                f"float32's largest, {float(FLOAT32.max)!r}: a float32 step clamps x0 in float32"
+            )
     if clip == "threshold":
         if not 0.0 <= threshold_ratio <= 1.0:  # torch.quantile's q; 0 is the minimum
             raise ValueError(f"threshold_ratio must be in [0, 1], got {threshold_ratio}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
+import sys
 
 import numpy as np
 import torch
@@ -22,8 +24,9 @@ from ..coefficients.table import normalized_device
 from ..ops.philox import PhiloxNoise, check_seed
 
 
-def validated_init(parent_init, validate):
-    """Wrap a diffusers ``__init__`` with a config check, keeping its signature.
+def validated_init(parent_init):
+    """Wrap a diffusers ``__init__`` with the class's config check (``_validate_config``),
+    keeping its signature.
 
     ``functools.wraps`` keeps ``__wrapped__``, so ConfigMixin still reads the parent's
     parameters and ``from_config`` / ``save_pretrained`` round trips are unchanged.
@@ -32,7 +35,7 @@ def validated_init(parent_init, validate):
     @functools.wraps(parent_init)
     def __init__(self, *args, **kwargs):
         parent_init(self, *args, **kwargs)
-        validate(self)
+        self._validate_config()
 
     return __init__
 
@@ -41,14 +44,15 @@ def check_clipping_config(config) -> None:
     """The x0 bounds of a config that clips, checked when the scheduler is made: diffusers
     clamps with any value, and a bound that is not positive sets every x0 to 0, flips it or
     divides it by 0."""
-    if config.get("thresholding", False):
+    # read as attributes, as diffusers' steps read them (see FusedSchedulerMixin._step_config_options)
+    if getattr(config, "thresholding", False):
         if not config.sample_max_value > 0:
             raise ValueError(
                 f"sample_max_value={config.sample_max_value!r} with thresholding=True: the thresholding scale "
                 "s = clamp(quantile, 1, sample_max_value) divides x0 and must be > 0 (diffusers' s would be "
                 "sample_max_value, flipping x0 or dividing it by 0)"
             )
-    elif config.get("clip_sample", False) and not config.clip_sample_range > 0:
+    elif getattr(config, "clip_sample", False) and not config.clip_sample_range > 0:
         raise ValueError(
             f"clip_sample_range={config.clip_sample_range!r} with clip_sample=True: x0 is clamped to "
             "[-clip_sample_range, clip_sample_range], which must not be empty or a point (diffusers clamps every "
@@ -71,7 +75,23 @@ class FusedSchedulerMixin:
 
     # What a copy (copy.deepcopy, pickle) makes afresh instead of carrying over: addresses
     # are this process's, and the plans kept per schedule hold backend modules and kernels.
-    _process_local_state: tuple[str, ...] = ("_schedule_address", "_host_timesteps_version", "_host_timesteps")
+    _process_local_state: tuple[str, ...] = ("_schedule_address", "_host_timesteps_version", "_host_timesteps",
+                                             "_built_options", "_built_state")
+
+    # What diffusers' step reads that this class turns into tables when it builds them: the
+    # config options (each class names its own) and the scheduler's schedule state (tensors
+    # and counts set by set_timesteps or __init__). diffusers reads them at every step, and
+    # callers change them between steps: FrozenDict lets ``scheduler.config.clip_sample =
+    # False`` through (StableCascade's pipelines do it), and ``scheduler.sigmas`` or
+    # ``alphas_cumprod`` can be edited in place or replaced. A step whose inputs differ from
+    # those its tables were built from rebuilds them first (``_require_schedule``).
+    _step_config_options: tuple[str, ...] = ()
+    _step_schedule_state: tuple[str, ...] = ()
+    # When the tables were built: the options' values, and each state value with its
+    # in-place version (None for other than tensors). Holding the objects keeps them from
+    # being freed, so another object cannot take the place of one.
+    _built_options: tuple | None = None
+    _built_state: tuple | None = None
 
     @classmethod
     def _get_compatibles(cls) -> list:
@@ -84,10 +104,16 @@ class FusedSchedulerMixin:
         state = self.__dict__.copy()
         for name in self._process_local_state:
             state.pop(name, None)
+        # The copy's state tensors are new objects: whether its tables are current is
+        # carried over instead of the ids (a copy taken with an edit pending still rebuilds).
+        state["_tables_current"] = self._tables_current()
         return state
 
     def __setstate__(self, state) -> None:
+        current = state.pop("_tables_current", False)
         self.__dict__.update(state)
+        if current:
+            self._note_tables_built()
         if self._schedule_timesteps is not None:
             if self._schedule_timesteps is self.timesteps:  # a copy made under inference mode
                 self._keep_schedule_versioned()
@@ -100,7 +126,52 @@ class FusedSchedulerMixin:
         self._keep_schedule_versioned()
         self._schedule_timesteps = self.timesteps
         self._read_host_timesteps()
-        self._reset_philox_counter()  # a new trajectory replays the same noise
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # one C call each per step (this runs at every step: see _require_schedule)
+        cls._read_step_options = staticmethod(_attributes_getter(cls._step_config_options))
+        cls._read_step_state = staticmethod(_attributes_getter(cls._step_schedule_state))
+
+    def _tables_current(self) -> bool:
+        """Whether what the tables were built from (``_step_config_options``) is as it was:
+        the same option values, and the same state objects unedited (their in-place
+        versions; no device memory is read)."""
+        if self._read_step_options(self.config) != self._built_options:
+            return False
+        for value, (built, version) in zip(self._read_step_state(self), self._built_state):
+            if value is built:
+                if version is not None and value._version != version:
+                    return False
+            elif isinstance(value, torch.Tensor) or isinstance(built, torch.Tensor) or value != built:
+                return False
+        return True
+
+    def _note_tables_built(self) -> None:
+        # An inference tensor (made under torch.inference_mode()) keeps no version, so an
+        # in-place edit of it would go unseen: such state becomes the same values as a
+        # normal tensor, as the schedule does (_keep_schedule_versioned).
+        with torch.inference_mode(False):
+            for name in self._step_schedule_state:
+                value = getattr(self, name)
+                if isinstance(value, torch.Tensor) and value.is_inference():
+                    setattr(self, name, value.clone())
+        self._built_options = self._read_step_options(self.config)
+        self._built_state = tuple((value, value._version if isinstance(value, torch.Tensor) else None)
+                                  for value in self._read_step_state(self))
+
+    def _all_or_nothing(self, change) -> None:
+        """Run ``change()``; if it raises, put every attribute back as it was, so that a
+        refused set_timesteps or rebuild leaves the scheduler as before (diffusers' own
+        set_timesteps has replaced the timesteps by then). ``change`` must make its in-place
+        writes (refilled tables, the noise counter) only after its last check."""
+        before = self.__dict__.copy()
+        try:
+            change()
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
 
     def _keep_schedule_versioned(self) -> None:
         """``self.timesteps`` made under torch.inference_mode() (set_timesteps, or a copy made
@@ -164,10 +235,16 @@ class FusedSchedulerMixin:
         self._reset_philox_counter()
 
     def _require_schedule(self) -> None:
-        if self.num_inference_steps is None:
+        """Refuse a step before set_timesteps; rebuild the tables where what they were built
+        from has changed since (``_step_config_options``). A traced step reads the tables as
+        they are: torch.compile cannot trace the comparison, and a later eager step, or
+        set_timesteps, refills them in place, where the compiled graph reads them."""
+        if self.num_inference_steps is None or self._schedule_timesteps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
+        if not (torch.compiler.is_compiling() or self._tables_current()):
+            self._all_or_nothing(self._rebuild_tables)
 
     def _schedule_position(self, timestep) -> int | None:
         """Index into the schedule of a tensor that is an element of ``scheduler.timesteps``.
@@ -306,6 +383,14 @@ class FusedSchedulerMixin:
         return counter
 
 
+def _attributes_getter(names: tuple[str, ...]):
+    """A callable giving the tuple of the named attributes of its argument."""
+    if len(names) == 1:
+        name = names[0]
+        return lambda obj: (getattr(obj, name),)
+    return operator.attrgetter(*names) if names else (lambda obj: ())
+
+
 def checked_num_inference_steps(value) -> int:
     """``value`` as a positive int (a float holding one is taken, as diffusers takes it):
     diffusers divides by zero on 0, and builds an empty or mis-indexed schedule from a
@@ -320,6 +405,15 @@ def checked_num_inference_steps(value) -> int:
     if value < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {value}")
     return int(value)
+
+
+def caller_stacklevel() -> int:
+    """warnings.warn's stacklevel, called here, that names the first frame outside this
+    package: the caller's line, whichever path inside reached the warning."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(__package__.split(".")[0] + "."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def stream_capturing(device: torch.device) -> bool:

@@ -31,7 +31,9 @@ def _without_history_term(known: L.ConstantColumns) -> L.ConstantColumns:
 
 
 class FusedCogVideoXDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDDIMScheduler):
-    __init__ = validated_init(CogVideoXDDIMScheduler.__init__, _check_config)
+    _validate_config = _check_config
+    __init__ = validated_init(CogVideoXDDIMScheduler.__init__)
+    _step_config_options = ("prediction_type", "num_train_timesteps")
 
     def _build_tables(self, device) -> None:
         alphas, final = self._host_alphas
@@ -66,19 +68,16 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
     device instead of reading them: see ``_device_step``.
     """
 
-    __init__ = validated_init(CogVideoXDPMScheduler.__init__, _check_config)
+    _validate_config = _check_config
+    __init__ = validated_init(CogVideoXDPMScheduler.__init__)
+    _step_config_options = ("prediction_type", "num_train_timesteps")
 
     def _build_tables(self, device) -> None:
         alphas, final = self._host_alphas
         gap = self._step_gap()
         first, terms = cogvideox_dpm_tables(alphas, gap, final, self.config.prediction_type)
-        self._install_table("first", first, device, clips=False)
-        self._solver_terms = terms
-        # Refilled in place, like the tables, so captured graphs keep reading valid memory.
-        self._placed_terms = getattr(self, "_placed_terms", {})
-        for placed in self._placed_terms.values():
-            placed.copy_(terms)
-        self._terms_on(normalized_device(torch.device(device or "cpu")))  # placed before any step is traced
+        # Every check first: installing refills the old tables and terms in place.
+        self._check_schedule_rows(first, self._host_timesteps)
         # The schedule's pairs (t, back) get their second-order row at row t (a table indexed by
         # training timestep, like every other: same shape for any schedule, so refilled in
         # place); other rows repeat the first-order ones and are never selected. Steps with
@@ -91,18 +90,26 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
                 pairs.setdefault(t, (t, back))
         second = first.clone()
         if pairs:
-            second[list(pairs)] = self._second_order_rows(list(pairs.values()))
+            second[list(pairs)] = self._second_order_rows(list(pairs.values()), first, terms)
+        self._install_table("first", first, device)
+        self._solver_terms = terms
+        # Refilled in place, like the tables, so captured graphs keep reading valid memory.
+        self._placed_terms = getattr(self, "_placed_terms", {})
+        for placed in self._placed_terms.values():
+            placed.copy_(terms)
+        self._terms_on(normalized_device(torch.device(device or "cpu")))  # placed before any step is traced
         self._pair_rows = {pair: t for t, pair in pairs.items()}
         self._install_table("second", second, device)
         # Pairs whose history weight is 0 (back at alpha-bar = 0 on zero-SNR schedules: r = inf).
         self._weightless_pairs = frozenset(pair for t, pair in pairs.items() if second[t, L.O1] == 0)
         self._weightless_known = _without_history_term(self._tables["second"].constant_columns)
 
-    def _second_order_rows(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    def _second_order_rows(self, pairs: list[tuple[int, int]], first: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+        """Rows for the (t, back) ``pairs``, from the host first-order table and solver terms."""
         t = torch.tensor([p[0] for p in pairs])
         back = torch.tensor([p[1] for p in pairs])
-        rows = self._tables["first"].host[t].clone()
-        rows[:, L.O1] = cogvideox_dpm_history_column(self._solver_terms[t], self._solver_terms[back, LAMBDA])
+        rows = first[t].clone()
+        rows[:, L.O1] = cogvideox_dpm_history_column(terms[t], terms[back, LAMBDA])
         bad = [pair for pair, row in zip(pairs, rows) if not bool(torch.isfinite(row).all())]
         if bad:
             raise ValueError(
@@ -151,6 +158,9 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             return self._device_step(model_output, old_pred_original_sample, timestep, timestep_back, sample,
                                      generator, return_dict)
         t = self._resolve(timestep, "timestep")
+        # diffusers reads alphas_cumprod[timestep_back] whenever it is given, first-order
+        # steps included, where an out-of-range one fails (or a negative one wraps)
+        back = None if timestep_back is None else self._resolve(timestep_back, "timestep_back")
         second_order = old_pred_original_sample is not None and t - self._step_gap() >= 0
         if second_order and timestep_back is None:
             raise ValueError(
@@ -168,7 +178,6 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
                                          constant_columns=placed.constant_columns)
             return prev, x0  # diffusers returns a tuple here whatever return_dict says
 
-        back = self._resolve(timestep_back, "timestep_back")
         # The first-order result is discarded, but its noise draw still advances the generator.
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
         placed, index, known = self._second_order_row(t, back)
@@ -204,7 +213,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             placed = self._tables["second"]
             weightless = (t, back) in self._weightless_pairs
             return placed, index, (self._weightless_known if weightless else placed.constant_columns)
-        rows = self._second_order_rows([(t, back)])
+        rows = self._second_order_rows([(t, back)], self._tables["first"].host, self._solver_terms)
         # The row is a first-order row with its own O1: every other column the first-order
         # table holds constant holds here (OM = 0 among them, where 0*inf would be NaN).
         known = self._tables["first"].constant_columns.only(_ALL_BUT_HISTORY_WEIGHT)

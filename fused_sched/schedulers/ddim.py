@@ -42,30 +42,38 @@ def clip_options(config) -> dict:
 
 
 class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
-    __init__ = validated_init(DDIMScheduler.__init__, _check_clipping_config)
+    _validate_config = _check_clipping_config
+    __init__ = validated_init(DDIMScheduler.__init__)
+    _step_config_options = ("prediction_type", "clip_sample", "clip_sample_range", "thresholding",
+                            "dynamic_thresholding_ratio", "sample_max_value", "num_train_timesteps")
 
     def _build_tables(self, device) -> None:
-        self._clip = clip_options(self.config)  # made per schedule, with the tables: steps read no config
-        table = self._build_table(*_BASE_KEY)
+        self._clip = clip_options(self.config)  # made with the tables: steps read no config
+        table = self._table_rows(*_BASE_KEY)
+        # checked before anything is installed: installing refills the old tables in place
         self._check_schedule_rows(table, self._host_timesteps, clips=self._clip["clip"] != "none")
+        self._build_table(*_BASE_KEY, table)
         # Tables of the step options used before are rebuilt now, in place: a captured graph
         # may read them before any eager step would have rebuilt them.
         for key in list(self._retired_tables):
             self._build_table(*key)
 
-    def _build_table(self, eta: float, use_clipped_model_output: bool) -> torch.Tensor:
-        """Rows for one (eta, use_clipped_model_output): these are step arguments, so a table
-        is built (host math, one small upload) the first time a step uses a new pair, and
-        reused for the rest of the schedule."""
+    def _table_rows(self, eta: float, use_clipped_model_output: bool) -> torch.Tensor:
         alphas, final = self._host_alphas
-        table = ddim_table(alphas, self._step_gap(), final, self.config.prediction_type, eta, use_clipped_model_output)
+        return ddim_table(alphas, self._step_gap(), final, self.config.prediction_type, eta, use_clipped_model_output)
+
+    def _build_table(self, eta: float, use_clipped_model_output: bool, table: torch.Tensor | None = None) -> None:
+        """Install the rows for one (eta, use_clipped_model_output): these are step arguments,
+        so a table is built (host math, one small upload) the first time a step uses a new
+        pair, and reused for the rest of the schedule."""
+        if table is None:
+            table = self._table_rows(eta, use_clipped_model_output)
         key = (eta, use_clipped_model_output)
         base = self._tables.get(_BASE_KEY)
         # Built inside a step, a table must not be read on the host: it inherits what the
         # schedule's base table knows about the columns eta cannot change.
         known = None if base is None else base.constant_columns.only(L.ESTIMATE_COLUMNS)
         self._install_table(key, table, self._schedule_device, known=known)
-        return table
 
     def step(
         self,

@@ -22,24 +22,43 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         if self._schedule_timesteps is not None:
             self._step_plans = {}
 
+    # diffusers' DDIM-family steps read these (and each class's config options) every step
+    _step_schedule_state = ("num_inference_steps", "alphas_cumprod", "final_alpha_cumprod")
+
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         num_inference_steps = checked_num_inference_steps(num_inference_steps)
+        # A refused schedule leaves the previous one whole (diffusers has replaced the
+        # timesteps and the count before the checks run).
+        self._all_or_nothing(lambda: self._set_schedule(num_inference_steps, device))
+        self._reset_philox_counter()  # a new trajectory replays the same noise
+
+    def _set_schedule(self, num_inference_steps: int, device) -> None:
         super().set_timesteps(num_inference_steps, device=device)
         self._remember_schedule()
+        self._schedule_device = device
+        self._rebuild_tables()
+
+    def _rebuild_tables(self) -> None:
+        """The tables for the schedule and for the step inputs as they are now: at
+        set_timesteps, and at a step after those inputs changed (``_require_schedule``)."""
+        self._validate_config()
+        checked_num_inference_steps(self.num_inference_steps)  # it may have been set by hand
         self._check_schedule_in_training_range()
         # Tables rebuilt with their old shapes are refilled in place (see _install_table).
         self._retired_tables = {**getattr(self, "_retired_tables", {}), **getattr(self, "_tables", {})}
         self._tables = {}
         self._step_plans = {}  # see _fused_step
-        self._schedule_device = device
-        # see _step_dtypes; kept across schedules (it depends on the config alone), so a
-        # traced step's guards on it stay valid after set_timesteps
-        self._dtypes_by_input = getattr(self, "_dtypes_by_input", {})
+        # see _step_dtypes; kept across schedules while the prediction type is the same, so
+        # a traced step's guards on it stay valid after set_timesteps
+        if self.__dict__.get("_dtypes_for") != self.config.prediction_type:
+            self._dtypes_by_input, self._dtypes_for = {}, self.config.prediction_type
         # float64: every scalar of the tables is formed from diffusers' stored (float32)
         # alphas in float64 and rounded once when placed; formed in float32, their rounding
         # was composed further and some steps landed farther from float64 than diffusers'
-        self._host_alphas = (self.alphas_cumprod.cpu().double(), self._boundary_alpha().cpu().double())
-        self._build_tables(device)  # each class installs the tables its step reads
+        self._host_alphas = (self.alphas_cumprod.cpu().double(),
+                             torch.as_tensor(self._boundary_alpha()).cpu().double())
+        self._build_tables(self._schedule_device)  # each class installs the tables its step reads
+        self._note_tables_built()
 
     def _check_schedule_in_training_range(self) -> None:
         """Refuse a schedule holding a timestep outside [0, num_train_timesteps), here rather
@@ -53,6 +72,14 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         """
         T = self.config.num_train_timesteps
         outside = [t for t in self._host_timesteps if not 0 <= t < T]
+        if outside and max(outside) >= T:
+            raise ValueError(
+                f"{type(self).__name__}: timestep_spacing={self.config.timestep_spacing!r} with "
+                f"steps_offset={self.config.steps_offset} and num_inference_steps={self.num_inference_steps} gives "
+                f"timestep(s) {[t for t in outside if t >= T]} at or past num_train_timesteps={T}: the offset is added "
+                "to a schedule that already reaches its end, and diffusers' step there indexes alphas_cumprod out "
+                "of range (IndexError). Use fewer steps or steps_offset=0"
+            )
         if outside:
             n = self.num_inference_steps
             raise ValueError(
@@ -212,11 +239,19 @@ class AddNoiseMixin:
 
     def _alphas_cumprod_on(self, device, dtype) -> torch.Tensor:
         # diffusers moves self.alphas_cumprod to the data's device for good; a cached copy
-        # keeps the step's host tables where set_timesteps put them.
-        cache = self.__dict__.setdefault("_alphas_cumprod_copies", {})
+        # keeps the step's host tables where set_timesteps put them. The copies follow
+        # alphas_cumprod as diffusers reads it at each call: replaced, or edited in place
+        # (its version), they are made again.
+        source = self.alphas_cumprod
+        if source.is_inference():  # keeps no version, so its edits cannot be seen: nothing is kept
+            return source.to(device=device, dtype=dtype)
+        copies = self.__dict__.get("_alphas_cumprod_copies")
+        if copies is None or copies[0] is not source or copies[1] != source._version:
+            copies = self._alphas_cumprod_copies = (source, source._version, {})
+        cache = copies[2]
         key = (torch.device(device), dtype)
         if key not in cache:
-            cache[key] = self.alphas_cumprod.to(device=device, dtype=dtype)
+            cache[key] = source.to(device=device, dtype=dtype)
         return cache[key]
 
     def _broadcast_alphas(self, like: torch.Tensor, timesteps: torch.Tensor):

@@ -14,14 +14,17 @@ from .step_output import step_output
 
 
 class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
-    __init__ = validated_init(DDIMInverseScheduler.__init__, _check_clipping_config)
+    _validate_config = _check_clipping_config
+    __init__ = validated_init(DDIMInverseScheduler.__init__)
+    _step_config_options = ("prediction_type", "clip_sample", "clip_sample_range", "num_train_timesteps")
+    _step_schedule_state = ("num_inference_steps", "alphas_cumprod", "initial_alpha_cumprod")
 
     def _boundary_alpha(self) -> torch.Tensor:
         return self.initial_alpha_cumprod
 
     def _build_tables(self, device) -> None:
         alphas, initial = self._host_alphas
-        # made per schedule, with the tables: steps read no config
+        # made with the tables: steps read no config
         self._clip = dict(clip="clamp", clip_range=self.config.clip_sample_range) if self.config.clip_sample else {}
         table = ddim_inverse_table(alphas, self._step_gap(), initial, self.config.prediction_type)
         self._install_table("step", table, device, clips=self.config.clip_sample)

@@ -14,18 +14,32 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from .. import ops
 from ..coefficients.dpm import DATA_PREDICTION_ALGORITHMS, SDE_ALGORITHMS, dpm_table, row_index
 from ..coefficients.table import PlacedTable
-from .base import (FusedSchedulerMixin, check_clipping_config, checked_num_inference_steps, stream_capturing,
-                   validated_init)
+from .base import (FusedSchedulerMixin, caller_stacklevel, check_clipping_config, checked_num_inference_steps,
+                   stream_capturing, validated_init)
 from .step_cursor import DeviceStepCursor
 from .step_output import step_output
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+SOLVER_TYPES = ("midpoint", "heun")
 
 
 def _check_config(scheduler) -> None:
     config = scheduler.config
     if config.prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={config.prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    # diffusers' __init__ checks these two and the final sigma's; they are checked again
+    # here for options changed after it (see FusedSchedulerMixin._step_config_options)
+    if config.algorithm_type not in ALGORITHMS:
+        raise ValueError(f"algorithm_type={config.algorithm_type!r}; expected one of {ALGORITHMS}")
+    if config.solver_type not in SOLVER_TYPES:
+        raise ValueError(f"solver_type={config.solver_type!r}; expected one of {SOLVER_TYPES}")
+    if getattr(config, "final_sigmas_type", None) == "zero" and config.algorithm_type not in DATA_PREDICTION_ALGORITHMS:
+        raise ValueError(
+            f"final_sigmas_type='zero' with algorithm_type={config.algorithm_type!r}: a noise-prediction solver "
+            "cannot step to sigma 0 (diffusers refuses it when the scheduler is made); use final_sigmas_type="
+            "'sigma_min' or a data-prediction algorithm"
+        )
     if config.prediction_type == "flow_prediction" and config.algorithm_type not in DATA_PREDICTION_ALGORITHMS:
         raise ValueError(
             f"prediction_type='flow_prediction' needs algorithm_type 'dpmsolver++' or 'sde-dpmsolver++', "
@@ -33,7 +47,7 @@ def _check_config(scheduler) -> None:
         )
     if config.use_flow_sigmas:
         others = [name for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-                  if config.get(name, False)]
+                  if getattr(config, name, False)]
         if others:
             raise ValueError(
                 f"use_flow_sigmas=True with {others[0]}=True: the latter's sigmas (those of the variance-preserving "
@@ -80,21 +94,22 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     # prepare_cuda_graph: the history h1, h2 in fixed buffers, the position on the device
     _static_history: list[torch.Tensor] | None = None
 
+    # What the table, the clip options and the cursor's rows are made from (see
+    # FusedSchedulerMixin._step_config_options); the step reads the other options it needs itself.
+    _step_config_options = ("prediction_type", "algorithm_type", "solver_type", "solver_order", "thresholding",
+                            "dynamic_thresholding_ratio", "sample_max_value", "use_flow_sigmas", "lower_order_final",
+                            "euler_at_final")
+    _step_schedule_state = ("sigmas",)
+
     def _build_schedule(self, device) -> None:
+        """set_timesteps' part, after diffusers': the table, and a trajectory from step 0."""
         self._remember_schedule()
-        self._clip = self._clip_options()  # made per schedule: steps read no config
-        table = dpm_table(self.config, self.sigmas.cpu().double())  # float64 scalars: see dpm_table
-        self._note_non_finite_rows(table, len(self._host_timesteps))
-        # Same shapes as the previous schedule (same number of steps): refilled in place, so a
-        # CUDA graph captured over traced steps stays valid after set_timesteps.
-        placed = getattr(self, "_table", None)
-        if placed is None or not placed.refill(table, device):
-            self._table = PlacedTable(table, device)
+        self._schedule_device = device
+        table = self._checked_table()
+        self._place_table(table)
         n = len(self._host_timesteps)
-        cursor = DeviceStepCursor(
-            n, self.config.solver_order, lambda i, lower: row_index(i, self._order_at(i, n, lower)),
-            self._table.on(torch.device(device or "cpu"), torch.float32).device,
-        )
+        cursor = DeviceStepCursor(n, self.config.solver_order, self._row_for,
+                                  self._table.on(torch.device(device or "cpu"), torch.float32).device)
         if not (hasattr(self, "_cursor") and self._cursor.take(cursor)):
             self._cursor = cursor
         self._host_current, self._device_current = True, False
@@ -105,6 +120,48 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             self._cursor.start_at(0, 0)
             self._point_model_outputs_at_buffers()
             self._host_current, self._device_current = False, True
+        self._note_tables_built()
+
+    def _rebuild_tables(self) -> None:
+        """The table for the step inputs as they are now (``_require_schedule``), in place,
+        keeping the trajectory's position and history."""
+        if self.config.solver_order != self._cursor.solver_order:
+            raise ValueError(
+                f"{type(self).__name__}: config.solver_order changed from {self._cursor.solver_order} to "
+                f"{self.config.solver_order} after set_timesteps; the solver history (model_outputs) was made for "
+                "the old order: call set_timesteps again to start a trajectory with the new one"
+            )
+        self._place_table(self._checked_table())
+        self._cursor.relabel(self._row_for)
+        self._note_tables_built()
+
+    def _checked_table(self) -> torch.Tensor:
+        """The float64 table for the config and sigmas as they are now, after every check."""
+        self._validate_config()
+        self._clip = self._clip_options()  # made with the table: steps read no config for it
+        n, sigmas = len(self._host_timesteps), self.sigmas
+        # step i reads sigmas i and i + 1 (the inverse class keeps sigmas of timesteps its
+        # schedule dropped as repeats, so it may hold more)
+        if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.shape[0] < n + 1:
+            got = tuple(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
+            raise ValueError(
+                f"{type(self).__name__}: sigmas is {got}; the schedule of {n} timesteps needs a 1-D tensor of at "
+                f"least {n + 1} sigmas (one per timestep and the final one)"
+            )
+        table = dpm_table(self.config, sigmas.cpu().double())  # float64 scalars: see dpm_table
+        self._note_non_finite_rows(table, n)
+        return table
+
+    def _place_table(self, table: torch.Tensor) -> None:
+        # Same shapes as before (same number of steps): refilled in place, so a CUDA graph
+        # captured over traced steps stays valid after set_timesteps.
+        placed = getattr(self, "_table", None)
+        if placed is None or not placed.refill(table, self._schedule_device):
+            self._table = PlacedTable(table, self._schedule_device)
+
+    def _row_for(self, i: int, lower_order_nums: int) -> int:
+        """The table row an eager step i uses after ``lower_order_nums`` steps."""
+        return row_index(i, self._order_at(i, len(self._host_timesteps), lower_order_nums))
 
     def _note_non_finite_rows(self, table: torch.Tensor, n: int) -> None:
         """Find the rows whose coefficients are inf/NaN; warn when a trajectory from the start
@@ -125,7 +182,8 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             lower = min(lower + 1, self.config.solver_order)
         reached = [i for i, order in enumerate(orders) if row_index(i, order) in self._non_finite_rows]
         if reached:
-            warnings.warn(self._non_finite_message([(i, orders[i]) for i in reached]), UserWarning, stacklevel=3)
+            warnings.warn(self._non_finite_message([(i, orders[i]) for i in reached]), UserWarning,
+                          stacklevel=caller_stacklevel())
 
     def _non_finite_message(self, steps) -> str:
         named = [(i, self._host_timesteps[i], order) for i, order in steps[:4]]
@@ -423,13 +481,21 @@ class DPMFamilyMixin(FusedSchedulerMixin):
 
 
 class FusedDPMSolverMultistepScheduler(DPMFamilyMixin, DPMSolverMultistepScheduler):
-    __init__ = validated_init(DPMSolverMultistepScheduler.__init__, _check_config)
+    _validate_config = _check_config
+    __init__ = validated_init(DPMSolverMultistepScheduler.__init__)
+    _step_config_options = DPMFamilyMixin._step_config_options + ("final_sigmas_type",)
 
     def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None):
         if num_inference_steps is not None:  # else timesteps, which diffusers checks
             num_inference_steps = checked_num_inference_steps(num_inference_steps)
-        super().set_timesteps(num_inference_steps=num_inference_steps, device=device, mu=mu, timesteps=timesteps)
-        self._build_schedule(device)
+        parent = super()
+
+        def schedule():
+            parent.set_timesteps(num_inference_steps=num_inference_steps, device=device, mu=mu, timesteps=timesteps)
+            self._build_schedule(device)
+
+        self._all_or_nothing(schedule)  # a refused schedule leaves the previous one whole
+        self._reset_philox_counter()  # a new trajectory replays the same noise
 
     # Only the forward class has these two, as in diffusers: pipelines call what hasattr finds.
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
@@ -446,9 +512,16 @@ class FusedDPMSolverMultistepScheduler(DPMFamilyMixin, DPMSolverMultistepSchedul
 
 class FusedDPMSolverMultistepInverseScheduler(DPMFamilyMixin, DPMSolverMultistepInverseScheduler):
     _inverse = True
-    __init__ = validated_init(DPMSolverMultistepInverseScheduler.__init__, _check_inverse_config)
+    _validate_config = _check_inverse_config
+    __init__ = validated_init(DPMSolverMultistepInverseScheduler.__init__)
 
     def set_timesteps(self, num_inference_steps=None, device=None):
         num_inference_steps = checked_num_inference_steps(num_inference_steps)
-        super().set_timesteps(num_inference_steps, device=device)
-        self._build_schedule(device)
+        parent = super()
+
+        def schedule():
+            parent.set_timesteps(num_inference_steps, device=device)
+            self._build_schedule(device)
+
+        self._all_or_nothing(schedule)  # a refused schedule leaves the previous one whole
+        self._reset_philox_counter()  # a new trajectory replays the same noise

@@ -19,12 +19,20 @@ class DeviceStepCursor:
     def __init__(self, num_steps: int, solver_order: int, row_for: Callable[[int, int], int], device):
         """``row_for(step, lower_order_nums)`` is the table row an eager step would use."""
         self.num_steps, self.solver_order = num_steps, solver_order
-        self.row_lookup = torch.tensor(
-            [[row_for(i, lower) for lower in range(solver_order + 1)] for i in range(num_steps)],
-            dtype=torch.int64,
-        ).to(device)
+        self.row_lookup = self._lookup(row_for).to(device)
         self.step = torch.zeros((), dtype=torch.int64, device=self.row_lookup.device)
         self.lower = torch.zeros_like(self.step)
+
+    def _lookup(self, row_for: Callable[[int, int], int]) -> torch.Tensor:
+        return torch.tensor(
+            [[row_for(i, lower) for lower in range(self.solver_order + 1)] for i in range(self.num_steps)],
+            dtype=torch.int64,
+        )
+
+    def relabel(self, row_for: Callable[[int, int], int]) -> None:
+        """New rows for the same steps (the options deciding each step's order changed), in
+        place; the position is kept."""
+        self.row_lookup.copy_(self._lookup(row_for))
 
     def take(self, other: "DeviceStepCursor") -> bool:
         """Become ``other`` (a new schedule's cursor) in place, keeping this cursor's tensors,
