@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cuda_toolkit import INCLUDE, NVCC, NVDISASM, needs_headers, needs_nvcc, sass_instructions
+from fused_sched.ops.extension import NVCC_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -50,7 +51,7 @@ def test_cu_file_compiles_without_warnings(source, variant, archs, tmp_path):
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     defines = TORCH_NVCC_DEFINES if variant == "torch_defines" else []
     _run(
-        [NVCC, "-std=c++17", "-O3", f"-I{CSRC / 'include'}", *gencode, *defines, *WERROR,
+        [NVCC, "-std=c++17", *NVCC_FLAGS, f"-I{CSRC / 'include'}", *gencode, *defines, *WERROR,
          "-c", str(source), "-o", str(tmp_path / (source.stem + ".o"))],
         cwd=tmp_path,
     )

@@ -202,8 +202,11 @@ cudaError_t launch_threshold_scale(const ThresholdLaunch& a, cudaStream_t stream
   const int64_t per_row_for_device = (wave + a.batch - 1) / a.batch;
   const int64_t per_row_for_work = (units + 8 * kThreads - 1) / (8 * kThreads);
   const int64_t grid_limit = 0x7fffffff / a.batch;
-  const int blocks_per_row = static_cast<int>(
-      std::max<int64_t>(1, std::min({per_row_for_device, per_row_for_work, grid_limit})));
+  // A block's histogram counts are 32-bit: no block may count 2^31 elements (a margin for
+  // the grid-stride remainder), whatever the device queries gave (1 block if they failed).
+  const int64_t per_row_for_counts = (a.row_size + (int64_t{1} << 31) - 1) >> 31;
+  const int blocks_per_row = static_cast<int>(std::max<int64_t>(
+      {1, per_row_for_counts, std::min({per_row_for_device, per_row_for_work, grid_limit})}));
 
   FS_LAUNCH(static_cast<unsigned>(a.batch), kThreads, stream, init_kernel)(
       states, static_cast<unsigned long long>(rank.lo), static_cast<unsigned long long>(rank.hi));

@@ -60,8 +60,9 @@ CLIP_CODES = {"none": 0, "clamp": 1, "threshold": 2}
 # eager reference rounds them (see step_math.h); -O3 lets the chunk loops vectorise.
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]
 # Device code: the step math uses explicitly rounded intrinsics; no --use_fast_math, whose
-# approximate division would change the thresholded x0.
-NVCC_FLAGS = ["-O3"]
+# approximate division would change the thresholded x0. The .cu files' host code (the
+# quantile's rank and weight) is rounded as the C++ sources are: -ffp-contract=off.
+NVCC_FLAGS = ["-O3", "-Xcompiler", "-ffp-contract=off"]
 # What nvcc's device compile (cicc, in its dry run) may be told, by NVCC_APPEND_FLAGS say,
 # that changes the kernels' results. -fmad and -prec-div leave their machine code alone
 # (tests/test_cuda_sources.py); nothing in the source can keep -ftz from flushing float32
