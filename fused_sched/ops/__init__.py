@@ -218,29 +218,11 @@ def _plan(sample, model_output, coefficients, history, noise, clip, clip_range, 
     if clip not in CLIP_MODES:
         raise ValueError(f"clip={clip!r}; expected one of {CLIP_MODES}")
     if clip == "clamp":
-        if not clip_range > 0:
-            raise ValueError(f"clip_range must be > 0, got {clip_range}")
-        if not wide and not (FLOAT32.tiny <= clip_range <= FLOAT32.max or clip_range == math.inf):
-            # x0 is clamped in float32 here: a bound beyond float32's range is refused by
-            # torch.clamp, where a kernel would round it to inf (diffusers raises RuntimeError);
-            # one that rounds to 0 or a subnormal clamps every x0 to (nearly) 0
-            raise ValueError(
-                f"clip_range={clip_range!r} must be inf or a normal float32 value, from {FLOAT32.tiny:.6g} to "
-                f"float32's largest, {float(FLOAT32.max)!r}: a float32 step clamps x0 in float32"
-            )
+        _check_x0_bound("clip_range", clip_range, wide, "clamps x0")
     if clip == "threshold":
         if not 0.0 <= threshold_ratio <= 1.0:  # torch.quantile's q; 0 is the minimum
             raise ValueError(f"threshold_ratio must be in [0, 1], got {threshold_ratio}")
-        if not threshold_max > 0:
-            raise ValueError(f"threshold_max must be > 0, got {threshold_max}")
-        if not wide and not (FLOAT32.tiny <= threshold_max <= FLOAT32.max or threshold_max == math.inf):
-            # s = clamp(q, 1, threshold_max) is float32 here: a bound that rounds to 0 or to a
-            # subnormal (flushed on GPUs) makes x0/s NaN, one beyond float32's range is refused
-            # by torch.clamp, so backends would disagree (diffusers gives NaN or a RuntimeError)
-            raise ValueError(
-                f"threshold_max={threshold_max!r} must be inf or a normal float32 value, from {FLOAT32.tiny:.6g} to "
-                f"float32's largest, {float(FLOAT32.max)!r}: a float32 step takes the thresholding scale in float32"
-            )
+        _check_x0_bound("threshold_max", threshold_max, wide, "takes the thresholding scale")
         if sample.numel() == 0:
             raise ValueError(f"dynamic thresholding takes a quantile of each batch row, and sample of shape "
                              f"{tuple(shape)} has empty rows")
@@ -263,6 +245,20 @@ def _plan(sample, model_output, coefficients, history, noise, clip, clip_range, 
         impl = _select(sample, model_output, history, noise, backend)
     return StepPlan(impl, sample, model_output, history, noise, clip, float(clip_range), float(threshold_ratio),
                     float(threshold_max), out_dtype, history_dtype, x0_dtype, constant_columns, backend)
+
+
+def _check_x0_bound(argument: str, bound, wide: bool, use: str) -> None:
+    """A bound on x0 (the clamp's range, the thresholding scale's maximum) is positive, and
+    in a float32 step a float32 value: one beyond float32's range is refused by torch.clamp
+    where a kernel would round it to inf (diffusers raises RuntimeError), and one that rounds
+    to 0 or a subnormal clamps every x0 to (nearly) 0, or makes the thresholded x0/s NaN."""
+    if not bound > 0:
+        raise ValueError(f"{argument} must be > 0, got {bound}")
+    if not wide and not (FLOAT32.tiny <= bound <= FLOAT32.max or bound == math.inf):
+        raise ValueError(
+            f"{argument}={bound!r} must be inf or a normal float32 value, from {FLOAT32.tiny:.6g} to "
+            f"float32's largest, {float(FLOAT32.max)!r}: a float32 step {use} in float32"
+        )
 
 
 def _select(sample, model_output, history, noise, backend):
