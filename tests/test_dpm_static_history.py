@@ -70,6 +70,27 @@ def test_static_steps_give_the_eager_trajectory(case, prepared_at):
     assert scheduler.lower_order_nums == min(N, scheduler.config.solver_order)
 
 
+@pytest.mark.parametrize("case", ["3m-lower-order-final", "sde-2m", "inverse-3m"])
+def test_a_change_mid_trajectory_is_followed_with_the_position_on_the_device(case):
+    """A config option and the sigmas changed after a few static steps: the next step
+    rebuilds the table and the cursor's rows in place (tests/test_changed_inputs.py),
+    keeping the position and history the device holds, as ordinary eager steps do."""
+    def edit(scheduler):
+        scheduler.config.lower_order_final = not scheduler.config.lower_order_final
+        scheduler.sigmas.mul_(0.97)
+
+    trajectories = []
+    for static in (False, True):
+        scheduler = _scheduler(case)
+        x = _x()
+        if static:
+            scheduler.prepare_cuda_graph(x)
+        first = _run(scheduler, x, range(3))
+        edit(scheduler)
+        trajectories.append(first + _run(scheduler, first[-1], range(3, N)))
+    _assert_same(trajectories[1], trajectories[0])
+
+
 @pytest.mark.parametrize("case", ["3m-threshold-sample", "sde-2m"])
 def test_set_timesteps_restarts_in_place(case):
     """What a graph reads and writes across steps keeps its address; set_timesteps (same
