@@ -191,6 +191,16 @@ def test_cogvideox_dpm_refuses_a_timestep_back_outside_the_training_range_on_a_f
             scheduler.step(X, X if history else None, t, back, X)
 
 
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_a_meta_schedule_is_refused_and_leaves_the_scheduler_as_it_was(kind):
+    scheduler = PAIRS[kind][1]()
+    scheduler.set_timesteps(10)
+    before = scheduler.timesteps.clone()
+    with pytest.raises(ValueError, match=r"set_timesteps\(device='meta'\)"):
+        scheduler.set_timesteps(12, device="meta")
+    assert torch.equal(scheduler.timesteps, before) and scheduler.num_inference_steps == 10
+
+
 @pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim", "cogvideox_dpm"])
 def test_a_steps_offset_past_the_training_range_is_named_as_the_cause(kind):
     """Leading spacing with steps_offset=1 and as many steps as training steps ends at

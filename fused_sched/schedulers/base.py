@@ -123,6 +123,11 @@ class FusedSchedulerMixin:
             self._read_host_timesteps()
 
     def _remember_schedule(self) -> None:
+        if self.timesteps.is_meta:
+            raise ValueError(
+                f"{type(self).__name__}.set_timesteps(device='meta'): a meta tensor holds no values, and the fused "
+                "classes build their tables from the schedule's; pass a real device"
+            )
         self._keep_schedule_versioned()
         self._schedule_timesteps = self.timesteps
         self._read_host_timesteps()
