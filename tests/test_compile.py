@@ -105,6 +105,22 @@ def test_dpm_switching_between_eager_and_traced_steps_keeps_the_trajectory(backe
         assert mixed.step_index == eager.step_index and mixed.lower_order_nums == eager.lower_order_nums
 
 
+def test_traced_dpm_steps_after_float64_steps_weigh_the_float64_history_like_eager():
+    """History stored by float64 eager steps makes the next float32 steps' coefficients
+    float64, traced as eagerly (traced, they were float32 and the op refused them). The
+    backend is auto's: float64 operands go to the torch backend."""
+    torch._dynamo.reset()
+    eager, mixed = _dpm_pair("dpm++3m-begin-index", 8)
+    traced_step = torch.compile(fullgraph=True, backend="eager")(lambda x, i: _dpm_step(mixed, x, i, None))
+    x_eager = x_mixed = _initial_sample(torch.device("cpu")).double()
+    for i in range(8):
+        if i == 2:
+            x_eager, x_mixed = x_eager.float(), x_mixed.float()
+        x_eager = _dpm_step(eager, x_eager, i, None)
+        x_mixed = traced_step(x_mixed, i) if i >= 2 else _dpm_step(mixed, x_mixed, i, None)
+        assert x_mixed.dtype == x_eager.dtype and torch.equal(x_mixed, x_eager), f"step {i}"
+
+
 def test_traced_dpm_step_past_the_end_fails():
     torch._dynamo.reset()
     (scheduler, _) = _dpm_pair("dpm++2m", 4)

@@ -425,7 +425,6 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         c = self.config
         if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
             model_output = model_output[:, :3]
-        rows = self._cursor.rows(self._table.on(sample.device, self._coefficient_dtype(sample, model_output)))
         noise = self._sde_noise(model_output, sample, generator, variance_noise)
         history_dtype = self._history_dtype(sample, model_output)
         if self._static_history is not None:
@@ -435,6 +434,9 @@ class DPMFamilyMixin(FusedSchedulerMixin):
                 h if h is not None else torch.zeros(sample.shape, dtype=history_dtype, device=sample.device)
                 for h in self.model_outputs[-1 : -c.solver_order : -1]
             )
+        # float64 where a history entry is, as eagerly: after float64 steps, say
+        coefficient_dtype = self._coefficient_dtype(sample, model_output, history)
+        rows = self._cursor.rows(self._table.on(sample.device, coefficient_dtype))
         out_dtype = self._out_dtype(sample, history_dtype, history)
         prev, d, _ = ops.fused_step(
             sample, model_output, rows, history=history, noise=noise, out_dtype=out_dtype,
