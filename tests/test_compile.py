@@ -16,6 +16,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from drivers import PAIRS
+from fused_sched import ops
 
 KINDS = {"ddim": dict(), "ddim_inverse": dict(),
          "cogvideox_ddim": dict(prediction_type="v_prediction", timestep_spacing="trailing")}
@@ -108,17 +109,19 @@ def test_dpm_switching_between_eager_and_traced_steps_keeps_the_trajectory(backe
 def test_traced_dpm_steps_after_float64_steps_weigh_the_float64_history_like_eager():
     """History stored by float64 eager steps makes the next float32 steps' coefficients
     float64, traced as eagerly (traced, they were float32 and the op refused them). The
-    backend is auto's: float64 operands go to the torch backend."""
+    backend is auto's (whatever backend this module's other tests selected): float64
+    operands go to the torch backend."""
     torch._dynamo.reset()
     eager, mixed = _dpm_pair("dpm++3m-begin-index", 8)
     traced_step = torch.compile(fullgraph=True, backend="eager")(lambda x, i: _dpm_step(mixed, x, i, None))
     x_eager = x_mixed = _initial_sample(torch.device("cpu")).double()
-    for i in range(8):
-        if i == 2:
-            x_eager, x_mixed = x_eager.float(), x_mixed.float()
-        x_eager = _dpm_step(eager, x_eager, i, None)
-        x_mixed = traced_step(x_mixed, i) if i >= 2 else _dpm_step(mixed, x_mixed, i, None)
-        assert x_mixed.dtype == x_eager.dtype and torch.equal(x_mixed, x_eager), f"step {i}"
+    with ops.use_backend("auto"):
+        for i in range(8):
+            if i == 2:
+                x_eager, x_mixed = x_eager.float(), x_mixed.float()
+            x_eager = _dpm_step(eager, x_eager, i, None)
+            x_mixed = traced_step(x_mixed, i) if i >= 2 else _dpm_step(mixed, x_mixed, i, None)
+            assert x_mixed.dtype == x_eager.dtype and torch.equal(x_mixed, x_eager), f"step {i}"
 
 
 def test_traced_dpm_step_past_the_end_fails():
