@@ -266,6 +266,32 @@ def test_compiled_cogvideox_dpm_with_torch_default_generator(backend, device):
     assert not counters["graph_break"]
 
 
+@pytest.mark.parametrize("kind", ["ddim", "dpm"])
+def test_a_config_change_reaches_compiled_steps_through_an_eager_step_and_is_refused_without_one(kind):
+    """A compiled step cannot rebuild the tables (tests/test_changed_inputs.py): after a
+    changed option it is traced again (its guards on the options fail) and refuses, naming
+    the remedy; after one eager step, which rebuilds them, compiled steps follow the change."""
+    torch._dynamo.reset()
+    config = dict(clip_sample=True, clip_sample_range=0.5) if kind == "ddim" else {}
+    name, value = ("clip_sample", False) if kind == "ddim" else ("prediction_type", "v_prediction")
+    traced, eager = PAIRS[kind][1](**config), PAIRS[kind][1](**config)
+    for scheduler in (traced, eager):
+        scheduler.set_timesteps(6)
+
+    def step(scheduler, x, i):
+        return scheduler.step(torch.tanh(x) * 3, scheduler.timesteps[i], x, return_dict=False)[0]
+
+    compiled = torch.compile(fullgraph=True, backend="eager")(step)
+    x = _initial_sample(torch.device("cpu"))
+    assert torch.equal(compiled(traced, x, 0), step(eager, x, 0))
+    for scheduler in (traced, eager):
+        setattr(scheduler.config, name, value)
+    with pytest.raises(Exception, match=rf"config option\(s\) \['{name}'\] changed since the tables were built"):
+        compiled(traced, x, 1)
+    assert torch.equal(step(traced, x, 1), step(eager, x, 1))  # rebuilds the tables
+    assert torch.equal(compiled(traced, x, 2), step(eager, x, 2))
+
+
 def test_tracing_a_generator_names_the_remedy():
     """A torch.Generator cannot be traced: the error says what to do instead."""
     torch._dynamo.reset()

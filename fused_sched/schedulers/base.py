@@ -241,15 +241,34 @@ class FusedSchedulerMixin:
 
     def _require_schedule(self) -> None:
         """Refuse a step before set_timesteps; rebuild the tables where what they were built
-        from has changed since (``_step_config_options``). A traced step reads the tables as
-        they are: torch.compile cannot trace the comparison, and a later eager step, or
-        set_timesteps, refills them in place, where the compiled graph reads them."""
+        from has changed since (``_step_config_options``).
+
+        A traced step cannot rebuild them (host work), nor see an in-place edit of the state
+        (torch.compile does not guard tensor versions); it reads the tables as they are, and
+        a later eager step, or set_timesteps, refills them in place, where the compiled graph
+        reads them. A changed option is seen, though: the graph guards on the values read
+        here, so after a change the step is traced again and refuses to run on stale tables.
+        """
         if self.num_inference_steps is None or self._schedule_timesteps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
-        if not (torch.compiler.is_compiling() or self._tables_current()):
+        if torch.compiler.is_compiling():
+            self._refuse_changed_options_traced()
+        elif not self._tables_current():
             self._all_or_nothing(self._rebuild_tables)
+
+    def _refuse_changed_options_traced(self) -> None:
+        config = self.config
+        names = self._step_config_options
+        now = tuple([getattr(config, name) for name in names])  # attrgetter does not trace
+        if now != self._built_options:
+            changed = [name for name, value, built in zip(names, now, self._built_options or now) if value != built]
+            raise ValueError(
+                f"{type(self).__name__}: config option(s) {changed or list(names)} changed since the tables were built, "
+                "and a step traced by torch.compile cannot rebuild them; take one eager step (or call set_timesteps) "
+                "after changing the config, then the compiled steps"
+            )
 
     def _schedule_position(self, timestep) -> int | None:
         """Index into the schedule of a tensor that is an element of ``scheduler.timesteps``.
