@@ -266,14 +266,31 @@ def test_compiled_cogvideox_dpm_with_torch_default_generator(backend, device):
     assert not counters["graph_break"]
 
 
-@pytest.mark.parametrize("kind", ["ddim", "dpm"])
-def test_a_config_change_reaches_compiled_steps_through_an_eager_step_and_is_refused_without_one(kind):
+def _set_config(name, value):
+    def change(scheduler):
+        setattr(scheduler.config, name, value)
+    return change
+
+
+def _replace(name):
+    def change(scheduler):
+        setattr(scheduler, name, getattr(scheduler, name) * 0.95)
+    return change
+
+
+@pytest.mark.parametrize("kind, name, change", [
+    ("ddim", "clip_sample", _set_config("clip_sample", False)),
+    ("ddim", "alphas_cumprod", _replace("alphas_cumprod")),
+    ("dpm", "prediction_type", _set_config("prediction_type", "v_prediction")),
+    ("dpm", "sigmas", _replace("sigmas")),
+], ids=["ddim-option", "ddim-state", "dpm-option", "dpm-state"])
+def test_a_change_reaches_compiled_steps_through_an_eager_step_and_is_refused_without_one(kind, name, change):
     """A compiled step cannot rebuild the tables (tests/test_changed_inputs.py): after a
-    changed option it is traced again (its guards on the options fail) and refuses, naming
-    the remedy; after one eager step, which rebuilds them, compiled steps follow the change."""
+    changed option or replaced state it is traced again (its guards on them fail) and
+    refuses, naming the remedy; after one eager step, which rebuilds them, compiled steps
+    follow the change."""
     torch._dynamo.reset()
     config = dict(clip_sample=True, clip_sample_range=0.5) if kind == "ddim" else {}
-    name, value = ("clip_sample", False) if kind == "ddim" else ("prediction_type", "v_prediction")
     traced, eager = PAIRS[kind][1](**config), PAIRS[kind][1](**config)
     for scheduler in (traced, eager):
         scheduler.set_timesteps(6)
@@ -285,8 +302,8 @@ def test_a_config_change_reaches_compiled_steps_through_an_eager_step_and_is_ref
     x = _initial_sample(torch.device("cpu"))
     assert torch.equal(compiled(traced, x, 0), step(eager, x, 0))
     for scheduler in (traced, eager):
-        setattr(scheduler.config, name, value)
-    with pytest.raises(Exception, match=rf"config option\(s\) \['{name}'\] changed since the tables were built"):
+        change(scheduler)
+    with pytest.raises(Exception, match=rf"\['{name}'\] changed since the tables were built"):
         compiled(traced, x, 1)
     assert torch.equal(step(traced, x, 1), step(eager, x, 1))  # rebuilds the tables
     assert torch.equal(compiled(traced, x, 2), step(eager, x, 2))

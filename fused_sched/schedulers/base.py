@@ -246,28 +246,33 @@ class FusedSchedulerMixin:
         A traced step cannot rebuild them (host work), nor see an in-place edit of the state
         (torch.compile does not guard tensor versions); it reads the tables as they are, and
         a later eager step, or set_timesteps, refills them in place, where the compiled graph
-        reads them. A changed option is seen, though: the graph guards on the values read
-        here, so after a change the step is traced again and refuses to run on stale tables.
+        reads them. A changed option or replaced state is seen, though: the graph guards on
+        the values and objects read here, so after such a change the step is traced again and
+        refuses to run on stale tables.
         """
         if self.num_inference_steps is None or self._schedule_timesteps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
         if torch.compiler.is_compiling():
-            self._refuse_changed_options_traced()
+            self._refuse_changes_traced()
         elif not self._tables_current():
             self._all_or_nothing(self._rebuild_tables)
 
-    def _refuse_changed_options_traced(self) -> None:
+    def _refuse_changes_traced(self) -> None:
+        """_tables_current as torch.compile can trace it (no attrgetter, no versions)."""
         config = self.config
-        names = self._step_config_options
-        now = tuple([getattr(config, name) for name in names])  # attrgetter does not trace
-        if now != self._built_options:
-            changed = [name for name, value, built in zip(names, now, self._built_options or now) if value != built]
+        changed = [name for name, built in zip(self._step_config_options, self._built_options or ())
+                   if getattr(config, name) != built]
+        for name, (built, _) in zip(self._step_schedule_state, self._built_state or ()):
+            value = getattr(self, name)
+            if value is not built and (isinstance(value, torch.Tensor) or value != built):
+                changed.append(name)
+        if changed or self._built_options is None:
             raise ValueError(
-                f"{type(self).__name__}: config option(s) {changed or list(names)} changed since the tables were built, "
-                "and a step traced by torch.compile cannot rebuild them; take one eager step (or call set_timesteps) "
-                "after changing the config, then the compiled steps"
+                f"{type(self).__name__}: {changed or 'the config'} changed since the tables were built, and a step "
+                "traced by torch.compile cannot rebuild them; take one eager step (or call set_timesteps) after the "
+                "change, then the compiled steps"
             )
 
     def _schedule_position(self, timestep) -> int | None:
