@@ -224,3 +224,19 @@ def test_dpm_refuses_a_changed_solver_order_or_sigmas_of_another_length(kind):
     fused.sigmas = fused.sigmas[1:]
     with pytest.raises(ValueError, match=rf"needs a 1-D tensor of at least {N + 1} sigmas"):
         fused.step(x, fused.timesteps[1], x)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpm"])
+def test_a_rebuild_during_cuda_graph_capture_is_refused(kind, monkeypatch):
+    """Capture is simulated (this runs on any machine): a rebuild there would be recorded,
+    so the step refuses, naming the remedy, and changes nothing."""
+    from fused_sched.schedulers import base
+
+    fused = PAIRS[kind][1]()
+    fused.set_timesteps(N)
+    fused.config.prediction_type = "v_prediction"
+    x = torch.randn(1, 2, 3)
+    monkeypatch.setattr(base, "stream_capturing", lambda device: True)
+    with pytest.raises(ValueError, match="during CUDA-graph capture"):
+        fused.step(x, fused.timesteps[0], x)
+    assert not fused._tables_current()

@@ -257,6 +257,12 @@ class FusedSchedulerMixin:
         if torch.compiler.is_compiling():
             self._refuse_changes_traced()
         elif not self._tables_current():
+            if stream_capturing(self._schedule_timesteps.device):
+                raise ValueError(
+                    f"{type(self).__name__}: the config or schedule state changed since the tables were built, and "
+                    "rebuilding them during CUDA-graph capture would be recorded and replayed (its host copies are "
+                    "not capturable); take one eager step after the change, before capturing"
+                )
             self._all_or_nothing(self._rebuild_tables)
 
     def _refuse_changes_traced(self) -> None:
