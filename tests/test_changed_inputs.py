@@ -240,3 +240,16 @@ def test_a_rebuild_during_cuda_graph_capture_is_refused(kind, monkeypatch):
     with pytest.raises(ValueError, match="during CUDA-graph capture"):
         fused.step(x, fused.timesteps[0], x)
     assert not fused._tables_current()
+
+
+@pytest.mark.parametrize("kind", ["ddim", "cogvideox_dpm"])
+def test_a_final_alpha_below_the_last_steps_alpha_is_refused_naming_it(kind):
+    """A final_alpha_cumprod set by hand below alpha-bar at the last timestep makes the
+    step's variance (DDIM) or noise scale (CogVideoX DPM) negative, where diffusers returns
+    NaN: the step refuses, saying so (not blaming the prediction type)."""
+    fused = PAIRS[kind][1]()
+    fused.set_timesteps(N)
+    fused.final_alpha_cumprod = torch.tensor(0.5)
+    x = torch.randn(1, 2, 3)
+    with pytest.raises(ValueError, match=r"alpha-bar rises across the step at timestep\(s\) \[0\]"):
+        _one_step(kind, fused, x, 0)

@@ -173,6 +173,16 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         where alphas_cumprod is 0) is allowed when the step clips x0: clipping bounds +-inf,
         as it does in diffusers."""
         def describe(bad):
+            rising = [t for t in bad if self._alpha_rises_across_step(t)]
+            if rising:
+                alphas, _ = self._host_alphas
+                t = rising[0]
+                return (
+                    f"{type(self).__name__}: alpha-bar rises across the step at timestep(s) {rising[:4]} (at t={t} "
+                    f"from alphas_cumprod[t]={float(alphas[t]):.6g} to {self._alpha_after_step(t):.6g} at the step's "
+                    "end): the step's variance (1 - a_prev)/(1 - a_t)*(1 - a_t/a_prev) is negative there, and "
+                    "diffusers returns NaN. Check alphas_cumprod and final_alpha_cumprod (edited by hand?)"
+                )
             return (
                 f"{type(self).__name__}: the coefficients at timestep(s) {bad[:4]} are not finite with "
                 f"prediction_type={self.config.prediction_type!r}, "
@@ -186,6 +196,15 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         if clips:
             checked[:, L.AS] = checked[:, L.AS].nan_to_num(posinf=0.0)
         check_finite_rows(checked, scheduled, describe)
+
+    def _alpha_after_step(self, t: int) -> float:
+        """alpha-bar at the end of the (denoising) step from t: at t - T//n, or the final one."""
+        alphas, boundary = self._host_alphas
+        prev = t - self._step_gap()
+        return float(alphas[prev] if prev >= 0 else boundary)
+
+    def _alpha_rises_across_step(self, t: int) -> bool:
+        return self._alpha_after_step(t) < float(self._host_alphas[0][t])
 
     def _row(self, placed: PlacedTable, timestep, device, dtype) -> torch.Tensor:
         """(1, K) coefficients for ``timestep``: a view when its value is host-known, else a

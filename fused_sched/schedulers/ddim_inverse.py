@@ -22,6 +22,9 @@ class FusedDDIMInverseScheduler(DDIMFamilyMixin, DDIMInverseScheduler):
     def _boundary_alpha(self) -> torch.Tensor:
         return self.initial_alpha_cumprod
 
+    def _alpha_rises_across_step(self, t: int) -> bool:
+        return False  # the inverse steps toward noise: alpha-bar falls, and no variance is formed
+
     def _build_tables(self, device) -> None:
         alphas, initial = self._host_alphas
         # made with the tables: steps read no config
