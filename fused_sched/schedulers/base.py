@@ -141,7 +141,9 @@ class FusedSchedulerMixin:
     def _tables_current(self) -> bool:
         """Whether what the tables were built from (``_step_config_options``) is as it was:
         the same option values, and the same state objects unedited (their in-place
-        versions; no device memory is read)."""
+        versions; no device memory is read). It runs at every eager step, so it reads the
+        options with one attrgetter call; ``_refuse_changes_traced`` is the same rule in the
+        form torch.compile traces (one shared form measured 0.5 µs slower per step)."""
         if self._read_step_options(self.config) != self._built_options:
             return False
         for value, (built, version) in zip(self._read_step_state(self), self._built_state):
