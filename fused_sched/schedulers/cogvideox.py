@@ -11,6 +11,8 @@ import math
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, SchedulerMixin  # noqa: F401  (SchedulerMixin: see base.py)
 from diffusers.schedulers.scheduling_ddim_cogvideox import DDIMSchedulerOutput
+# diffusers defines a DDIMSchedulerOutput class in each module; each step returns its own module's.
+from diffusers.schedulers.scheduling_dpm_cogvideox import DDIMSchedulerOutput as DPMSchedulerOutput
 
 from .. import ops
 from ..coefficients.ddim import LAMBDA, cogvideox_ddim_table, cogvideox_dpm_history_column, cogvideox_dpm_tables
@@ -151,7 +153,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         generator: torch.Generator | None = None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = False,
-    ) -> DDIMSchedulerOutput | tuple:
+    ) -> DPMSchedulerOutput | tuple:
         self._require_schedule()
         self._check_model_io(model_output, sample)
         if self._decides_on_device(timestep, timestep_back):
@@ -189,7 +191,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         )
         if not return_dict:
             return (prev, x0)
-        return step_output(DDIMSchedulerOutput, prev, x0)
+        return step_output(DPMSchedulerOutput, prev, x0)
 
     @staticmethod
     def _second_order_dtypes(dtypes, old) -> tuple[torch.dtype, torch.dtype]:
@@ -230,8 +232,8 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         the eager draws: the second-order step uses the second draw, so with in-kernel noise
         its offset and the counter's advance depend on that selection. Differences from the
         eager step, which cannot be decided without the values: with history, the result is
-        a DDIMSchedulerOutput when ``return_dict`` even on the last (first-order) step,
-        ``timestep_back`` is required, a float64 ``old_pred_original_sample`` makes prev
+        scheduling_dpm_cogvideox's DDIMSchedulerOutput when ``return_dict`` even on the last
+        (first-order) step, ``timestep_back`` is required, a float64 ``old_pred_original_sample`` makes prev
         float64 on that step too (diffusers' first-order step ignores the history, and its
         prev has the first-order dtype), and where the history weight is 0 (that step; a
         zero-SNR step back from T-1) an infinite x0 gives NaN, 0*(x0 - old), where diffusers
@@ -273,7 +275,7 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
                                      x0_dtype=x0_dtype, constant_columns=known)
         if old is None or not return_dict:
             return (prev, x0)
-        return step_output(DDIMSchedulerOutput, prev, x0)
+        return step_output(DPMSchedulerOutput, prev, x0)
 
     def _device_index(self, timestep, argument: str, device) -> torch.Tensor:
         """(1,) int64 index on ``device`` for a Python int (range-checked here) or a tensor."""
