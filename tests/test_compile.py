@@ -56,6 +56,9 @@ DPM_CASES = {
     "sde-dpm++2m": ("dpm", dict(algorithm_type="sde-dpmsolver++"), False),
     "dpm++3m-threshold-sample": ("dpm", dict(solver_order=3, thresholding=True, prediction_type="sample"), False),
     "dpm-inverse-3": ("dpm_inverse", dict(solver_order=3), False),
+    # orders above 3 run as 3: the traced step carries two history terms, not solver_order - 1
+    "dpm++4m": ("dpm", dict(solver_order=4), False),
+    "dpm-inverse-4": ("dpm_inverse", dict(solver_order=4), False),
 }
 
 

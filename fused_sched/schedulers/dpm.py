@@ -218,9 +218,9 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         self._make_host_current()
         dtype = self._history_dtype(sample, model_output)
         buffers = [torch.zeros(sample.shape, dtype=dtype, device=sample.device)
-                   for _ in range(self.config.solver_order - 1)]
+                   for _ in range(self._weighed_history_terms)]
         # the history so far, newest first, as the buffers hold it
-        for buffer, h in zip(buffers, self.model_outputs[-1: -self.config.solver_order: -1]):
+        for buffer, h in zip(buffers, self.model_outputs[::-1]):
             if h is not None:
                 buffer.copy_(h)
         self._static_history = buffers
@@ -229,6 +229,12 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         self._cursor.start_at(step, self._lower_order_nums)
         self._point_model_outputs_at_buffers()
         self._host_current, self._device_current = False, True
+
+    @property
+    def _weighed_history_terms(self) -> int:
+        """How many history entries a step of any order can weigh: solver_order - 1, where
+        orders above 3 run as 3 (diffusers keeps solver_order entries but reads two at most)."""
+        return min(self.config.solver_order, 3) - 1
 
     def _point_model_outputs_at_buffers(self) -> None:
         """``model_outputs`` as diffusers lays it out (newest last), viewing the buffers."""
@@ -405,7 +411,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     def _traced_step(self, model_output, timestep, sample, generator, variance_noise, return_dict):
         """The step as torch.compile traces it, and as every step runs after
         ``prepare_cuda_graph``: the same op and rows as eager, with the row gathered by the
-        device cursor and always solver_order - 1 history terms (absent ones are zeros; their
+        device cursor and always ``_weighed_history_terms`` history terms (absent ones are zeros; their
         coefficients are 0 in every row of a lower order), so the graph is the same at every
         step. Stepping past the end fails in the cursor's gather (on CUDA, a device assert)."""
         if self._cursor.step.device != sample.device:
@@ -432,7 +438,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         else:
             history = tuple(
                 h if h is not None else torch.zeros(sample.shape, dtype=history_dtype, device=sample.device)
-                for h in self.model_outputs[-1 : -c.solver_order : -1]
+                for h in self.model_outputs[::-1][: self._weighed_history_terms]
             )
         # float64 where a history entry is, as eagerly: after float64 steps, say
         coefficient_dtype = self._coefficient_dtype(sample, model_output, history)
