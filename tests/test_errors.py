@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming what is wrong; inputs are never modified; the
-configurations where diffusers breaks are refused or computed correctly, never NaN."""
+configurations where diffusers breaks are refused or computed correctly, never NaN (but
+where only the device knows the step's timestep, and diffusers' step is NaN too)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import torch
 
 import fused_sched
 from fused_sched import ops
-from drivers import PAIRS
+from drivers import PAIRS, relative_error
 
 X = torch.randn(2, 4, 8, 8)
+TOLERANCE = 1e-5  # one step's float32 rounding, with margin (test_conformance.TEACHER_FORCED_TOLERANCE)
 
 
 def _ready(kind="ddim", n=10, **config):
@@ -98,14 +100,64 @@ def test_device_mismatch_names_the_argument():
         ops.fused_step(X, meta, torch.zeros(1, ops.layout.NUM_COEFFICIENTS))
 
 
-def test_eta_out_of_range():
-    scheduler = _ready()
-    with pytest.raises(ValueError, match=r"eta=1.5 is outside \[-1, 1\]"):
-        scheduler.step(X, 901, X, eta=1.5)
-    with pytest.raises(ValueError, match=r"eta=-1.1"):
-        scheduler.step(X, 901, X, eta=-1.1)
+def test_eta_must_be_a_number():
     with pytest.raises(TypeError, match="eta must be a Python number"):
-        scheduler.step(X, 901, X, eta=torch.tensor(0.5))
+        _ready().step(X, 901, X, eta=torch.tensor(0.5))
+
+
+def _eta_steps(spacing, eta):
+    """(timestep, diffusers' prev or None where it is not finite, fused prev or the
+    ValueError) for each step of a 10-step trajectory, both fed diffusers' sample."""
+    reference, fused = (cls(timestep_spacing=spacing) for cls in PAIRS["ddim"])
+    for s in (reference, fused):
+        s.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x, steps = torch.randn(1, 4, 8, 8, generator=g), []
+    for t, fused_t in zip(reference.timesteps, fused.timesteps):
+        m, z = torch.tanh(x), torch.randn(x.shape, generator=g)
+        expected = reference.step(m, t, x, eta=eta, variance_noise=z).prev_sample
+        try:
+            got = fused.step(m, fused_t, x, eta=eta, variance_noise=z).prev_sample
+        except ValueError as error:
+            got = error
+        steps.append((int(t), expected if bool(expected.isfinite().all()) else None, got))
+        if steps[-1][1] is None:
+            break
+        x = expected
+    return steps
+
+
+@pytest.mark.parametrize("spacing, eta, refused_at", [
+    ("trailing", 1.05, None),  # within sqrt(a_prev(1 - a_t)/(a_prev - a_t)) at every step
+    ("leading", 1.05, 100),
+    ("trailing", 1.1, 999),
+    ("leading", -1.2, 900),  # eta enters squared
+])
+def test_eta_beyond_one_runs_where_diffusers_does_and_is_refused_where_it_gives_nan(spacing, eta, refused_at):
+    """diffusers takes any eta; above 1 in size the direction term sqrt(1 - a_prev - std^2)
+    is NaN at the steps where eta^2 > a_prev(1 - a_t)/(a_prev - a_t), and only there."""
+    steps = _eta_steps(spacing, eta)
+    for t, expected, got in steps:
+        if t == refused_at:
+            assert expected is None, f"diffusers is finite at timestep {t}"
+            assert isinstance(got, ValueError) and f"eta={eta} at timestep {t}" in str(got)
+            assert "this step takes |eta| <= sqrt(a_prev(1 - a_t)/(a_prev - a_t))" in str(got)
+        else:
+            assert expected is not None, f"diffusers returns NaN at timestep {t}, which the fused step took"
+            assert not isinstance(got, ValueError), f"timestep {t}: {got}"
+            assert relative_error(got, expected) <= TOLERANCE, f"timestep {t}"
+    assert (steps[-1][0] == refused_at) if refused_at is not None else len(steps) == 10
+
+
+def test_eta_beyond_the_bound_at_a_device_only_timestep_gives_nan_as_diffusers():
+    """A timestep tensor that is not an element of scheduler.timesteps is not read on the
+    host: its row, NaN there, gives the NaN diffusers' step gives."""
+    outputs = []
+    for cls in PAIRS["ddim"]:
+        scheduler = cls(timestep_spacing="trailing")
+        scheduler.set_timesteps(10)
+        outputs.append(scheduler.step(X, torch.tensor(999), X, eta=1.1, variance_noise=X).prev_sample)
+    assert outputs[0].isnan().all() and outputs[1].isnan().all()
 
 
 def test_generator_and_variance_noise_together():

@@ -40,10 +40,14 @@ def ddim_table(
     sqrt_a, sqrt_b = a_t**0.5, b_t**0.5
     variance = (b_p / b_t) * (1 - a_t / a_p)
     std = eta * variance**0.5
-    # 1 - a_p - std^2 = (1-a_p)^2 a_t / (a_p (1-a_t)) >= 0 for |eta| <= 1; with zero-SNR
-    # (a_t = 0) and eta = 1 it is 0 and float32 rounding can make it -1e-8, where diffusers
-    # takes the square root of a negative number and returns NaN.
-    direction = (1 - a_p - std**2).clamp(min=0) ** 0.5
+    direction_squared = 1 - a_p - std**2
+    if abs(eta) <= 1:
+        # (1-a_p)^2 a_t / (a_p (1-a_t)) at |eta| = 1, so >= 0 for |eta| <= 1; with zero-SNR
+        # (a_t = 0) and eta = 1 it is 0 and float32 rounding can make it -1e-8, where diffusers
+        # takes the square root of a negative number and returns NaN.
+        direction_squared = direction_squared.clamp(min=0)
+    # Above 1, negative (the row NaN, as diffusers' step) where eta^2 > a_p(1-a_t)/(a_p-a_t).
+    direction = direction_squared**0.5
 
     x0 = x0_conversion(prediction_type, sqrt_a, sqrt_b)
     if use_clipped_model_output:

@@ -49,6 +49,7 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
 
     def _build_tables(self, device) -> None:
         self._clip = clip_options(self.config)  # made with the tables: steps read no config
+        self._eta_beyond_bound = {}
         table = self._table_rows(*_BASE_KEY)
         # checked before anything is installed: installing refills the old tables in place
         self._check_schedule_rows(table, self._host_timesteps, clips=self._clip["clip"] != "none")
@@ -70,10 +71,28 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
             table = self._table_rows(eta, use_clipped_model_output)
         key = (eta, use_clipped_model_output)
         base = self._tables.get(_BASE_KEY)
+        if base is not None and abs(eta) > 1:
+            beyond = table.isnan().any(dim=1) & ~base.host.isnan().any(dim=1)
+            self._eta_beyond_bound[key] = frozenset(beyond.nonzero().flatten().tolist())
         # Built inside a step, a table must not be read on the host: it inherits what the
         # schedule's base table knows about the columns eta cannot change.
         known = None if base is None else base.constant_columns.only(L.ESTIMATE_COLUMNS)
         self._install_table(key, table, self._schedule_device, known=known)
+
+    def _check_eta_bound(self, key, timestep) -> None:
+        """Refuse an |eta| > 1 at a host-known timestep where the direction term has no real
+        value (the row is NaN; at a timestep known only on the device, the step returns NaN
+        as diffusers' does)."""
+        t = self._host_timestep(timestep)
+        if t is None or t not in self._eta_beyond_bound[key]:
+            return
+        a_t, a_p = float(self._host_alphas[0][t]), self._alpha_after_step(t)
+        bound = (a_p * (1 - a_t) / (a_p - a_t)) ** 0.5
+        raise ValueError(
+            f"eta={key[0]} at timestep {t}: the DDIM direction term sqrt(1 - a_prev - std^2) has no real value "
+            f"there (diffusers returns NaN); this step takes |eta| <= sqrt(a_prev(1 - a_t)/(a_prev - a_t)) = "
+            f"{bound:.6g}"
+        )
 
     def step(
         self,
@@ -89,11 +108,6 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         self._require_schedule()
         if type(eta) is not float and (isinstance(eta, torch.Tensor) or not isinstance(eta, numbers.Real)):
             raise TypeError(f"eta must be a Python number, got {type(eta).__name__}")
-        if not -1.0 <= eta <= 1.0:
-            raise ValueError(
-                f"eta={eta} is outside [-1, 1]: the DDIM direction term sqrt(1 - a_prev - std^2) has no real "
-                "value for |eta| > 1 (diffusers returns NaN there)"
-            )
         if eta > 0 and generator is not None and variance_noise is not None:  # at eta 0 neither is used
             raise ValueError(
                 "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
@@ -102,6 +116,8 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         key = (float(eta), bool(use_clipped_model_output))
         if key not in self._tables:
             self._build_table(*key)
+        if self._eta_beyond_bound.get(key):
+            self._check_eta_bound(key, timestep)
         noise = None
         if eta > 0:  # diffusers draws noise whenever eta > 0, even where std is 0
             self._check_model_io(model_output, sample)  # before reading it (_fused_step checks it too)
