@@ -199,6 +199,30 @@ def test_a_step_that_fails_leaves_the_generator_as_it_was(case):
     torch.testing.assert_close(retried, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device_order", [False, True], ids=["eager", "order-on-device"])
+@pytest.mark.parametrize("old, message", [
+    (X[..., :7], r"old_pred_original_sample has shape \(2, 4, 8, 7\); expected the sample's shape"),
+    (X.to(torch.int64), "old_pred_original_sample must be a floating-point tensor"),
+    (X.to("meta"), "old_pred_original_sample is on meta; expected the sample's device"),
+], ids=["shape", "dtype", "device"])
+def test_a_cogvideox_dpm_step_refusing_its_history_leaves_the_generator_as_it_was(old, message, device_order):
+    """The history is checked before either of the second-order step's two draws."""
+    scheduler = _ready("cogvideox_dpm")
+    if device_order:
+        scheduler.use_philox_noise(0)  # with a timestep tensor that is not an element: the order is chosen on the device
+    t, back = scheduler.timesteps[2], scheduler.timesteps[1]
+    if device_order:
+        t, back = t.clone(), back.clone()
+    generator = torch.Generator().manual_seed(0)
+    before = generator.get_state()
+    counter = None if scheduler._philox_counter is None else scheduler._philox_counter.clone()
+    with pytest.raises((ValueError, TypeError), match=message):
+        scheduler.step(X, old, t, back, X, generator=generator)
+    assert torch.equal(generator.get_state(), before)
+    if counter is not None:
+        assert torch.equal(scheduler._philox_counter, counter)
+
+
 @pytest.mark.parametrize("kind, config, message", [
     ("ddim", dict(clip_sample=True, clip_sample_range=0.0), "clip_sample_range=0.0 with clip_sample=True"),
     ("ddim_inverse", dict(clip_sample=True, clip_sample_range=-1.0), "clip_sample_range=-1.0 with clip_sample=True"),

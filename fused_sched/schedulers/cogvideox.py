@@ -170,6 +170,8 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
                 "previous (noisier) timestep"
             )
         self._check_shapes_before_noise(model_output, sample)
+        if second_order:
+            self._check_history_before_noise(old_pred_original_sample, sample)
         dtypes = self._step_dtypes(sample, model_output)
         dtype, _, x0_dtype = dtypes
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
@@ -192,6 +194,19 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         if not return_dict:
             return (prev, x0)
         return step_output(DPMSchedulerOutput, prev, x0)
+
+    @staticmethod
+    def _check_history_before_noise(old, sample) -> None:
+        """The op's checks of the history term a step will weigh, made before the step draws
+        (see ``_check_shapes_before_noise``)."""
+        if not (isinstance(old, torch.Tensor) and old.is_floating_point()):
+            _refuse_tensor("old_pred_original_sample", old)
+        if old.shape != sample.shape:
+            raise ValueError(f"old_pred_original_sample has shape {tuple(old.shape)}; expected the sample's shape "
+                             f"{tuple(sample.shape)}")
+        if old.device != sample.device:
+            raise ValueError(f"old_pred_original_sample is on {old.device}; expected the sample's device "
+                             f"{sample.device}")
 
     @staticmethod
     def _second_order_dtypes(dtypes, old) -> tuple[torch.dtype, torch.dtype]:
@@ -242,6 +257,14 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         """
         device = sample.device
         self._check_shapes_before_noise(model_output, sample)
+        if old is not None:
+            if timestep_back is None:
+                raise ValueError(
+                    "old_pred_original_sample was given without timestep_back: a step that decides its order on "
+                    "the device (traced, or in-kernel noise with timesteps that are not elements of "
+                    "scheduler.timesteps) needs the previous timestep whenever history is given"
+                )
+            self._check_history_before_noise(old, sample)
         dtypes = self._step_dtypes(sample, model_output)
         dtype, _, x0_dtype = dtypes
         prev_dtype = None
@@ -250,16 +273,9 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         first = self._tables["first"]
         t = self._device_index(timestep, "timestep", device)
         rows = gather_rows(first.on(device, dtype), t)
-        noise = self._draw_noise(sample.shape, generator, device, sample.dtype)
         history = ()
         known = first.constant_columns
         if old is not None:
-            if timestep_back is None:
-                raise ValueError(
-                    "old_pred_original_sample was given without timestep_back: a step that decides its order on "
-                    "the device (traced, or in-kernel noise with timesteps that are not elements of "
-                    "scheduler.timesteps) needs the previous timestep whenever history is given"
-                )
             back = self._device_index(timestep_back, "timestep_back", device)
             terms = self._terms_on(device)
             o1 = cogvideox_dpm_history_column(gather_rows(terms, t),
@@ -268,9 +284,12 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             second_rows = torch.where(column == L.O1, o1.to(dtype)[:, None], rows)
             second_order = (t - self._step_gap() >= 0)[:, None]
             rows = torch.where(second_order, second_rows, rows)
-            noise = self._second_draw(noise, second_order, sample.shape, generator, device, sample.dtype)
             history = (old,)
             known = known.only(_ALL_BUT_HISTORY_WEIGHT)
+        # drawn after every check above: a refused step leaves the generator as it was
+        noise = self._draw_noise(sample.shape, generator, device, sample.dtype)
+        if old is not None:
+            noise = self._second_draw(noise, second_order, sample.shape, generator, device, sample.dtype)
         prev, _, x0 = ops.fused_step(sample, model_output, rows, history=history, noise=noise, out_dtype=prev_dtype,
                                      x0_dtype=x0_dtype, constant_columns=known)
         if old is None or not return_dict:
