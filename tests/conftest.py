@@ -48,27 +48,48 @@ def backend_device(name: str) -> torch.device:
     return torch.device("cpu") if name in CPU_ONLY_BACKENDS else DEVICE
 
 
+def skip_unavailable_backend(name: str, reason: str, allow_module_level: bool = False):
+    """Skip the test (or module) that needs backend ``name``, or fail it if
+    FUSED_SCHED_REQUIRE_BACKENDS lists the backend (CI lists every backend its machine can
+    run, so none is skipped there unseen)."""
+    if name in os.environ.get("FUSED_SCHED_REQUIRE_BACKENDS", "").split(","):
+        pytest.fail(f"backend {name!r} is required here but unavailable: {reason}", pytrace=False)
+    pytest.skip(f"backend {name!r} unavailable: {reason}", allow_module_level=allow_module_level)
+
+
 def require_backend(name: str):
-    """The backend object, if it can run on ``backend_device(name)``; else the test is
-    skipped, or fails if FUSED_SCHED_REQUIRE_BACKENDS lists it (CI lists every backend its
-    machine can run, so none is skipped there unseen)."""
+    """The backend object, if it can run on ``backend_device(name)``; else
+    ``skip_unavailable_backend``."""
     reason = backends.why_unavailable(name, backend_device(name), (torch.float32,))
     if reason is not None:
-        required = os.environ.get("FUSED_SCHED_REQUIRE_BACKENDS", "").split(",")
-        if name in required:
-            pytest.fail(f"backend {name!r} is required here but unavailable: {reason}")
-        pytest.skip(f"backend {name!r} unavailable: {reason}")
+        skip_unavailable_backend(name, reason)
     return backends.load_backend(name)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def backend(request):
-    """Run a module's tests once per backend that can run on this machine (see
-    ``require_backend``), on the device of ``backend_device`` (tests take the ``device``
-    fixture for their tensors)."""
+def available_backend(request) -> str:
+    """Each backend that can run on this machine (see ``require_backend``), once per module
+    (the module's tests are grouped by it)."""
     require_backend(request.param)
-    with ops.use_backend(request.param):
-        yield request.param
+    return request.param
+
+
+@pytest.fixture
+def backend(available_backend):
+    """Run a module's tests once per backend that can run on this machine, selected for
+    the test alone, on the device of ``backend_device`` (tests take the ``device`` fixture
+    for their tensors)."""
+    with ops.use_backend(available_backend):
+        yield available_backend
+
+
+@pytest.fixture(autouse=True)
+def no_backend_selection_left_behind():
+    """A test that does not ask for a backend runs on what the environment selects, not on
+    one an earlier test selected and left behind."""
+    before = backends._selected
+    yield
+    assert backends._selected == before, f"the test left backend {backends._selected!r} selected"
 
 
 @pytest.fixture(autouse=True)

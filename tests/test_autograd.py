@@ -10,6 +10,7 @@ import fused_sched
 from fused_sched import ops
 from fused_sched.ops import backends
 
+from conftest import require_backend
 from drivers import PAIRS, record_calls
 
 CONFIGS = [("ddim", {}), ("ddim", {"thresholding": True}), ("dpm", {}), ("dpm", {"thresholding": True}),
@@ -46,6 +47,7 @@ def _threshold_medians(config):
 
 def _compiled_backend():
     """The backend auto runs CPU steps on, when it is not the torch reference."""
+    require_backend("cpu")
     chosen = backends.select_backend(torch.device("cpu"), (torch.float32,), "auto")
     if chosen.name == "torch":
         pytest.skip("auto already runs the torch backend here (the cpu extension is unavailable)")

@@ -12,6 +12,7 @@ import torch
 
 import fused_sched
 from fused_sched import ops
+from conftest import require_backend
 from drivers import PAIRS, relative_error
 
 X = torch.randn(2, 4, 8, 8)
@@ -528,9 +529,7 @@ def test_num_inference_steps_as_an_integer_tensor_is_taken(kind):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_thresholding_empty_rows_is_refused_clearly(backend):
-    reason = ops.availability(torch.device("cpu"))[backend]
-    if reason is not None:
-        pytest.skip(reason)
+    require_backend(backend)
     x = torch.zeros(2, 0, 3)
     c = torch.zeros(1, ops.layout.NUM_COEFFICIENTS)
     with pytest.raises(ValueError, match="has empty rows"):

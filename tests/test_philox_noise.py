@@ -38,7 +38,7 @@ from fused_sched import ops
 from fused_sched.ops import PhiloxNoise, backends, layout, philox
 from fused_sched.verify import stand_in_model
 
-from conftest import backend_device
+from conftest import backend_device, require_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,7 +47,7 @@ Z_RTOL = 2.0**-19  # 16 float32 ulp of z between any two backends (see the modul
 FALSE_ALARM = 1e-6
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def backend(backend):
     """conftest's backend, for this module's data on DEVICE: on a GPU machine the cpu backend
     (CPU tensors only) is skipped here; CPU machines (CI) run its philox tests."""
@@ -68,12 +68,6 @@ def _fma_rounds_once(backend: str) -> bool:
     from fused_sched.ops.triton import _common
 
     return _common.FMA_ROUNDS_ONCE
-
-
-def _require(backend: str, device: torch.device = DEVICE) -> None:
-    reason = backends.why_unavailable(backend, device, (torch.float32,))
-    if reason is not None:
-        pytest.skip(f"backend {backend!r} unavailable: {reason}")
 
 
 def _impl(backend: str):
@@ -162,6 +156,9 @@ BIT_CASES = [(0, 0), (1, 7), (123456789, 2**32 - 100), (2**63 - 1, 2**40 + 3), (
 
 @pytest.mark.parametrize("seed,offset", BIT_CASES)
 def test_philox_bits_identical_to_reference(backend, seed, offset):
+    if backend == "torch" and DEVICE.type == "cpu":
+        pytest.skip("the torch backend's bits on the CPU are the reference itself (test_reference_is_philox4x32_10 "
+                    "checks those); on a GPU this compares its device arithmetic with the CPU's")
     n = 1024 if _interpreted(backend) else 100_000
     got = _bits(backend, seed, offset, n)
     assert torch.equal(got.cpu(), philox.philox_bits(seed, offset, n))
@@ -172,7 +169,7 @@ def test_cpu_philox_bits_on_both_loops(portable):
     """The cpu backend's AVX2 Philox (eight counters per vector, the 64-bit counter's carry
     done by hand) and its baseline loop give the reference's bits, across a 2**32 boundary of
     the counter, with counts that leave partial groups of eight in every task."""
-    _require("cpu", torch.device("cpu"))
+    require_backend("cpu")
     from fused_sched.ops import extension
 
     ext = extension.load_extension()
@@ -357,8 +354,7 @@ def test_cpu_vectorised_and_portable_loops_agree():
     """The cpu backend's AVX2 loops and its baseline build give the same bits, except that
     where it is built with libmvec (x86-64 Linux) the AVX2 Box-Muller takes log and cos from
     it: then z agrees within the stated tolerance (the Philox stage is exact either way)."""
-    cpu = torch.device("cpu")
-    _require("cpu", cpu)
+    require_backend("cpu")
     from fused_sched.ops import extension
 
     ext = extension.load_extension()
@@ -385,7 +381,7 @@ def test_cpu_vectorised_and_portable_loops_agree():
 
 def test_identical_across_triton_block_sizes(monkeypatch):
     """Small blocks and every configuration the autotuner may pick give the same bits."""
-    _require("triton")
+    require_backend("triton")
     import triton
 
     from fused_sched.ops.triton import step
@@ -398,7 +394,7 @@ def test_identical_across_triton_block_sizes(monkeypatch):
 
 
 def test_triton_library_op_takes_the_seed_as_ints():
-    _require("triton")
+    require_backend("triton")
     from fused_sched.ops.triton import step  # noqa: F401  (registers the op)
 
     g = torch.Generator().manual_seed(2)
@@ -443,7 +439,7 @@ def test_device_offset_over_the_reference_cpu_pieces():
     c[:, layout.ON] = 1.0
     offset = 2**32 - 11
     for backend in ("torch", "cpu"):
-        _require(backend, torch.device("cpu"))
+        require_backend(backend)
         by_int = ops.fused_step(zeros, zeros, c, noise=PhiloxNoise(3, offset), backend=backend).prev_sample
         by_tensor = ops.fused_step(zeros, zeros, c, noise=PhiloxNoise(3, torch.tensor(offset)),
                                    backend=backend).prev_sample
@@ -469,7 +465,7 @@ def test_triton_backend_traced_with_a_device_offset():
     """The Triton backend called inside a traced function passes the offset tensor to its
     registered op as the tensor argument philox_base, not as the int philox_offset (which
     the dispatcher would fill by reading the tensor on the host)."""
-    _require("triton")
+    require_backend("triton")
     from fused_sched.ops.triton import BACKEND
 
     torch._dynamo.reset()
@@ -587,14 +583,18 @@ def test_invalid_philox_arguments_are_named():
     step(PhiloxNoise(np.int64(5), np.uint32(3)))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "cuda-emulator"])
 def test_kernel_entry_points_check_the_noise_mode(backend):
-    device = torch.device(backend)
-    _require(backend, device)
-    from fused_sched.ops import extension
+    """The launchers' own checks (csrc/cuda/launch_arguments.h for cuda and its emulator)."""
+    device = backend_device(backend)
+    require_backend(backend)
+    if backend == "cuda-emulator":
+        fn = backends.load_backend(backend).module.fused_step
+    else:
+        from fused_sched.ops import extension
 
-    ext = extension.load_extension()
-    fn = ext.cpu_fused_step if backend == "cpu" else ext.cuda_fused_step
+        ext = extension.load_extension()
+        fn = ext.cpu_fused_step if backend == "cpu" else ext.cuda_fused_step
     x = torch.zeros(2, 8, device=device)
     c = _noise_only_rows().to(device)
     out = torch.empty_like(x)

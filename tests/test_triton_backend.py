@@ -39,12 +39,15 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from conftest import subprocess_env  # noqa: E402
+from conftest import skip_unavailable_backend, subprocess_env  # noqa: E402
 from drivers import quantile_rows, record_calls  # noqa: E402
 from fused_sched import ops  # noqa: E402
 from fused_sched.ops import layout, reference  # noqa: E402
 
-triton_backend = pytest.importorskip("fused_sched.ops.triton")
+try:
+    import fused_sched.ops.triton as triton_backend  # noqa: E402
+except ImportError as error:
+    skip_unavailable_backend("triton", f"fused_sched.ops.triton does not import: {error}", allow_module_level=True)
 from fused_sched.ops.triton import _common, step, threshold  # noqa: E402
 
 if not triton_backend.INTERPRETED and not torch.cuda.is_available():
@@ -56,7 +59,7 @@ if not triton_backend.INTERPRETED and not torch.cuda.is_available():
 # The interpreter evaluates with numpy, which warns about the inf/NaN arithmetic tested here.
 if triton_backend.INTERPRETED and _common.INTERPRETER_DEFECT is not None:
     # The backend reports itself unavailable here; its kernels cannot run to be tested.
-    pytest.skip(f"the triton backend is unavailable: {_common.INTERPRETER_DEFECT}", allow_module_level=True)
+    skip_unavailable_backend("triton", _common.INTERPRETER_DEFECT, allow_module_level=True)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
