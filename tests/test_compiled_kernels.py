@@ -1,11 +1,12 @@
 """The compiled kernels of csrc/ against the executable spec, fused_sched.ops.reference.
 
-Two implementations run every equivalence test here, on CPU tensors: the ``cpu`` backend
-(csrc/cpu) and csrc/cuda's kernels run by the tests' CUDA emulator (``cuda-emulator``,
+Every equivalence test here runs the ``cpu`` backend (csrc/cpu) and csrc/cuda's kernels:
+on machines without a GPU by the tests' CUDA emulator (``cuda-emulator``,
 tests/cuda_emulator: the .cu sources compiled by the host compiler, a launch's threads
-run on CPU threads). Both evaluate the shared step math of csrc/include on the host, so
-the tolerances below hold for both; on a GPU the cuda backend meets them in
-test_conformance.py and the backend-parametrised tests, which the emulator also runs.
+run on CPU threads), on a GPU by the ``cuda`` backend itself, fed the same inputs copied
+to the device with their layout (``OnTheGpu``) and judged against the reference on the
+CPU. All evaluate the shared step math of csrc/include, so the tolerances below hold for
+each: the GPU rounds every product, sum and fma explicitly, as the host does.
 
 Tolerances. The kernels evaluate the reference's formula with the same fp32 operations in
 the same order and the same roundings (csrc/include/fused_sched/step_math.h): products
@@ -61,10 +62,52 @@ def _load(name: str):
     return backend
 
 
-@pytest.fixture(scope="module", params=["cpu", "cuda-emulator"])
+def _on_device(value, device: torch.device):
+    """``value`` with every tensor in it copied to ``device`` with its strides and storage
+    offset (so a view off the 16-byte grid stays off it: allocations are aligned alike)."""
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        whole = torch.empty(0, dtype=value.dtype).set_(storage, 0, (storage.nbytes() // value.element_size(),))
+        return whole.to(device).as_strided(value.shape, value.stride(), value.storage_offset())
+    if isinstance(value, (tuple, list)):
+        return type(value)(_on_device(v, device) for v in value)
+    return value
+
+
+def _on_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, tuple):
+        moved = [_on_cpu(v) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
+    return value
+
+
+class OnTheGpu:
+    """The cuda backend driven with these tests' CPU tensors: each call's tensors copied to
+    the GPU (``_on_device``), its tensor results copied back."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        attribute = getattr(self._backend, name)
+        if not callable(attribute):
+            return attribute
+        device = torch.device("cuda")
+
+        def on_the_gpu(*args, **kwargs):
+            result = attribute(*_on_device(args, device), **{k: _on_device(v, device) for k, v in kwargs.items()})
+            return _on_cpu(result)
+
+        return on_the_gpu
+
+
+@pytest.fixture(scope="module", params=["cpu", "cuda-emulator", "cuda"])
 def kernels(request):
-    """A compiled backend over CPU tensors; built on first use in this environment."""
-    return _load(request.param)
+    """A compiled backend driven with CPU tensors; built on first use in this environment."""
+    backend = _load(request.param)
+    return OnTheGpu(backend) if request.param == "cuda" else backend
 
 
 @pytest.fixture(scope="module")

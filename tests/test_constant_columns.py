@@ -145,7 +145,7 @@ ABSENT_CASES = [(L.COLUMN_NAMES[c], (c,)) for c in L.TERM_COLUMNS] + [
 ]
 
 
-@pytest.mark.parametrize("backend_name", ["cpu", "cuda-emulator", "triton"])
+@pytest.mark.parametrize("backend_name", ["cpu", "cuda-emulator", "cuda", "triton"])
 @pytest.mark.parametrize("clip", L.CLIP_MODES)
 def test_every_backend_leaves_absent_terms_out_like_the_reference(backend_name, clip):
     """A term whose column is known to be 0 is left out of its sum by every backend, as the
