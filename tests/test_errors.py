@@ -268,6 +268,55 @@ def test_cogvideox_dpm_refuses_a_timestep_back_outside_the_training_range_on_a_f
             scheduler.step(X, X if history else None, t, back, X)
 
 
+def test_cogvideox_dpm_refuses_a_timestep_back_at_the_timesteps_log_snr():
+    """Equal log-SNR at both timesteps makes diffusers' ratio r = 0 and its step non-finite;
+    the fused step refuses the pair, naming it, and takes the next step as before."""
+    reference, fused = (cls() for cls in PAIRS["cogvideox_dpm"])
+    for s in (reference, fused):
+        s.set_timesteps(10)
+    t = int(fused.timesteps[2])
+    expected = reference.step(torch.tanh(X), X, t, t, X, return_dict=False)[0]
+    assert not bool(expected.isfinite().all())
+    with pytest.raises(ValueError, match=re.escape(f"(timestep, timestep_back) [({t}, {t})] are not finite")):
+        fused.step(torch.tanh(X), X, t, t, X)
+    back = int(fused.timesteps[1])
+    got, want = (s.step(torch.tanh(X), X, t, back, X, generator=torch.Generator().manual_seed(0))[0]
+                 for s in (fused, reference))
+    assert relative_error(got, want) <= TOLERANCE
+
+
+def test_dpm_after_its_timesteps_are_sliced_runs_from_that_step_as_set_begin_index():
+    """diffusers, given scheduler.timesteps[k:], indexes its sigmas from 0 while the slice's
+    length sets the last steps' order; the fused step finds the first timestep's position in
+    the schedule (an element of it, sliced or copied) and runs the trajectory from step k."""
+    k, n = 4, 10
+    expected_scheduler = PAIRS["dpm"][1]()
+    expected_scheduler.set_timesteps(n)
+    expected_scheduler.set_begin_index(k)
+    trajectories = []
+    for take in (lambda ts: ts[k:], lambda ts: ts[k:].clone(), None):
+        scheduler = expected_scheduler if take is None else PAIRS["dpm"][1]()
+        if take is not None:
+            scheduler.set_timesteps(n)
+            scheduler.timesteps = take(scheduler.timesteps)
+        x, samples = X, []
+        for t in scheduler.timesteps if take is not None else expected_scheduler.timesteps[k:]:
+            x = scheduler.step(torch.tanh(x), t, x).prev_sample
+            samples.append(x)
+        trajectories.append(samples)
+    sliced, copied, expected = trajectories
+    assert len(expected) == n - k
+    for i in range(n - k):
+        assert torch.equal(sliced[i], expected[i]) and torch.equal(copied[i], expected[i]), f"step {k + i}"
+    reference = PAIRS["dpm"][0]()
+    reference.set_timesteps(n)
+    reference.timesteps = reference.timesteps[k:]
+    x = X
+    for t in reference.timesteps:
+        x = reference.step(torch.tanh(x), t, x).prev_sample
+    assert relative_error(x, expected[-1]) > 0.01  # diffusers' own run of this case is another trajectory
+
+
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 def test_a_meta_schedule_is_refused_and_leaves_the_scheduler_as_it_was(kind):
     scheduler = PAIRS[kind][1]()
