@@ -49,6 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Tests/benchmarks: run the baseline-ISA CPU loops even on AVX2+FMA CPUs (same results, except in-kernel "
       "noise where cpu_vector_box_muller: libm's log/cos instead of libmvec's, within a few ulp).",
       pybind11::arg("only"));
+  m.def("cpu_runs_fma_clones", &fused_sched::cpu::use_fma_clones,
+        "Tests: whether cpu launches now run the AVX2+FMA clones (false: the baseline-ISA loops).");
   m.attr("cpu_vector_box_muller") = fused_sched::cpu::vector_box_muller;
   m.def(
       "cpu_step_loop",

@@ -52,7 +52,10 @@ def test_device_order_gives_the_eager_trajectory(name):
     (first-order with history) alike, and the noise counter advanced by the same draws."""
     host, device = _scheduler(CONFIGS[name]), _scheduler(CONFIGS[name])
     expected = _trajectory(host, host.timesteps)
-    got = _trajectory(device, device.timesteps.clone())
+    copies = device.timesteps.clone()
+    assert device._decides_on_device(copies[1], copies[0])
+    assert not host._decides_on_device(host.timesteps[1], host.timesteps[0])
+    got = _trajectory(device, copies)
     for i, ((x, x0), (ex, ex0)) in enumerate(zip(got, expected)):
         assert torch.equal(x, ex) and torch.equal(x0, ex0), f"step {i}"
     n = expected[0][0].numel()

@@ -215,8 +215,11 @@ def test_portable_kernels_give_the_same_bits(cpu):
     from fused_sched.ops import extension
 
     ext = extension.load_extension()
+    # the clones run by default where ATen itself runs AVX2 kernels (x86-64), and not under the switch
+    assert ext.cpu_runs_fma_clones() == (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
     ext.cpu_use_portable_kernels_only(True)
     try:
+        assert not ext.cpu_runs_fma_clones()
         for clip in layout.CLIP_MODES:
             x, m, c, h, z = make_case((2, 3, 4099), (torch.float16, torch.float32, torch.bfloat16, torch.float32,
                                                      torch.float32), "per_row", seed=40, history=2, noise=True)

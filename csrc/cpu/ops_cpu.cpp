@@ -54,8 +54,6 @@ namespace fused_sched::cpu {
 std::atomic<bool> portable_kernels_only{false};
 const bool vector_box_muller = FS_VECTOR_BOX_MULLER;
 
-namespace {
-
 bool use_fma_clones() {
 #if FS_FMA_CLONES
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -64,6 +62,8 @@ bool use_fma_clones() {
   return false;
 #endif
 }
+
+namespace {
 
 constexpr int64_t kChunk = 512;
 static_assert(kChunk % 8 == 0, "philox_chunk fills whole groups of eight");

@@ -13,6 +13,9 @@ namespace fused_sched::cpu {
 // Tests and benchmarks only: true forces the baseline-ISA kernels even where the CPU has
 // AVX2+FMA (results are bit-identical; this checks that and measures the difference).
 extern std::atomic<bool> portable_kernels_only;
+// Whether the next launch runs the AVX2+FMA clones (else the baseline-ISA loops): the one
+// place every cpu kernel asks.
+bool use_fma_clones();
 // Built to take in-kernel noise's log and cos from glibc's libmvec on AVX2 CPUs.
 extern const bool vector_box_muller;
 
