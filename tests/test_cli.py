@@ -148,10 +148,20 @@ def test_bench_keeps_going_past_a_case_that_fails(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "bench.json.partial").exists()
 
 
-def test_verify_passes():
-    out = run("verify", "--scheduler", "ddim,dpm++2m,cogvideox-dpm", "--steps", "10")
+def test_verify_passes_on_every_backend_available_here():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kinds = ("ddim", "dpm++2m", "cogvideox-dpm")
+    out = run("verify", "--scheduler", ",".join(kinds), "--steps", "10", "--device", device)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(" ok") >= 3 and "FAIL" not in out.stdout
+    assert "FAIL" not in out.stdout
+    from fused_sched import ops
+
+    available = [name for name, reason in ops.availability(torch.device(device)).items()
+                 if reason is None and name != "cuda-emulator"]  # the tests' own backend, unknown to the CLI
+    assert {"torch", "cpu" if device == "cpu" else "cuda"} <= set(available)
+    for kind in kinds:
+        for name in available:  # verify reports an unavailable backend as skipped, which must not pass here
+            assert re.search(rf"^{re.escape(kind)} +{name} +max rel error .* ok$", out.stdout, re.M), (kind, name)
 
 
 @pytest.mark.parametrize("args,message", [

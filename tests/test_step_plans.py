@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_sched
-from drivers import bit_pattern
+from drivers import bit_pattern, relative_error
 from fused_sched import ops
 from fused_sched.ops import layout as L, reference
 
@@ -210,8 +210,11 @@ def test_a_kept_plan_never_serves_another_signature(checks, kind, change):
     assert len(checks) == 2
     assert got.prev_sample.dtype == want.prev_sample.dtype
     assert got.pred_original_sample.dtype == want.pred_original_sample.dtype
-    scale = want.prev_sample.double().abs().max()
-    assert (got.prev_sample.double() - want.prev_sample.double()).abs().max() <= 3e-2 * scale
+    # Identical inputs: one step's float32 rounding, with margin (test_conformance's
+    # TEACHER_FORCED_TOLERANCE); with a bf16 model output diffusers rounds its products with
+    # it in bf16, and the low-precision contract's 3e-2 (README, test_low_precision) applies.
+    tolerance = 3e-2 if change == "model_output dtype" else 1e-5
+    assert relative_error(got.prev_sample, want.prev_sample) <= tolerance
 
 
 @pytest.mark.parametrize("kind", DDIM_FAMILY)
