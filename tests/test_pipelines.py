@@ -11,6 +11,8 @@ video-to-video's and img2img's add_noise and mid-schedule start (set_begin_index
 
 from __future__ import annotations
 
+import functools
+
 import json
 
 import PIL.Image
@@ -44,13 +46,25 @@ def _images(pipe, **kwargs):
 
 
 def _with_fused_scheduler(pipe, fused_cls, run):
-    """run(pipe) with the one-line swap made, then diffusers' scheduler put back."""
+    """run(pipe) with the one-line swap made, then diffusers' scheduler put back; fails
+    unless the pipeline stepped the fused scheduler (not one it made or kept itself)."""
     diffusers_scheduler = pipe.scheduler
-    pipe.scheduler = fused_cls.from_config(diffusers_scheduler.config)
+    fused = pipe.scheduler = fused_cls.from_config(diffusers_scheduler.config)
+    steps_taken = []
+    fused_step = fused.step
+
+    @functools.wraps(fused_step)  # pipelines pass eta / generator as the step's signature takes them
+    def counted_step(*args, **kwargs):
+        steps_taken.append(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+        return fused_step(*args, **kwargs)
+
+    fused.step = counted_step
     try:
-        return run(pipe)
+        result = run(pipe)
     finally:
         pipe.scheduler = diffusers_scheduler
+    assert steps_taken, "the pipeline never called the fused scheduler's step"
+    return result
 
 
 def _assert_swap_matches(pipe, fused_cls, run=None, **kwargs):
