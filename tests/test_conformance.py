@@ -299,11 +299,17 @@ def test_dpm_dynamic_shifting_mu(backend, device):
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 def test_each_step_matches_to_float32_rounding(backend, device, kind):
-    """Teacher forcing: fed the same inputs, each step differs only by float32 rounding."""
+    """Teacher forcing: fed the same inputs (the multistep solvers' history included), each
+    step's output, x0 and stored history value differ only by float32 rounding."""
     config = {"dpm": dict(solver_order=3, final_sigmas_type="sigma_min"), "dpm_inverse": dict(solver_order=3)}
-    _, _, results = trajectories(kind, config.get(kind, {}), 12, device=device)
-    for i, ((ref_prev, _), (fused_prev, _), *_) in enumerate(results):
+    _, _, results = trajectories(kind, config.get(kind, {}), 12, device=device, share_history=True)
+    for i, ((ref_prev, ref_x0), (fused_prev, fused_x0), _, _, history) in enumerate(results):
         assert relative_error(fused_prev, ref_prev) <= TEACHER_FORCED_TOLERANCE, f"step {i}"
+        assert (fused_x0 is None) == (ref_x0 is None), f"step {i}"
+        if ref_x0 is not None:
+            assert relative_error(fused_x0, ref_x0) <= TEACHER_FORCED_TOLERANCE, f"step {i} x0"
+        if history is not None:
+            assert relative_error(history[1], history[0]) <= TEACHER_FORCED_TOLERANCE, f"step {i} history"
 
 
 def test_trained_betas(backend, device):
