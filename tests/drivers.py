@@ -214,6 +214,24 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / max(scale, 1e-30))
 
 
+# How close a fused result must be to diffusers', relative to the largest magnitude of
+# diffusers' value (``relative_error``):
+# - one step from identical inputs: the two float32 evaluations differ by their own rounding,
+#   a few ulps (2**-23 = 1.2e-7) of the largest term, with margin;
+STEP_TOLERANCE = 1e-5
+# - a trajectory of up to ~25 steps on the contractive stand-in model (fused_sched.verify),
+#   each step from its own previous result: every step's rounding carried along, not amplified.
+TRAJECTORY_TOLERANCE = 1e-4
+
+
+def assert_close_to_diffusers(got: torch.Tensor, expected: torch.Tensor, tolerance: float = STEP_TOLERANCE,
+                              what: str = "") -> None:
+    """``got`` has ``expected``'s shape and dtype and is within ``tolerance`` of it."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype, (what, got.shape, got.dtype, expected.dtype)
+    error = relative_error(got, expected)
+    assert error <= tolerance, f"{what}: relative error {error:.3g} above {tolerance:g}"
+
+
 def record_calls(monkeypatch, obj, attributes) -> list[str]:
     """Wrap ``obj``'s methods so each call appends its name to the returned list: proves
     which backend code actually ran."""

@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from drivers import PAIRS, StepArgs, _step, public_config
+from drivers import PAIRS, StepArgs, _step, assert_close_to_diffusers, public_config
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
@@ -86,8 +86,7 @@ def test_dpm_float64_history_then_float32_outputs_like_diffusers(config):
         results.append([scheduler.step(out, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
                         for i, (out, t) in enumerate(zip(outputs, scheduler.timesteps))])
     for expected, got in zip(*results):
-        assert got.dtype == expected.dtype
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        assert_close_to_diffusers(got, expected)
 
 
 def test_cogvideox_dpm_float64_history_like_diffusers():
@@ -102,8 +101,7 @@ def test_cogvideox_dpm_float64_history_like_diffusers():
         t, back = scheduler.timesteps[3], scheduler.timesteps[2]
         results.append(scheduler.step(m, old, t, back, x, generator=torch.Generator().manual_seed(0)))
     for expected, got in zip(*results):
-        assert got.dtype == expected.dtype
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        assert_close_to_diffusers(got, expected)
     assert [r.dtype for r in results[1]] == [torch.float64, torch.float32]
 
 
@@ -180,7 +178,7 @@ def test_set_timesteps_clears_the_begin_index_like_diffusers():
     x = torch.randn(1, 4, 8, 8)
     outputs = [s.step(0.1 * x, s.timesteps[0], x).prev_sample for s in schedulers]
     assert [s.step_index for s in schedulers] == [1, 1]  # started at the first timestep, not 3
-    assert torch.allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    assert_close_to_diffusers(outputs[1], outputs[0])
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
@@ -235,7 +233,7 @@ def test_ddim_inverse_maps_the_deprecated_set_alpha_to_zero(value):
     for s in (reference, fused):
         s.set_timesteps(10)
         outputs.append(s.step(0.1 * x, s.timesteps[0], x).prev_sample)
-    assert torch.allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    assert_close_to_diffusers(outputs[1], outputs[0])
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))

@@ -11,7 +11,7 @@ from fused_sched import ops
 from fused_sched.ops import backends
 
 from conftest import require_backend
-from drivers import PAIRS, record_calls
+from drivers import PAIRS, assert_close_to_diffusers, record_calls
 
 CONFIGS = [("ddim", {}), ("ddim", {"thresholding": True}), ("dpm", {}), ("dpm", {"thresholding": True}),
            # a scale inside (1, max): its gradient flows too (test_a_compiled_step_... checks this premise)
@@ -63,9 +63,8 @@ def test_auto_hands_steps_that_need_gradients_to_the_torch_backend(monkeypatch, 
     expected_prev, expected_dx, expected_dm = _step_and_gradient(reference_cls, config)
     assert ran == []  # the compiled kernels did not run
     assert prev.requires_grad
-    torch.testing.assert_close(prev, expected_prev, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, expected_dx, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dm, expected_dm, rtol=1e-5, atol=1e-5)
+    for name, a, b in (("prev", prev, expected_prev), ("d/dx", dx, expected_dx), ("d/dm", dm, expected_dm)):
+        assert_close_to_diffusers(a.detach(), b.detach(), what=name)
 
 
 def test_without_gradients_auto_keeps_the_compiled_backend(monkeypatch):
@@ -109,8 +108,8 @@ def test_a_schedule_used_under_inference_mode_still_steps_with_gradients(backend
         prev.square().sum().backward()
         results.append((prev.detach(), x.grad))
     (prev_ref, grad_ref), (prev_fused, grad_fused) = results
-    torch.testing.assert_close(prev_fused, prev_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_fused, grad_ref, rtol=1e-5, atol=1e-5)
+    assert_close_to_diffusers(prev_fused, prev_ref, what="prev")
+    assert_close_to_diffusers(grad_fused, grad_ref, what="d/dx")
 
 
 @pytest.mark.parametrize("kind, config", [
@@ -130,7 +129,7 @@ def test_a_compiled_step_backpropagates_like_diffusers(kind, config):
     got = _step_and_gradient(fused_cls, config, compiled=True)
     expected = _step_and_gradient(reference_cls, config)
     for name, a, b in zip(("prev", "d/dx", "d/dm"), got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.detach().abs().max()), msg=name)
+        assert_close_to_diffusers(a.detach(), b.detach(), what=name)
 
 
 def test_a_compiled_step_with_a_compiled_backend_named_refuses_gradients():

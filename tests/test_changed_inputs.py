@@ -17,11 +17,11 @@ import copy
 import pytest
 import torch
 
-from drivers import PAIRS, StepArgs, _initial_state, _step, relative_error, stand_in_model
+from drivers import PAIRS, STEP_TOLERANCE, StepArgs, _initial_state, _step, assert_close_to_diffusers, relative_error, stand_in_model
 
 N = 10  # below 15: lower_order_final decides the last DPM steps' order
 EDIT_AT = 2  # the change is made after this many steps (the tables are built and used by then)
-TOLERANCE = 1e-5  # one step's rounding, with margin (test_conformance.TEACHER_FORCED_TOLERANCE)
+TOLERANCE = STEP_TOLERANCE
 # The change must move diffusers' steps well past that: a fused class ignoring it would
 # then be that far from diffusers and fail.
 MOVED = 10 * TOLERANCE
@@ -145,7 +145,7 @@ def test_add_noise_and_get_velocity_follow_alphas_cumprod(kind, change):
         change(scheduler, "alphas_cumprod")
     for method in ("add_noise", "get_velocity"):
         ref, out = getattr(reference, method)(x, noise, t), getattr(fused, method)(x, noise, t)
-        assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6), method
+        assert_close_to_diffusers(out, ref, what=method)
 
 
 def test_an_edit_reaches_a_copy_made_before_its_first_step():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drivers import PAIRS
+from drivers import PAIRS, TRAJECTORY_TOLERANCE, assert_close_to_diffusers
 
 SHAPE = (1, 4, 8, 8)
 
@@ -41,7 +41,7 @@ def test_a_trajectory_consumes_the_generator_like_diffusers(kind, config, step_k
     x_ref, next_ref = _run(kind, reference_cls, config, 5, **step_kwargs)
     x_fused, next_fused = _run(kind, fused_cls, config, 5, **step_kwargs)
     assert torch.equal(next_fused, next_ref)
-    assert torch.allclose(x_fused, x_ref, rtol=1e-4, atol=1e-5)
+    assert_close_to_diffusers(x_fused, x_ref, TRAJECTORY_TOLERANCE)
 
 
 def test_dpm_ignores_the_timestep_argument_after_the_first_step():
@@ -54,7 +54,7 @@ def test_dpm_ignores_the_timestep_argument_after_the_first_step():
         x = scheduler.step(0.1 * x, 5, x).prev_sample  # not the schedule's second timestep
         assert scheduler.step_index == 2
         results.append(x)
-    assert torch.allclose(results[1], results[0], rtol=1e-5, atol=1e-6)
+    assert_close_to_diffusers(results[1], results[0], TRAJECTORY_TOLERANCE)
     fresh = PAIRS["dpm"][1]()
     fresh.set_timesteps(10)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
@@ -67,7 +67,7 @@ def test_cogvideox_ddim_ignores_eta_generator_and_clipping_options():
     plain, _ = _run("cogvideox_ddim", PAIRS["cogvideox_ddim"][1], {}, 5)
     for cls in PAIRS["cogvideox_ddim"]:
         given, next_draw = _run("cogvideox_ddim", cls, config, 5, eta=1.0)
-        assert torch.allclose(given, plain, rtol=1e-5, atol=1e-6), cls.__name__
+        assert_close_to_diffusers(given, plain, TRAJECTORY_TOLERANCE, cls.__name__)
         assert torch.equal(next_draw, torch.randn(4, generator=torch.Generator().manual_seed(0)))
 
 
@@ -87,4 +87,4 @@ def test_thresholding_at_ratio_zero_takes_the_minimum_like_diffusers(kind):
         for t in scheduler.timesteps:
             x = scheduler.step(0.1 * x, t, x).prev_sample
         results.append(x)
-    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+    assert_close_to_diffusers(results[1], results[0], TRAJECTORY_TOLERANCE)

@@ -13,10 +13,9 @@ import torch
 import fused_sched
 from fused_sched import ops
 from conftest import require_backend
-from drivers import PAIRS, relative_error
+from drivers import PAIRS, STEP_TOLERANCE, TRAJECTORY_TOLERANCE, assert_close_to_diffusers, relative_error
 
 X = torch.randn(2, 4, 8, 8)
-TOLERANCE = 1e-5  # one step's float32 rounding, with margin (test_conformance.TEACHER_FORCED_TOLERANCE)
 
 
 def _ready(kind="ddim", n=10, **config):
@@ -146,7 +145,7 @@ def test_eta_beyond_one_runs_where_diffusers_does_and_is_refused_where_it_gives_
         else:
             assert expected is not None, f"diffusers returns NaN at timestep {t}, which the fused step took"
             assert not isinstance(got, ValueError), f"timestep {t}: {got}"
-            assert relative_error(got, expected) <= TOLERANCE, f"timestep {t}"
+            assert relative_error(got, expected) <= STEP_TOLERANCE, f"timestep {t}"
     assert (steps[-1][0] == refused_at) if refused_at is not None else len(steps) == 10
 
 
@@ -168,8 +167,7 @@ def test_generator_and_variance_noise_together():
     reference = PAIRS["ddim"][0]()
     reference.set_timesteps(10)
     both = dict(eta=0.0, generator=torch.Generator(), variance_noise=torch.randn_like(X))
-    assert torch.allclose(_ready().step(X, 901, X, **both).prev_sample, reference.step(X, 901, X, **both).prev_sample,
-                          rtol=1e-5, atol=1e-6)
+    assert_close_to_diffusers(_ready().step(X, 901, X, **both).prev_sample, reference.step(X, 901, X, **both).prev_sample)
 
 
 NOISY_STEPS = {  # kind, config, step of a bad model_output that draws noise once its shape passed
@@ -197,7 +195,7 @@ def test_a_step_that_fails_leaves_the_generator_as_it_was(case):
     reference = PAIRS[kind][0](**config)
     reference.set_timesteps(10)
     expected = step(reference, torch.tanh(X), torch.Generator().manual_seed(0))[0]
-    torch.testing.assert_close(retried, expected, rtol=1e-5, atol=1e-5)
+    assert_close_to_diffusers(retried, expected)
 
 
 @pytest.mark.parametrize("device_order", [False, True], ids=["eager", "order-on-device"])
@@ -245,8 +243,7 @@ def test_cogvideox_takes_clip_options_it_never_uses():
     reference = PAIRS["cogvideox_ddim"][0](clip_sample=True, clip_sample_range=0.0)
     reference.set_timesteps(10)
     t = scheduler.timesteps[2]
-    torch.testing.assert_close(scheduler.step(torch.tanh(X), t, X).prev_sample,
-                               reference.step(torch.tanh(X), t, X).prev_sample, rtol=1e-5, atol=1e-5)
+    assert_close_to_diffusers(scheduler.step(torch.tanh(X), t, X).prev_sample, reference.step(torch.tanh(X), t, X).prev_sample)
 
 
 def test_cogvideox_dpm_history_without_timestep_back():
@@ -282,7 +279,7 @@ def test_cogvideox_dpm_refuses_a_timestep_back_at_the_timesteps_log_snr():
     back = int(fused.timesteps[1])
     got, want = (s.step(torch.tanh(X), X, t, back, X, generator=torch.Generator().manual_seed(0))[0]
                  for s in (fused, reference))
-    assert relative_error(got, want) <= TOLERANCE
+    assert relative_error(got, want) <= STEP_TOLERANCE
 
 
 def test_dpm_after_its_timesteps_are_sliced_runs_from_that_step_as_set_begin_index():
@@ -491,9 +488,9 @@ def test_dpm_flat_last_step_stores_diffusers_history_value():
     for t in reference.timesteps:
         x_ref = reference.step(torch.tanh(x_ref) + 0.1, t, x_ref).prev_sample
         x_fused = fused.step(torch.tanh(x_fused) + 0.1, t, x_fused).prev_sample
-    torch.testing.assert_close(x_fused, x_ref, rtol=1e-5, atol=1e-5)
+    assert_close_to_diffusers(x_fused, x_ref, TRAJECTORY_TOLERANCE)
     assert reference.model_outputs[-1].abs().max() > 1  # not a 0 that would match by accident
-    torch.testing.assert_close(fused.model_outputs[-1], reference.model_outputs[-1], rtol=1e-5, atol=1e-5)
+    assert_close_to_diffusers(fused.model_outputs[-1], reference.model_outputs[-1], TRAJECTORY_TOLERANCE)
 
 
 @pytest.mark.parametrize("order,solver_type", [(2, "heun"), (3, "midpoint")])

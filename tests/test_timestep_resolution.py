@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from drivers import PAIRS
+from drivers import PAIRS, TRAJECTORY_TOLERANCE, assert_close_to_diffusers
 from fused_sched.coefficients.table import PlacedTable
 from fused_sched.ops import layout as L
 
@@ -112,7 +112,7 @@ def test_dpm_first_timestep_given_as_another_value_is_looked_up_like_diffusers(k
         results.append((scheduler.step_index, prev))
     (index_ref, prev_ref), (index_fused, prev_fused) = results
     assert index_fused == index_ref
-    torch.testing.assert_close(prev_fused, prev_ref, rtol=1e-5, atol=1e-6)
+    assert_close_to_diffusers(prev_fused, prev_ref)
 
 
 @pytest.mark.parametrize("form", ["element", "python int"])
@@ -135,7 +135,7 @@ def test_dpm_inverse_repeated_first_timestep_starts_where_diffusers_does(form):
                 assert scheduler.step_index == 2
         results.append(x)
     assert torch.isfinite(results[0]).all()
-    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
+    assert_close_to_diffusers(results[1], results[0], TRAJECTORY_TOLERANCE)
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
@@ -171,7 +171,7 @@ def _edit_timesteps_in_place_and_step(kind, copied):
             prev = scheduler.step(m, ts[1], x).prev_sample
         results.append((first, prev))
     for fused, reference in zip(results[1], results[0]):
-        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+        assert_close_to_diffusers(fused, reference)
 
 
 @pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim"])
@@ -185,7 +185,7 @@ def test_ddim_family_timesteps_given_as_host_integers_step_like_diffusers(kind, 
         t = {"python int": t, "numpy int64": np.int64(t), "0-d numpy array": np.array(t)}[form]
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         results.append(scheduler.step(0.1 * x, t, x).prev_sample)
-    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+    assert_close_to_diffusers(results[1], results[0])
 
 
 @pytest.mark.parametrize("kind, argument", [
