@@ -149,15 +149,23 @@ def test_eta_beyond_one_runs_where_diffusers_does_and_is_refused_where_it_gives_
     assert (steps[-1][0] == refused_at) if refused_at is not None else len(steps) == 10
 
 
-def test_eta_beyond_the_bound_at_a_device_only_timestep_gives_nan_as_diffusers():
-    """A timestep tensor that is not an element of scheduler.timesteps is not read on the
-    host: its row, NaN there, gives the NaN diffusers' step gives."""
-    outputs = []
-    for cls in PAIRS["ddim"]:
-        scheduler = cls(timestep_spacing="trailing")
+@pytest.mark.parametrize("how", ["tensor", "traced"])
+def test_eta_beyond_the_bound_at_a_device_only_timestep_gives_nan_as_diffusers(how):
+    """A timestep tensor that is not an element of scheduler.timesteps, or any timestep of a
+    traced step, is not read on the host: its row, NaN there, gives the NaN diffusers' step
+    gives (and a traced step does not break its graph)."""
+    reference, fused = (cls(timestep_spacing="trailing") for cls in PAIRS["ddim"])
+    for scheduler in (reference, fused):
         scheduler.set_timesteps(10)
-        outputs.append(scheduler.step(X, torch.tensor(999), X, eta=1.1, variance_noise=X).prev_sample)
-    assert outputs[0].isnan().all() and outputs[1].isnan().all()
+    expected = reference.step(X, torch.tensor(999), X, eta=1.1, variance_noise=X).prev_sample
+    if how == "traced":
+        torch._dynamo.reset()
+        step = torch.compile(fullgraph=True, backend="eager")(
+            lambda m, t, x, z: fused.step(m, t, x, eta=1.1, variance_noise=z, return_dict=False)[0])
+        got = step(X, fused.timesteps[0], X, X)
+    else:
+        got = fused.step(X, torch.tensor(999), X, eta=1.1, variance_noise=X).prev_sample
+    assert expected.isnan().all() and got.isnan().all()
 
 
 def test_generator_and_variance_noise_together():

@@ -71,9 +71,6 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
             table = self._table_rows(eta, use_clipped_model_output)
         key = (eta, use_clipped_model_output)
         base = self._tables.get(_BASE_KEY)
-        if base is not None and abs(eta) > 1:
-            beyond = table.isnan().any(dim=1) & ~base.host.isnan().any(dim=1)
-            self._eta_beyond_bound[key] = frozenset(beyond.nonzero().flatten().tolist())
         # Built inside a step, a table must not be read on the host: it inherits what the
         # schedule's base table knows about the columns eta cannot change.
         known = None if base is None else base.constant_columns.only(L.ESTIMATE_COLUMNS)
@@ -81,10 +78,15 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
 
     def _check_eta_bound(self, key, timestep) -> None:
         """Refuse an |eta| > 1 at a host-known timestep where the direction term has no real
-        value (the row is NaN; at a timestep known only on the device, the step returns NaN
-        as diffusers' does)."""
-        t = self._host_timestep(timestep)
-        if t is None or t not in self._eta_beyond_bound[key]:
+        value (the row is NaN; at a timestep known only on the device, traced steps' included,
+        the step returns NaN as diffusers' does)."""
+        beyond = self._eta_beyond_bound.get(key)
+        if beyond is None:  # the rows this eta makes NaN, found on the host table once per schedule
+            base, table = self._tables[_BASE_KEY].host, self._tables[key].host
+            rows = table.isnan().any(dim=1) & ~base.isnan().any(dim=1)
+            beyond = self._eta_beyond_bound[key] = frozenset(rows.nonzero().flatten().tolist())
+        t = self._host_timestep(timestep) if beyond else None
+        if t is None or t not in beyond:
             return
         a_t, a_p = float(self._host_alphas[0][t]), self._alpha_after_step(t)
         bound = (a_p * (1 - a_t) / (a_p - a_t)) ** 0.5
@@ -116,7 +118,7 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         key = (float(eta), bool(use_clipped_model_output))
         if key not in self._tables:
             self._build_table(*key)
-        if self._eta_beyond_bound.get(key):
+        if abs(eta) > 1 and not torch.compiler.is_compiling():
             self._check_eta_bound(key, timestep)
         noise = None
         if eta > 0:  # diffusers draws noise whenever eta > 0, even where std is 0
