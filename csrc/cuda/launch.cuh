@@ -39,8 +39,9 @@ int once_per_device(std::atomic<int> (&cache)[kMaxDevices], Query query) {
 
 // How many blocks of kKernel, launched with kThreadsPerBlock threads and no dynamic shared
 // memory, the current device runs at once: its SMs times the blocks one SM holds, which the
-// kernel's registers and shared memory decide (ptxas gives the step kernels 48 to 95
-// registers a thread across their specialisations: 2 to 5 blocks of 256). A grid-stride
+// kernel's registers and shared memory decide (ptxas -v gives the step kernels 32 to 106
+// registers a thread across their specialisations, sm_80 and sm_90a: 2 to 8 blocks of 256,
+// none spilling). A grid-stride
 // kernel launched with this many blocks runs as one full wave, each block with the same
 // share; a fixed number of blocks per SM would leave SMs idle below it, or end in a partial
 // last wave above it. A failed query falls back to one block per SM, and its error is the
