@@ -100,9 +100,15 @@ def test_device_mismatch_names_the_argument():
         ops.fused_step(X, meta, torch.zeros(1, ops.layout.NUM_COEFFICIENTS))
 
 
-def test_eta_must_be_a_number():
+def test_eta_must_be_a_finite_number():
     with pytest.raises(TypeError, match="eta must be a Python number"):
         _ready().step(X, 901, X, eta=torch.tensor(0.5))
+    scheduler = _ready()
+    tables = len(scheduler._tables)
+    for eta in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match=re.escape(f"eta={eta}: expected a finite number")):
+            scheduler.step(X, 901, X, eta=eta)
+    assert len(scheduler._tables) == tables  # nothing built for them (NaN keys never match: one per call)
 
 
 def _eta_steps(spacing, eta):
@@ -141,7 +147,12 @@ def test_eta_beyond_one_runs_where_diffusers_does_and_is_refused_where_it_gives_
         if t == refused_at:
             assert expected is None, f"diffusers is finite at timestep {t}"
             assert isinstance(got, ValueError) and f"eta={eta} at timestep {t}" in str(got)
-            assert "this step takes |eta| <= sqrt(a_prev(1 - a_t)/(a_prev - a_t))" in str(got)
+            bound = re.search(r"this step takes \|eta\| <= sqrt\(a_prev\(1 - a_t\)/\(a_prev - a_t\)\), about (\S+) ",
+                              str(got))
+            assert bound is not None, str(got)
+            scheduler = PAIRS["ddim"][1](timestep_spacing=spacing)  # the bound it names is taken there
+            scheduler.set_timesteps(10)
+            assert scheduler.step(X, t, X, eta=float(bound.group(1)), variance_noise=X).prev_sample.isfinite().all()
         else:
             assert expected is not None, f"diffusers returns NaN at timestep {t}, which the fused step took"
             assert not isinstance(got, ValueError), f"timestep {t}: {got}"
@@ -282,8 +293,11 @@ def test_cogvideox_dpm_refuses_a_timestep_back_at_the_timesteps_log_snr():
     t = int(fused.timesteps[2])
     expected = reference.step(torch.tanh(X), X, t, t, X, return_dict=False)[0]
     assert not bool(expected.isfinite().all())
+    generator = torch.Generator().manual_seed(0)
+    before = generator.get_state()
     with pytest.raises(ValueError, match=re.escape(f"(timestep, timestep_back) [({t}, {t})] are not finite")):
-        fused.step(torch.tanh(X), X, t, t, X)
+        fused.step(torch.tanh(X), X, t, t, X, generator=generator)
+    assert torch.equal(generator.get_state(), before)  # refused before either draw
     back = int(fused.timesteps[1])
     got, want = (s.step(torch.tanh(X), X, t, back, X, generator=torch.Generator().manual_seed(0))[0]
                  for s in (fused, reference))

@@ -9,6 +9,7 @@ import torch
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddim_cogvideox import DDIMSchedulerOutput as CogVideoXOutput
 from diffusers.schedulers.scheduling_ddim_inverse import DDIMSchedulerOutput as InverseOutput
+from diffusers.schedulers.scheduling_dpm_cogvideox import DDIMSchedulerOutput as CogVideoXDPMOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from torch.utils import _pytree as pytree
 
@@ -16,7 +17,7 @@ from fused_sched.schedulers.step_output import step_output
 
 # Every output class a fused step returns, with the value patterns it is built with.
 CASES = [
-    (DDIMSchedulerOutput, 2), (InverseOutput, 2), (CogVideoXOutput, 2), (SchedulerOutput, 1),
+    (DDIMSchedulerOutput, 2), (InverseOutput, 2), (CogVideoXOutput, 2), (CogVideoXDPMOutput, 2), (SchedulerOutput, 1),
 ]
 
 

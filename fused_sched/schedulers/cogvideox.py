@@ -174,6 +174,9 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
             self._check_history_before_noise(old_pred_original_sample, sample)
         dtypes = self._step_dtypes(sample, model_output)
         dtype, _, x0_dtype = dtypes
+        if second_order:  # its row refuses a pair it cannot step between: before the draws
+            placed, index, known = self._second_order_row(t, back)
+            dtype, prev_dtype = self._second_order_dtypes(dtypes, old_pred_original_sample)
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
         if not second_order:
             placed = self._tables["first"]
@@ -184,8 +187,6 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
 
         # The first-order result is discarded, but its noise draw still advances the generator.
         noise = self._draw_noise(sample.shape, generator, sample.device, sample.dtype)
-        placed, index, known = self._second_order_row(t, back)
-        dtype, prev_dtype = self._second_order_dtypes(dtypes, old_pred_original_sample)
         rows = placed.row(index, sample.device, dtype)
         prev, _, x0 = ops.fused_step(
             sample, model_output, rows, history=(old_pred_original_sample,), noise=noise, out_dtype=prev_dtype,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -92,8 +93,9 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         bound = (a_p * (1 - a_t) / (a_p - a_t)) ** 0.5
         raise ValueError(
             f"eta={key[0]} at timestep {t}: the DDIM direction term sqrt(1 - a_prev - std^2) has no real value "
-            f"there (diffusers returns NaN); this step takes |eta| <= sqrt(a_prev(1 - a_t)/(a_prev - a_t)) = "
-            f"{bound:.6g}"
+            f"there (diffusers returns NaN); this step takes |eta| <= sqrt(a_prev(1 - a_t)/(a_prev - a_t)), "
+            f"about {math.floor(bound * 1e6) / 1e6} (decided in float64: within float32 rounding of the bound, "
+            "diffusers' own step may differ)"
         )
 
     def step(
@@ -110,6 +112,8 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         self._require_schedule()
         if type(eta) is not float and (isinstance(eta, torch.Tensor) or not isinstance(eta, numbers.Real)):
             raise TypeError(f"eta must be a Python number, got {type(eta).__name__}")
+        if not math.isfinite(eta):  # diffusers' step is NaN throughout
+            raise ValueError(f"eta={eta}: expected a finite number")
         if eta > 0 and generator is not None and variance_noise is not None:  # at eta 0 neither is used
             raise ValueError(
                 "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"

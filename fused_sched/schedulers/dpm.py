@@ -237,7 +237,8 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         return min(self.config.solver_order, 3) - 1
 
     def _point_model_outputs_at_buffers(self) -> None:
-        """``model_outputs`` as diffusers lays it out (newest last), viewing the buffers."""
+        """``model_outputs`` as diffusers lays it out (newest last), viewing the buffers.
+        With solver_order above 3 its older entries, which no step reads, keep what they held."""
         for j, buffer in enumerate(self._static_history):
             self.model_outputs[-1 - j] = buffer
 
