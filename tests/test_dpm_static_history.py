@@ -128,6 +128,45 @@ def test_set_begin_index_moves_the_start():
     _assert_same(_run(scheduler, _x(), range(3, N)), expected)
 
 
+@pytest.mark.parametrize("case", ["2m", "inverse-3m"])
+@pytest.mark.parametrize("given", ["element", "copy", "int"])
+@pytest.mark.parametrize("prepared", ["prepare_cuda_graph", "set_timesteps again"])
+def test_the_first_step_starts_where_its_timestep_is(case, given, prepared):
+    """As diffusers' first step finds its index from the timestep, so does the first eager
+    step after prepare_cuda_graph or set_timesteps put the cursor at step 0 by default: a
+    trajectory over timesteps[3:] runs steps 3 to N - 1, not 0 to N - 4."""
+    def timesteps(scheduler):
+        ts = scheduler.timesteps[3:]
+        return {"element": list(ts), "copy": [t.clone() for t in ts], "int": [int(t) for t in ts]}[given]
+
+    def run(scheduler):
+        x, samples = _x(), []
+        for i, t in enumerate(timesteps(scheduler)):
+            x = scheduler.step(torch.tanh(x) * 0.9 + 0.05 * i, t, x).prev_sample
+            samples.append(x)
+        return samples
+
+    expected = run(_scheduler(case))
+    scheduler = _scheduler(case)
+    scheduler.prepare_cuda_graph(_x())
+    if prepared == "set_timesteps again":
+        run(scheduler)
+        scheduler.set_timesteps(N)
+    assert scheduler.step_index is None  # no step yet, as diffusers says
+    got = run(scheduler)
+    _assert_same(got, expected)
+    assert scheduler.step_index == N
+
+
+def test_set_begin_index_after_a_step_is_ignored_as_diffusers_does():
+    expected = _run(_scheduler("2m"), _x(), range(N))
+    scheduler = _scheduler("2m")
+    scheduler.prepare_cuda_graph(_x())
+    first = _run(scheduler, _x(), range(4))
+    scheduler.set_begin_index(4)  # diffusers reads the begin index only before the first step
+    _assert_same(first + _run(scheduler, first[-1], range(4, N)), expected)
+
+
 def test_inputs_unlike_the_prepared_ones_are_refused():
     scheduler = _scheduler("2m")
     scheduler.prepare_cuda_graph(_x())

@@ -205,3 +205,9 @@ def test_ddim_family_refuses_floating_point_timestep_tensors(kind, argument):
             scheduler.step(0.1 * x, 0.1 * x, t, back, x)
         else:
             scheduler.step(0.1 * x, t.float() + 0.5, x)
+
+
+@pytest.mark.parametrize("timestep", [500, torch.tensor(999)], ids=["int", "tensor"])
+def test_index_for_timestep_before_set_timesteps_searches_the_training_timesteps(timestep):
+    reference, fused = (cls() for cls in PAIRS["dpm"])
+    assert fused.index_for_timestep(timestep) == reference.index_for_timestep(timestep) >= 0

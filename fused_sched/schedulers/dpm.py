@@ -93,6 +93,10 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     _lower_order_nums = 0
     # prepare_cuda_graph: the history h1, h2 in fixed buffers, the position on the device
     _static_history: list[torch.Tensor] | None = None
+    # The device cursor was put at step 0 by default (set_timesteps or prepare_cuda_graph with
+    # no position to keep); the first eager step moves it to its timestep's position, as
+    # diffusers' first step finds its index from the timestep.
+    _start_pending = False
 
     # What the table, the clip options and the cursor's rows are made from (see
     # FusedSchedulerMixin._step_config_options); the step reads the other options it needs itself.
@@ -113,11 +117,13 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         if not (hasattr(self, "_cursor") and self._cursor.take(cursor)):
             self._cursor = cursor
         self._host_current, self._device_current = True, False
+        self._start_pending = False
         if self._static_history is not None:
             # A new trajectory from step 0, in place: a captured graph replays it from here.
             for buffer in self._static_history:
                 buffer.zero_()
             self._cursor.start_at(0, 0)
+            self._start_pending = True
             self._point_model_outputs_at_buffers()
             self._host_current, self._device_current = False, True
         self._note_tables_built()
@@ -227,6 +233,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         begin = getattr(self, "_begin_index", None)
         step = self._step_index if self._step_index is not None else (begin or 0)
         self._cursor.start_at(step, self._lower_order_nums)
+        self._start_pending = self._step_index is None and begin is None
         self._point_model_outputs_at_buffers()
         self._host_current, self._device_current = False, True
 
@@ -237,8 +244,9 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         return min(self.config.solver_order, 3) - 1
 
     def _point_model_outputs_at_buffers(self) -> None:
-        """``model_outputs`` as diffusers lays it out (newest last), viewing the buffers.
-        With solver_order above 3 its older entries, which no step reads, keep what they held."""
+        """``model_outputs``' last entries (newest last, as diffusers lays it out) view the
+        buffers, which each step overwrites in place; the entries before them, which no step
+        reads, keep what they held (None from set_timesteps)."""
         for j, buffer in enumerate(self._static_history):
             self.model_outputs[-1 - j] = buffer
 
@@ -260,6 +268,8 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     def _make_host_current(self) -> None:
         if not self._host_current:
             self._step_index, self._lower_order_nums = self._cursor.read()
+            if self._start_pending and (self._step_index, self._lower_order_nums) == (0, 0):
+                self._step_index = None  # no step yet, as diffusers says
             self._host_current = True
 
     def _index_of_timestep(self, timestep) -> int:
@@ -429,6 +439,8 @@ class DPMFamilyMixin(FusedSchedulerMixin):
                     "scheduler.prepare_cuda_graph(sample, model_output) before capturing"
                 )
             self._start_device_cursor(timestep)
+        elif self._start_pending and not torch.compiler.is_compiling() and not stream_capturing(sample.device):
+            self._start_at_first_timestep(timestep)
         c = self.config
         if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
             model_output = model_output[:, :3]
@@ -458,6 +470,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             self._remember_history(d)
         self._cursor.advance()
         self._host_current = False
+        self._start_pending = False
         if not return_dict:
             return (prev,)
         return step_output(SchedulerOutput, prev)
@@ -487,6 +500,20 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         else:
             self._cursor.start_at(self._index_of_timestep(timestep), self._lower_order_nums)
         self._device_current = True
+        self._start_pending = False
+
+    def _start_at_first_timestep(self, timestep) -> None:
+        """The first eager step after the cursor was put at step 0 by default starts where
+        its timestep is (``_init_step_index``'s rule; on the device for a tensor that is not
+        an element of the schedule). A traced or captured step does not: a captured graph
+        replays from where set_timesteps put the cursor."""
+        position = None if self._inverse else self._schedule_position(timestep)
+        if position is None and isinstance(timestep, torch.Tensor):
+            index = self._cursor.index_of(self._schedule_timesteps, timestep)
+        else:
+            index = position if position is not None else self._index_of_timestep(timestep)
+        self._cursor.start_unless_moved(index)
+        self._start_pending = False
 
 
 class FusedDPMSolverMultistepScheduler(DPMFamilyMixin, DPMSolverMultistepScheduler):
@@ -508,14 +535,17 @@ class FusedDPMSolverMultistepScheduler(DPMFamilyMixin, DPMSolverMultistepSchedul
 
     # Only the forward class has these two, as in diffusers: pipelines call what hasattr finds.
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        if schedule_timesteps is not None:
+        if schedule_timesteps is not None or self._schedule_timesteps is None:
+            # given a schedule, or before set_timesteps (diffusers then searches the training timesteps)
             return super().index_for_timestep(timestep, schedule_timesteps)
         return self._index_of_timestep(timestep)
 
     def set_begin_index(self, begin_index: int = 0):
         super().set_begin_index(begin_index)
         if self._static_history is not None:
-            self._cursor.start_at(begin_index, 0)
+            # as diffusers: a start set after a step has run (here possibly a replayed one) is ignored
+            self._cursor.start_unless_moved(begin_index)
+            self._start_pending = False
             self._host_current, self._device_current = False, True
 
 

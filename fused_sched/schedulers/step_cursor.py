@@ -61,7 +61,8 @@ class DeviceStepCursor:
         self.step.fill_(step)
         self.lower.fill_(lower_order_nums)
 
-    def start_at_timestep(self, schedule: torch.Tensor, timestep: torch.Tensor) -> None:
+    @staticmethod
+    def index_of(schedule: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """diffusers' ``index_for_timestep`` on the device: the second match when the value
         repeats, the last step when it is absent."""
         matches = schedule == timestep.to(schedule.device)
@@ -69,8 +70,18 @@ class DeviceStepCursor:
         first = matches.to(torch.int8).argmax()
         second = (matches.cumsum(0) == 2).to(torch.int8).argmax()
         last = torch.full_like(count, schedule.shape[0] - 1)
-        self.step.copy_(torch.where(count == 0, last, torch.where(count > 1, second, first)))
+        return torch.where(count == 0, last, torch.where(count > 1, second, first))
+
+    def start_at_timestep(self, schedule: torch.Tensor, timestep: torch.Tensor) -> None:
+        self.step.copy_(self.index_of(schedule, timestep))
         self.lower.zero_()
+
+    def start_unless_moved(self, step: int | torch.Tensor) -> None:
+        """Move a cursor still at its start (step 0, no history: no step has run since it was
+        put there) to ``step``; one that has moved, by steps a CUDA graph replayed where the
+        host does not see them, stays (diffusers ignores a start once a step has run)."""
+        unmoved = (self.step == 0) & (self.lower == 0)
+        self.step.copy_(torch.where(unmoved, torch.as_tensor(step, device=self.step.device), self.step))
 
     def read(self) -> tuple[int, int]:
         """(step index, lower_order_nums) on the host: one sync, outside any step."""
