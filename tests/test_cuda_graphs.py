@@ -178,8 +178,9 @@ def test_captured_step_replays_the_eager_trajectory(backend_name, kind):
         expected = _trajectory(kind, eager, x0)
 
         static_x, static_m = x0.clone(), x0.clone()
-        static_t = torch.zeros((), dtype=torch.int64, device=device)
-        static_back, static_old = static_t.clone(), x0.clone()
+        # the warm-up step before capture is an eager first step: it starts where its timestep is
+        static_t = captured.timesteps[0].clone()
+        static_back, static_old = torch.zeros_like(static_t), x0.clone()
         if kind.startswith("dpm"):
             captured.prepare_cuda_graph(static_x, static_m)
         if kind == "cogvideox_dpm":
