@@ -17,7 +17,8 @@ import copy
 import pytest
 import torch
 
-from drivers import PAIRS, STEP_TOLERANCE, StepArgs, _initial_state, _step, assert_close_to_diffusers, relative_error, stand_in_model
+from drivers import (PAIRS, STEP_TOLERANCE, StepArgs, _initial_state, _step, assert_close_to_diffusers, relative_error,
+                     stand_in_model)
 
 N = 10  # below 15: lower_order_final decides the last DPM steps' order
 EDIT_AT = 2  # the change is made after this many steps (the tables are built and used by then)

@@ -186,7 +186,8 @@ def test_generator_and_variance_noise_together():
     reference = PAIRS["ddim"][0]()
     reference.set_timesteps(10)
     both = dict(eta=0.0, generator=torch.Generator(), variance_noise=torch.randn_like(X))
-    assert_close_to_diffusers(_ready().step(X, 901, X, **both).prev_sample, reference.step(X, 901, X, **both).prev_sample)
+    assert_close_to_diffusers(_ready().step(X, 901, X, **both).prev_sample,
+                              reference.step(X, 901, X, **both).prev_sample)
 
 
 NOISY_STEPS = {  # kind, config, step of a bad model_output that draws noise once its shape passed
@@ -227,7 +228,8 @@ def test_a_cogvideox_dpm_step_refusing_its_history_leaves_the_generator_as_it_wa
     """The history is checked before either of the second-order step's two draws."""
     scheduler = _ready("cogvideox_dpm")
     if device_order:
-        scheduler.use_philox_noise(0)  # with a timestep tensor that is not an element: the order is chosen on the device
+        # with timestep tensors that are not elements, the order is chosen on the device
+        scheduler.use_philox_noise(0)
     t, back = scheduler.timesteps[2], scheduler.timesteps[1]
     if device_order:
         t, back = t.clone(), back.clone()
@@ -262,7 +264,8 @@ def test_cogvideox_takes_clip_options_it_never_uses():
     reference = PAIRS["cogvideox_ddim"][0](clip_sample=True, clip_sample_range=0.0)
     reference.set_timesteps(10)
     t = scheduler.timesteps[2]
-    assert_close_to_diffusers(scheduler.step(torch.tanh(X), t, X).prev_sample, reference.step(torch.tanh(X), t, X).prev_sample)
+    assert_close_to_diffusers(scheduler.step(torch.tanh(X), t, X).prev_sample,
+                              reference.step(torch.tanh(X), t, X).prev_sample)
 
 
 def test_cogvideox_dpm_history_without_timestep_back():
