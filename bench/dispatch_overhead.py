@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -28,9 +29,16 @@ import time
 import torch
 
 import fused_sched
-from fused_sched import ops
+from fused_sched import bench_record, ops
 from fused_sched.benchmark import device_name
 from fused_sched.ops import compiled, layout as L
+
+
+def _triton_version() -> str | None:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _median_us(fn, repeats: int, sync, inner: int = 200) -> tuple[float, float]:
@@ -83,8 +91,9 @@ def main() -> None:
         name = device_name(device)
         meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     device=f"{device.type}: {name}, {torch.get_num_threads()} threads", torch=torch.__version__,
-                    fused_sched=fused_sched.__version__, python=platform.python_version(), backend=args.backend,
-                    shape=[1, 4, 8, 8])
+                    cuda=torch.version.cuda, triton=_triton_version(), fused_sched=fused_sched.__version__,
+                    python=platform.python_version(), backend=args.backend, shape=[1, 4, 8, 8],
+                    **bench_record.run_facts())
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows_out, dispatcher_added_us=added), f, indent=2)
 

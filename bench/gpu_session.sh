@@ -9,9 +9,11 @@
 #       --implementation cp --platform manylinux_2_28_x86_64 -d .whl \
 #       diffusers==0.42.1 importlib_metadata          # .whl/ is git-ignored
 #
-# then call the device tool with carry [".whl"] and timeout_s 600:
+# then call the device tool with carry [".whl"] and timeout_s 600, passing the commit the
+# run measures (the device gets the working tree without .git; every JSON records it):
 #
-#   bash bench/gpu_session.sh all      # tests, then benchmarks, inside DEADLINE seconds
+#   FUSED_SCHED_COMMIT=<git rev-parse HEAD> bash bench/gpu_session.sh all
+#                                      # tests, then benchmarks, inside DEADLINE seconds
 #
 # (`tests` or `bench` alone reruns one half on a machine still warm: the extension build
 # and Triton's cache live in .gpu_build/, which a warm machine keeps). Commit what comes
@@ -68,14 +70,20 @@ step() {
 }
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-{ echo "CUDA_HOME=${CUDA_HOME:-unset}"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m pip list 2>/dev/null |
+{ echo "CUDA_HOME=${CUDA_HOME:-unset} FUSED_SCHED_COMMIT=${FUSED_SCHED_COMMIT:-unset}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; python3 -m pip list 2>/dev/null |
     grep -i -E "^(torch|triton|diffusers|pytest-xdist|pytest-timeout) "; } 2>&1 | tee -a "$log"
 # Build the extension once, announced, before anything is timed. A build cut short leaves
 # torch's build lock behind, on which every later load would wait forever: nothing else
 # builds now, so any lock left is stale. Without it, the benchmarks time triton alone.
+# `info` exits 0 whatever it finds (a failed build is an unavailable backend), so whether
+# the cuda backend can run is asked of the backend itself.
 backends=cuda,triton
-if ! step 150 python3 -m fused_sched info; then
-    echo "=== the extension did not build: the cpu and cuda backends' tests will fail" | tee -a "$log"
+step 150 python3 -m fused_sched info
+if ! python3 -c "import sys, torch; from fused_sched.ops import backends as b
+r = b.why_unavailable('cuda', torch.device('cuda'), (torch.float32,)); print('cuda backend:', r or 'available')
+sys.exit(r is not None)" 2>&1 | tee -a "$log"; then
+    echo "=== the cuda backend is unavailable: its tests will fail, the benchmarks time triton alone" | tee -a "$log"
     backends=triton
 fi
 rm -f "$FUSED_SCHED_BUILD_DIR"/*/lock
@@ -115,15 +123,16 @@ run_bench() {
     local device
     device=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
     # What the issues ask for, most wanted first: the fused step against diffusers' on the
-    # video latents the Triton issue names (host time included), then the kernels alone
-    # against the copy roofline; fp32, then bf16; last the torch.compile baseline, which
-    # compiles every case.
-    for dtype in fp32 bf16; do
-        step 90 python3 -m fused_sched bench --device cuda --backend "$backends" --no-compile-baseline \
-            --shape cogvideox-49f,wan-720p,2x16x33x90x160 --dtype "$dtype" --json "$out/$device-$dtype.json" || true
-        step 90 python3 bench/bench_kernels.py --backend "$backends" --dtype "$dtype" \
-            --json "$out/$device-kernels-$dtype.json" || true
-    done
+    # video latents the Triton issue names (host time included), the video pipelines'
+    # schedulers first (a run cut short loses the last schedulers, each in every shape and
+    # dtype); then the kernels alone against the copy roofline, shape by shape; last the
+    # torch.compile baseline, which compiles every case. One process per tool: each start
+    # imports torch, diffusers and Triton and loads the extension again.
+    step 140 python3 -m fused_sched bench --device cuda --backend "$backends" --no-compile-baseline \
+        --scheduler cogvideox-dpm,cogvideox-ddim,ddim,dpm++2m,ddim-threshold,dpm++2m-threshold,sde-dpm++2m,dpm++3m,ddim-inverse \
+        --shape cogvideox-49f,wan-720p,2x16x33x90x160 --dtype fp32,bf16 --json "$out/$device-steps.json" || true
+    step 100 python3 bench/bench_kernels.py --backend "$backends" --dtype fp32,bf16 \
+        --shape cogvideox-49f,wan-720p,hunyuan-720p-b2 --json "$out/$device-kernels.json" || true
     # What the registered torch.library op (the path torch.compile traces) would add to an
     # eager Triton step, which dispatches in Python instead.
     step 60 python3 bench/dispatch_overhead.py --device cuda --backend triton \

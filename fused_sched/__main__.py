@@ -12,10 +12,11 @@ import sys
 
 import torch
 
-from . import __version__, ops
+from . import __version__, bench_record, ops
 from .ops import extension
 from .benchmark import (DTYPES, ROUNDS, SCHEDULERS, SHAPES, BaselineUnavailable, Timing, bytes_per_step, contender,
-                        copy_bandwidth, device_name, error_summary, time_in_turns, write_report)
+                        copy_bandwidth, device_name, error_summary, time_in_turns)
+from .bench_record import write_report
 
 COMPILED = "torch.compile"  # the compiled-reference baseline's name in the rows (see benchmark.py)
 SKIPPED = "skipped (--no-compile-baseline)"
@@ -67,7 +68,8 @@ def _metadata(device: torch.device) -> dict:
                 device=f"{device.type}: {name}", threads=torch.get_num_threads(), torch=torch.__version__,
                 cuda=torch.version.cuda, diffusers=diffusers.__version__, fused_sched=__version__,
                 python=platform.python_version(), triton=triton_version,
-                triton_autotune=os.environ.get("FUSED_SCHED_TRITON_AUTOTUNE", "unset (on)"))
+                triton_autotune=os.environ.get("FUSED_SCHED_TRITON_AUTOTUNE", "unset (on)"),
+                **(bench_record.run_facts() if device.type == "cuda" else dict(commit=bench_record.commit())))
 
 
 def cmd_info(args) -> int:
@@ -131,7 +133,10 @@ def cmd_bench(args) -> int:
     bandwidth = copy_bandwidth(device)
     meta = dict(_metadata(device), copy_bandwidth_GBps=bandwidth / 1e9, load_average_at_start=load,
                 cpu_count=os.cpu_count(),
-                timing="per sample: wall time of one step and a device synchronize (host time included); "
+                timing="per sample: wall time of one step and a device synchronize (host time included: the "
+                       "device idles while the host launches, where in a pipeline a step that never syncs hides "
+                       "its host time behind the model's GPU work; on a GPU each step's data evicted from L2 "
+                       "first, untimed); "
                        f"a case's implementations timed in turns ({ROUNDS} rounds, the order reversed every other round; "
                        "fused_sched.benchmark.time_in_turns)",
                 bytes_per_step="the op's least traffic: each tensor it reads and writes once at its own dtype, "
@@ -152,7 +157,7 @@ def cmd_bench(args) -> int:
         case = (kind, shape_name, shape, dtype_name)
         timings = {}
         try:
-            moved = bytes_per_step(kind, shape, dtype, device)
+            moved = bytes_per_step(kind, shape, dtype, device, args.steps)
             contenders = [contender(kind, "diffusers", shape, dtype, device, steps=args.steps)]
             for backend in backends:
                 try:

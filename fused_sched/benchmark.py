@@ -37,8 +37,6 @@ import contextlib
 import dataclasses
 import gc
 import inspect
-import json
-import os
 import platform
 import statistics
 import time
@@ -263,13 +261,15 @@ def prime_host_allocator() -> None:
     del chunk
 
 
-# A GPU idles at a low clock: warm up for this long at least, not only `warmup` steps.
+# A GPU idles at a low clock: warm up for this long at least, not only `warmup` steps
+# (GPU_SPIN_UP_S before a run's first measurement, from idle).
 CUDA_WARMUP_S = 0.1
+GPU_SPIN_UP_S = 0.3
 
 
-def _warm_up(step, device, warmup: int) -> None:
+def _warm_up(step, device, warmup: int, minimum_s: float = CUDA_WARMUP_S) -> None:
     start = time.perf_counter()
-    minimum = CUDA_WARMUP_S if device.type == "cuda" else 0.0
+    minimum = minimum_s if device.type == "cuda" else 0.0
     done = 0
     while done < warmup or time.perf_counter() - start < minimum:
         step()
@@ -277,10 +277,30 @@ def _warm_up(step, device, warmup: int) -> None:
     _synchronize(device)
 
 
+# Bytes written before each timed step on a GPU (outside its time) to evict the step's data
+# from L2 (50-60 MB on Hopper): in a pipeline the model's forward pass has evicted the
+# latent before the scheduler steps, and warm data would time a multi-pass step (diffusers')
+# at L2 speed, judged against an HBM copy roofline.
+L2_EVICTION_BYTES = 256 * 2**20
+_eviction_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _evict_l2(device: torch.device) -> None:
+    if device.type != "cuda":
+        return  # the CPU numbers on record were measured warm; a CPU's caches are a pipeline's too
+    buffer = _eviction_buffers.get(device)
+    if buffer is None:
+        buffer = _eviction_buffers[device] = torch.empty(L2_EVICTION_BYTES, dtype=torch.uint8, device=device)
+    buffer.zero_()
+
+
 def _samples(step, device, count: int) -> list[float]:
-    """Wall time of ``count`` steps, each with a device synchronize."""
+    """Wall time of ``count`` steps, each with a device synchronize, each on a GPU after its
+    data was evicted from L2 (``_evict_l2``, untimed)."""
     samples = []
     for _ in range(count):
+        _evict_l2(device)
+        _synchronize(device)
         start = time.perf_counter()
         step()
         _synchronize(device)
@@ -451,15 +471,6 @@ def no_recompiles():
     return set_stance("fail_on_recompile") if set_stance is not None else contextlib.nullcontext()
 
 
-def write_report(path: str, meta: dict, rows: list) -> None:
-    """A bench run's JSON, ``{"meta": ..., "rows": ...}``, replaced whole: rewritten after
-    every case, a run cut short (killed at a time limit, say) leaves a complete file."""
-    temporary = f"{path}.partial"
-    with open(temporary, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    os.replace(temporary, path)
-
-
 def error_summary(error: BaseException, limit: int = 200) -> str:
     """One line for a table cell: the exception type and the first non-empty line of its message
     (inductor wraps the underlying error, e.g. a C++ compiler failure, in a long report)."""
@@ -470,7 +481,7 @@ def error_summary(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def bytes_per_step(kind: str, shape, dtype, device=torch.device("cpu")) -> int:
+def bytes_per_step(kind: str, shape, dtype, device=torch.device("cpu"), steps: int = 20) -> int:
     """The least a fused step of ``kind`` must move: every tensor its op reads (x, m, history
     values, a noise tensor) and writes (its outputs) once, each at its own dtype, plus, with
     dynamic thresholding, x and m once more (the quantile must be known before any output
@@ -483,7 +494,7 @@ def bytes_per_step(kind: str, shape, dtype, device=torch.device("cpu")) -> int:
     the extra passes cost. Noise a scheduler draws into a tensor (``randn``) before the op
     is not counted: that is the work in-kernel noise avoids."""
     with recorded_op_traffic() as traffic, ops.use_backend("torch"):
-        make_step(kind, True, shape, dtype, device)()
+        make_step(kind, True, shape, dtype, device, steps)()
     if not traffic:
         raise RuntimeError(f"the fused {kind} step did not call fused_sched.ops: nothing to count")
     return sum(traffic)
@@ -531,15 +542,17 @@ class _RecordedPlan:
         return outputs
 
 
-def copy_bandwidth(device: torch.device, megabytes: int | None = None, repeats: int = 10) -> float:
+def copy_bandwidth(device: torch.device, megabytes: int | None = None, repeats: int | None = None) -> float:
     """Bytes/s of a device-to-device copy (read + write), measured now: the roofline a
-    memory-bound step is judged against."""
+    memory-bound step is judged against. A GPU is first kept copying for GPU_SPIN_UP_S
+    seconds at least: it idles at a fraction of its clock (an H200 at 345 of 1980 MHz)."""
     if megabytes is None:
         megabytes = 1024 if device.type == "cuda" else 64
+    if repeats is None:
+        repeats = 50 if device.type == "cuda" else 10
     source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
     target = torch.empty_like(source)
-    target.copy_(source)
-    _synchronize(device)
+    _warm_up(lambda: target.copy_(source), device, 1, GPU_SPIN_UP_S)
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
