@@ -53,6 +53,7 @@ STEPS = [("ddim", 0, None, False, True, "none"), ("ddim-eta", 0, "storage", Fals
          ("ddim-threshold", 0, None, False, True, "threshold")]
 REPLAYS_PER_SAMPLE = 5
 ROUNDS = 4
+DEVICE = torch.device("cuda")  # tests/test_bench_kernels.py runs the loop on the CPU, the GPU parts mocked
 
 
 def _event_seconds(run, repeats: int) -> list[float]:
@@ -117,7 +118,7 @@ def seconds_per_call_in_turns(replayed: dict, repeats: int) -> dict:
 
 def spin_up(seconds: float = 0.3) -> None:
     """Keep the GPU copying for ``seconds``: it idles at a fraction of its clock."""
-    source = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    source = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEVICE)
     target = torch.empty_like(source)
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -131,7 +132,7 @@ def copies_for(nbytes: int, cold_bytes: int) -> int:
     return max(2, min(64, -(-cold_bytes // max(nbytes, 1))))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="triton,cuda", help="comma-separated: triton, cuda")
     parser.add_argument("--dtype", default="fp32,bf16", help=f"comma-separated, from: {', '.join(DTYPES)}")
@@ -141,7 +142,7 @@ def main() -> None:
     parser.add_argument("--cold-bytes", type=int, default=512 * 2**20,
                         help="bytes the replayed calls' inputs and outputs span (default 512 MiB: ~10x L2)")
     parser.add_argument("--json", help="also write the rows to this JSON file (rewritten after every shape)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU (interpreted or emulated kernels' timings are meaningless)")
 
@@ -151,7 +152,7 @@ def main() -> None:
 
     names = args.backend.split(",")
     for name in names:
-        reason = backends.why_unavailable(name, torch.device("cuda"), (torch.float32,))
+        reason = backends.why_unavailable(name, DEVICE, (torch.float32,))
         if reason is not None:
             raise SystemExit(f"--backend {name}: unavailable: {reason}")
     kernels = {name: backends.load_backend(name) for name in names}
@@ -168,7 +169,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--shape {','.join(unknown)}: expected labels from {', '.join(known_shapes)}")
     shapes = [(label, known_shapes[label]) for label in args.shape.split(",")]
-    device = torch.device("cuda")
+    device = DEVICE
     g = torch.Generator(device=device).manual_seed(0)
     spin_up()
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
