@@ -472,6 +472,14 @@ def test_cuda_backend_says_why_it_is_unavailable():
         extension.CUDA_BACKEND.fused_step()
 
 
+def test_a_rocm_build_of_torch_is_named_as_such(monkeypatch):
+    from fused_sched.ops import extension
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    assert "torch is a ROCm build" in extension.cuda_unavailable_reason()
+
+
 @pytest.mark.parametrize("toolkit, devices, arch_list, expected", [
     ("none", 1, None, "no CUDA toolkit found"),
     ("without headers", 1, None, "has no include/cuda_runtime.h"),

@@ -438,6 +438,11 @@ def test_unavailable_reasons(monkeypatch):
     monkeypatch.setattr(triton_backend, "INTERPRETED", False)
     reason = BACKEND.unavailable_reason(torch.device("cpu"), (torch.float32,))
     assert reason is not None and "TRITON_INTERPRET=1" in reason
+    # ROCm's GPUs are "cuda" devices to torch; the kernels' inline PTX is NVIDIA's
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    reason = BACKEND.unavailable_reason(torch.device("cuda"), (torch.float32,))
+    assert reason is not None and "ROCm build (HIP 6.4.0)" in reason
 
 
 def test_fma_probe_tells_how_tl_fma_rounds():

@@ -77,6 +77,8 @@ CUDA_DEFINE = "-DFUSED_SCHED_WITH_CUDA"
 def cuda_unavailable_reason() -> str | None:
     """Why the CUDA kernels cannot be built in this environment (None: they can)."""
     if torch.version.cuda is None:
+        if torch.version.hip is not None:
+            return f"torch is a ROCm build (torch {torch.__version__}, HIP {torch.version.hip}): the kernels are CUDA's"
         return f"torch is a CPU build (torch {torch.__version__}, torch.version.cuda is None)"
     from torch.utils import cpp_extension
 

@@ -49,6 +49,9 @@ class TritonBackend:
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 return "torch reports no usable CUDA device"
+            if torch.version.hip is not None:  # ROCm's GPUs are "cuda" devices to torch
+                return (f"the triton backend's kernels use NVIDIA PTX (mul.rn.f32); torch is a ROCm build "
+                        f"(HIP {torch.version.hip}): use backend 'torch'")
             return None
         if device.type == "cpu":
             if INTERPRETED:
