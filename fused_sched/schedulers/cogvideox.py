@@ -214,9 +214,8 @@ class FusedCogVideoXDPMScheduler(AddNoiseMixin, DDIMFamilyMixin, CogVideoXDPMSch
         """(coefficients, prev) dtypes of a second-order step, from the first-order step's
         ``dtypes`` (``_step_dtypes``): diffusers' update adds the history term, so its dtype
         joins the promotion (a float64 old_pred_original_sample makes prev float64);
-        pred_original_sample's stays the first-order one."""
-        if not (isinstance(old, torch.Tensor) and old.is_floating_point()):
-            _refuse_tensor("old_pred_original_sample", old)
+        pred_original_sample's stays the first-order one. ``old`` passed
+        ``_check_history_before_noise``."""
         dtype, promoted, _ = dtypes
         return (torch.float64 if old.dtype == torch.float64 else dtype), torch.promote_types(promoted, old.dtype)
 

@@ -495,25 +495,28 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             self._cursor.start_at(self._step_index, self._lower_order_nums)
         elif getattr(self, "_begin_index", None) is not None:
             self._cursor.start_at(self._begin_index, self._lower_order_nums)
-        elif isinstance(timestep, torch.Tensor):
-            self._cursor.start_at_timestep(self._schedule_timesteps, timestep)
         else:
-            self._cursor.start_at(self._index_of_timestep(timestep), self._lower_order_nums)
+            self._cursor.start_at(self._first_step_index(timestep), self._lower_order_nums)
         self._device_current = True
         self._start_pending = False
 
     def _start_at_first_timestep(self, timestep) -> None:
         """The first eager step after the cursor was put at step 0 by default starts where
-        its timestep is (``_init_step_index``'s rule; on the device for a tensor that is not
-        an element of the schedule). A traced or captured step does not: a captured graph
-        replays from where set_timesteps put the cursor."""
-        position = None if self._inverse else self._schedule_position(timestep)
-        if position is None and isinstance(timestep, torch.Tensor):
-            index = self._cursor.index_of(self._schedule_timesteps, timestep)
-        else:
-            index = position if position is not None else self._index_of_timestep(timestep)
-        self._cursor.start_unless_moved(index)
+        its timestep is. A traced or captured step does not: a captured graph replays from
+        where set_timesteps put the cursor."""
+        self._cursor.start_unless_moved(self._first_step_index(timestep))
         self._start_pending = False
+
+    def _first_step_index(self, timestep) -> int | torch.Tensor:
+        """Where a trajectory whose first step is given ``timestep`` starts, by
+        ``_init_step_index``'s rule: an int, or for a tensor that is not an element of the
+        schedule (any tensor, when traced) diffusers' rule evaluated on the device."""
+        position = None if self._inverse else self._schedule_position(timestep)
+        if position is not None:
+            return position
+        if isinstance(timestep, torch.Tensor):
+            return self._cursor.index_of(self._schedule_timesteps, timestep)
+        return self._index_of_timestep(timestep)
 
 
 class FusedDPMSolverMultistepScheduler(DPMFamilyMixin, DPMSolverMultistepScheduler):

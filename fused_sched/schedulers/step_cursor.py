@@ -57,8 +57,12 @@ class DeviceStepCursor:
         self.step.add_(1)
         self.lower.add_(1).clamp_(max=self.solver_order)
 
-    def start_at(self, step: int, lower_order_nums: int) -> None:
-        self.step.fill_(step)
+    def start_at(self, step: int | torch.Tensor, lower_order_nums: int) -> None:
+        """``step``: an int, or a 0-d tensor on the cursor's device (``index_of``)."""
+        if isinstance(step, torch.Tensor):
+            self.step.copy_(step)
+        else:
+            self.step.fill_(step)
         self.lower.fill_(lower_order_nums)
 
     @staticmethod
@@ -71,10 +75,6 @@ class DeviceStepCursor:
         second = (matches.cumsum(0) == 2).to(torch.int8).argmax()
         last = torch.full_like(count, schedule.shape[0] - 1)
         return torch.where(count == 0, last, torch.where(count > 1, second, first))
-
-    def start_at_timestep(self, schedule: torch.Tensor, timestep: torch.Tensor) -> None:
-        self.step.copy_(self.index_of(schedule, timestep))
-        self.lower.zero_()
 
     def start_unless_moved(self, step: int | torch.Tensor) -> None:
         """Move a cursor still at its start (step 0, no history: no step has run since it was
