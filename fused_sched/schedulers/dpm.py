@@ -422,8 +422,8 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     def _traced_step(self, model_output, timestep, sample, generator, variance_noise, return_dict):
         """The step as torch.compile traces it, and as every step runs after
         ``prepare_cuda_graph``: the same op and rows as eager, with the row gathered by the
-        device cursor and always ``_weighed_history_terms`` history terms (absent ones are zeros; their
-        coefficients are 0 in every row of a lower order), so the graph is the same at every
+        device cursor and always ``_weighed_history_terms`` history terms (absent ones are
+        zeros; their coefficients are 0 in every row of a lower order), so the graph is the same at every
         step. Stepping past the end fails in the cursor's gather (on CUDA, a device assert)."""
         if self._cursor.step.device != sample.device:
             raise ValueError(
