@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from drivers import PAIRS, StepArgs, _step, assert_close_to_diffusers, public_config
+from drivers import TRAJECTORY_TOLERANCE, PAIRS, StepArgs, _step, assert_close_to_diffusers, public_config
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
@@ -277,3 +277,46 @@ def test_a_copy_mid_trajectory_continues_like_the_original(kind, how):
     from_copy = _steps(kind, copied, x, dict(state), range(3, 8))  # first: the original must not see it
     from_original = _steps(kind, scheduler, x, dict(state), range(3, 8))
     assert torch.equal(from_copy, from_original)
+
+
+def _views_restoring_dict_copies(kind, scheduler, views=2, steps=6):
+    """StableDiffusionPanoramaPipeline's per-view scheduler states: copy.deepcopy(scheduler.
+    __dict__) after each view's step and __dict__.update before the next (around the class's
+    own copy methods), while the loop iterates the timesteps tensor read before the copies."""
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    saved = [copy.deepcopy(scheduler.__dict__)] * views
+    states = [{} for _ in range(views)]  # the pipeline's own (CogVideoX DPM's previous x0)
+    g = torch.Generator().manual_seed(0)
+    latents = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(views)]
+    for i, t in enumerate(timesteps):
+        for j in range(views):
+            scheduler.__dict__.update(saved[j])
+            latents[j], _ = _step(kind, scheduler, (0.2 + 0.1 * j) * latents[j], t, latents[j], i, timesteps,
+                                  states[j], StepArgs(), torch.Generator().manual_seed(i), torch.float32)
+            saved[j] = copy.deepcopy(scheduler.__dict__)
+    return torch.stack(latents)
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_per_view_copies_of_the_scheduler_dict_step_like_diffusers(kind):
+    reference_cls, fused_cls = PAIRS[kind]
+    expected = _views_restoring_dict_copies(kind, reference_cls())
+    assert_close_to_diffusers(_views_restoring_dict_copies(kind, fused_cls()), expected, TRAJECTORY_TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim"])
+def test_a_schedule_tensor_no_longer_the_schedulers_is_not_taken_for_its_elements(kind):
+    # After __dict__.update(copy.deepcopy(__dict__)) the scheduler's schedule is the copy; the
+    # tensor it replaced is the caller's to change, and its elements are plain timesteps.
+    outputs = []
+    for cls in PAIRS[kind]:
+        scheduler = cls()
+        scheduler.set_timesteps(10)
+        replaced = scheduler.timesteps
+        scheduler.__dict__.update(copy.deepcopy(scheduler.__dict__))
+        assert scheduler.timesteps is not replaced
+        replaced[3] = 7
+        x = torch.ones(1, 2, 4, 4)
+        outputs.append(scheduler.step(torch.full_like(x, 0.5), replaced[3], x).prev_sample)
+    assert_close_to_diffusers(outputs[1], outputs[0])

@@ -21,7 +21,7 @@ import torch
 from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
                        CogVideoXPipeline, CogVideoXTransformer3DModel, CogVideoXVideoToVideoPipeline, DDIMPipeline,
                        DDIMScheduler, DDPMPipeline, DiffusionPipeline, DPMSolverMultistepScheduler,
-                       StableDiffusionImg2ImgPipeline, UNet2DConditionModel, UNet2DModel, UniPCMultistepScheduler,
+                       StableDiffusionImg2ImgPipeline, StableDiffusionPanoramaPipeline, UNet2DConditionModel, UNet2DModel, UniPCMultistepScheduler,
                        WanPipeline, WanTransformer3DModel)
 
 import fused_sched
@@ -304,6 +304,37 @@ def test_a_channels_last_unet_gives_diffusers_latents_in_diffusers_layout(img2im
     steps = len(latents_contiguous) // 2
     assert steps > 0 and all(model_output_channels_last)  # the premise: every model output channels-last
     assert latents_contiguous[:steps] == latents_contiguous[steps:] == [True] * steps
+
+
+
+def test_panorama_pipeline_restoring_its_ddim_scheduler_per_view():
+    """MultiDiffusion (its default scheduler is DDIM) keeps one scheduler state per view:
+    copy.deepcopy(scheduler.__dict__) after each view's step and __dict__.update before the
+    next, around the class's own copy methods (every class: tests/test_api.py)."""
+    # Views are 64 latent pixels wide at a stride of 8 where the image is 8 times the latents
+    # (a VAE of four blocks): a 512 x 576 image gives two overlapping views. A UNet without
+    # attention keeps 64 x 64 latents cheap.
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, mid_block_type=None,
+        cross_attention_dim=16, norm_num_groups=4,
+    ).eval()
+    vae = AutoencoderKL(block_out_channels=(8,) * 4, in_channels=3, out_channels=3, latent_channels=4,
+                        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4).eval()
+    pipe = StableDiffusionPanoramaPipeline(vae=vae, unet=unet, text_encoder=None, tokenizer=None,
+                                           scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert len(pipe.get_views(512, 576)) == 2
+    prompt, negative = _prompt_embeddings(1, 6, 16)
+
+    def run(p):
+        return p(prompt_embeds=prompt, negative_prompt_embeds=negative, height=512, width=576, num_inference_steps=5,
+                 generator=torch.Generator().manual_seed(1), output_type="latent").images
+
+    _assert_swap_matches(pipe, fused_sched.FusedDDIMScheduler, run)
 
 
 # The (module, class) a saved pipeline's model_index.json names for each class: the module

@@ -295,6 +295,16 @@ class StepPlan:
         if getattr(impl, "step_program", None) is not None:
             self._specialise(sample, model_output, history, noise)
 
+    # A plan is a decision about a call signature (and holds a backend's module and compiled
+    # programs, which cannot be copied): a copy of something that keeps plans shares them.
+    # StableDiffusionPanoramaPipeline deep-copies a scheduler's __dict__ per view, which
+    # bypasses the scheduler's own __getstate__.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
     def _specialise(self, sample, model_output, history, noise) -> None:
         known = reference.hashable_columns(self.constant_columns)
         dtype = reference.compute_dtype(sample, model_output, *history)

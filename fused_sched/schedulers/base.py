@@ -304,11 +304,17 @@ class FusedSchedulerMixin:
             or timestep.device != address[3]
         ):
             return None
+        schedule = self._schedule_timesteps
+        if schedule.data_ptr() != address[0]:
+            # Another tensor took the schedule's place without set_timesteps (a pipeline that
+            # deep-copies the scheduler's __dict__ and restores it, bypassing __getstate__):
+            # the noted address is the old tensor's, which no longer holds this schedule.
+            return None
         position, misaligned = divmod(timestep.data_ptr() - address[0], address[1])
         if misaligned or not 0 <= position < len(self._host_timesteps):
             return None
         version = self._host_timesteps_version
-        if version is not None and self._schedule_timesteps._version != version:
+        if version is not None and schedule._version != version:
             self._read_host_timesteps()  # edited in place since: read again (one sync, once per edit)
         return position
 
