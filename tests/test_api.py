@@ -262,7 +262,10 @@ def _steps(kind, scheduler, x, state, indices):
     return x
 
 
-@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+COPIES = {"copy": copy.copy, "deepcopy": copy.deepcopy, "pickle": lambda s: pickle.loads(pickle.dumps(s))}
+
+
+@pytest.mark.parametrize("how", sorted(COPIES))
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 def test_a_copy_mid_trajectory_continues_like_the_original(kind, how):
     # diffusers' schedulers copy and pickle mid-trajectory; ours keep per-process state (step
@@ -271,13 +274,31 @@ def test_a_copy_mid_trajectory_continues_like_the_original(kind, how):
     scheduler.set_timesteps(8)
     state = {}  # the pipeline's own (CogVideoX DPM's previous x0)
     x = _steps(kind, scheduler, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), state, range(3))
-    copied = copy.deepcopy(scheduler) if how == "deepcopy" else pickle.loads(pickle.dumps(scheduler))
+    copied = COPIES[how](scheduler)
     # its own schedule's elements resolve by address, as the original's do
     assert copied._schedule_address[0] == copied.timesteps.data_ptr() != scheduler.timesteps.data_ptr()
     from_copy = _steps(kind, copied, x, dict(state), range(3, 8))  # first: the original must not see it
     from_original = _steps(kind, scheduler, x, dict(state), range(3, 8))
     assert torch.equal(from_copy, from_original)
 
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_a_new_schedule_on_a_shallow_copy_leaves_the_original_like_diffusers(kind):
+    # diffusers' set_timesteps rebinds what it changes; the fused classes refill tables and
+    # reset their device cursor in place
+    def trajectory(scheduler):
+        scheduler.set_timesteps(10)
+        state = {}
+        x = _steps(kind, scheduler, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), state,
+                   range(4))
+        if kind == "dpm":  # a table of the original's shape: the one refilled in place
+            copy.copy(scheduler).set_timesteps(timesteps=list(range(990, 0, -99)))
+        else:
+            copy.copy(scheduler).set_timesteps(25)
+        return _steps(kind, scheduler, x, state, range(4, 10))
+
+    reference_cls, fused_cls = PAIRS[kind]
+    assert_close_to_diffusers(trajectory(fused_cls()), trajectory(reference_cls()), TRAJECTORY_TOLERANCE)
 
 def _views_restoring_dict_copies(kind, scheduler, views=2, steps=6):
     """StableDiffusionPanoramaPipeline's per-view scheduler states: copy.deepcopy(scheduler.

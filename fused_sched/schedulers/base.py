@@ -10,6 +10,7 @@ importable from its old module, with SchedulerMixin beside it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -99,6 +100,13 @@ class FusedSchedulerMixin:
         # exports; a fused class is no export of diffusers, so it names itself and its parent.
         parent = next(c for c in cls.__mro__ if c.__module__.startswith("diffusers.schedulers.scheduling_"))
         return [cls] + parent._get_compatibles()
+
+    def __copy__(self):
+        # diffusers' set_timesteps and steps rebind the attributes they change, so a shallow
+        # copy of its scheduler is independent of the original's next schedule; the fused
+        # classes change their tables, device cursor, noise counter and static history in
+        # place (so that a captured CUDA graph stays valid), which a shallow copy would share.
+        return copy.deepcopy(self)
 
     def __getstate__(self):
         state = self.__dict__.copy()
