@@ -17,8 +17,8 @@ import copy
 import pytest
 import torch
 
-from drivers import (PAIRS, STEP_TOLERANCE, StepArgs, _initial_state, _step, assert_close_to_diffusers, relative_error,
-                     stand_in_model)
+from drivers import (PAIRS, STEP_TOLERANCE, TRAJECTORY_TOLERANCE, StepArgs, _initial_state, _step,
+                     assert_close_to_diffusers, relative_error, stand_in_model)
 
 N = 10  # below 15: lower_order_final decides the last DPM steps' order
 EDIT_AT = 2  # the change is made after this many steps (the tables are built and used by then)
@@ -254,3 +254,29 @@ def test_a_final_alpha_below_the_last_steps_alpha_is_refused_naming_it(kind):
     x = torch.randn(1, 2, 3)
     with pytest.raises(ValueError, match=r"alpha-bar rises across the step at timestep\(s\) \[0\]"):
         _one_step(kind, fused, x, 0)
+
+
+def _hand_set_trajectory(kind, scheduler):
+    """The count and the timesteps assigned without set_timesteps (diffusers' DDIM-family
+    steps read only the count and the alphas), then a trajectory over them."""
+    scheduler.num_inference_steps = N
+    scheduler.timesteps = torch.arange(900, -1, -100)
+    x, state = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), {}
+    for i, t in enumerate(scheduler.timesteps):
+        x, _ = _step(kind, scheduler, 0.3 * x, t, x, i, scheduler.timesteps, state, StepArgs(),
+                     torch.Generator().manual_seed(i), torch.float32)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddim_inverse", "cogvideox_ddim", "cogvideox_dpm"])
+def test_a_schedule_assigned_by_hand_steps_like_diffusers(kind):
+    reference_cls, fused_cls = PAIRS[kind]
+    assert_close_to_diffusers(_hand_set_trajectory(kind, fused_cls()), _hand_set_trajectory(kind, reference_cls()),
+                              TRAJECTORY_TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", ["dpm", "dpm_inverse"])
+def test_a_dpm_schedule_assigned_by_hand_is_refused_naming_set_timesteps(kind):
+    # diffusers' step would pair the assigned timesteps with the training sigmas __init__ made
+    with pytest.raises(ValueError, match="num_inference_steps=10 was assigned without set_timesteps"):
+        _hand_set_trajectory(kind, PAIRS[kind][1]())

@@ -260,6 +260,8 @@ class FusedSchedulerMixin:
         the values and objects read here, so after such a change the step is traced again and
         refuses to run on stale tables.
         """
+        if self._schedule_timesteps is None and self.num_inference_steps is not None:
+            self._adopt_schedule_set_by_hand()
         if self.num_inference_steps is None or self._schedule_timesteps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
@@ -274,6 +276,15 @@ class FusedSchedulerMixin:
                     "not capturable); take one eager step after the change, before capturing"
                 )
             self._all_or_nothing(self._rebuild_tables)
+
+    def _adopt_schedule_set_by_hand(self) -> None:
+        """``num_inference_steps`` (and ``timesteps``) assigned without set_timesteps: a class
+        whose diffusers step reads nothing else set_timesteps makes takes them as its
+        schedule (the DDIM family); this refuses."""
+        raise ValueError(
+            f"{type(self).__name__}: num_inference_steps={self.num_inference_steps!r} was assigned without "
+            "set_timesteps, which also makes the sigmas this class's step reads; call set_timesteps"
+        )
 
     def _refuse_changes_traced(self) -> None:
         """_tables_current as torch.compile can trace it (no attrgetter, no versions)."""

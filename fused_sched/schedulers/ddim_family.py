@@ -34,6 +34,14 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
 
     def _set_schedule(self, num_inference_steps: int, device) -> None:
         super().set_timesteps(num_inference_steps, device=device)
+        self._take_schedule(device)
+
+    def _adopt_schedule_set_by_hand(self) -> None:
+        # diffusers' DDIM-family steps read num_inference_steps and the alphas, never the
+        # timesteps: a schedule assigned by hand steps there as one set_timesteps made
+        self._all_or_nothing(lambda: self._take_schedule(self.timesteps.device))
+
+    def _take_schedule(self, device) -> None:
         self._remember_schedule()
         self._schedule_device = device
         self._rebuild_tables()
