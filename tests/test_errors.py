@@ -218,6 +218,21 @@ def test_a_step_that_fails_leaves_the_generator_as_it_was(case):
     assert_close_to_diffusers(retried, expected)
 
 
+@pytest.mark.parametrize("noise_shape", [(1, 4, 8, 8), (4, 1, 8), (8,)])
+@pytest.mark.parametrize("case", ["ddim-eta", "sde-dpm++"])
+def test_variance_noise_that_broadcasts_to_the_sample_is_taken_as_diffusers_takes_it(case, noise_shape):
+    # diffusers adds std * variance_noise: one noise for every batch row, say. A noise the
+    # sample would broadcast to (larger than it) is refused above.
+    kind, config, step = NOISY_STEPS[case]
+    noise = torch.randn(noise_shape, generator=torch.Generator().manual_seed(3))
+    reference = PAIRS[kind][0](**config)
+    reference.set_timesteps(10)
+    expected = step(reference, torch.tanh(X), None, variance_noise=noise)[0]
+    assert_close_to_diffusers(step(_ready(kind, **config), torch.tanh(X), None, variance_noise=noise)[0], expected)
+    with pytest.raises(ValueError, match=r"variance_noise has shape \(3, 4, 8, 8\); expected a tensor"):
+        step(_ready(kind, **config), X, None, variance_noise=torch.randn(3, 4, 8, 8))
+
+
 @pytest.mark.parametrize("device_order", [False, True], ids=["eager", "order-on-device"])
 @pytest.mark.parametrize("old, message", [
     (X[..., :7], r"old_pred_original_sample has shape \(2, 4, 8, 7\); expected the sample's shape"),

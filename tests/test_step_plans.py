@@ -239,7 +239,7 @@ def test_ddim_noise_of_another_signature_is_checked_again(checks):
     scheduler.step(m, t, x, eta=0.5, variance_noise=torch.randn(2, 3, 4, 4))
     assert len(checks) == 1
     with pytest.raises(ValueError, match="variance_noise has shape"):  # refused by the step, before the op
-        scheduler.step(m, t, x, eta=0.5, variance_noise=torch.randn(1, 3, 4, 4))
+        scheduler.step(m, t, x, eta=0.5, variance_noise=torch.randn(3, 3, 4, 4))
     assert len(checks) == 1
     scheduler.step(m, t, x, eta=0.5, variance_noise=torch.randn(2, 3, 4, 4, dtype=torch.float64))
     assert len(checks) == 2

@@ -61,6 +61,14 @@ def check_clipping_config(config) -> None:
         )
 
 
+def _broadcasts_to(shape, target) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without enlarging it."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 class FusedSchedulerMixin:
     """Host-side bookkeeping shared by the fused classes; holds no tensor math."""
 
@@ -385,10 +393,16 @@ class FusedSchedulerMixin:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)}; expected the sample's shape "
                              f"{tuple(sample.shape)}")
         if variance_noise is not None and (not isinstance(variance_noise, torch.Tensor)
-                                           or variance_noise.shape != sample.shape):
+                                           or not _broadcasts_to(variance_noise.shape, sample.shape)):
             got = (f"shape {tuple(variance_noise.shape)}" if isinstance(variance_noise, torch.Tensor)
                    else f"type {type(variance_noise).__name__}")
-            raise ValueError(f"variance_noise has {got}; expected a tensor of the sample's shape {tuple(sample.shape)}")
+            raise ValueError(f"variance_noise has {got}; expected a tensor of the sample's shape {tuple(sample.shape)} "
+                             "or one that broadcasts to it")
+
+    @staticmethod
+    def _noise_of_shape(variance_noise: torch.Tensor, shape) -> torch.Tensor:
+        # diffusers adds std * variance_noise, which broadcasts: one noise for every batch row, say
+        return variance_noise if variance_noise.shape == shape else variance_noise.expand(shape)
 
     def _draw_noise(self, shape, generator, device, dtype, variance_noise=None):
         """z for one noisy draw: a tensor as diffusers draws it, or, after
@@ -396,7 +410,7 @@ class FusedSchedulerMixin:
         if self._philox_seed is not None:
             return self._philox_draw(shape, generator, variance_noise, device)
         if variance_noise is not None:
-            return variance_noise
+            return self._noise_of_shape(variance_noise, shape)
         if generator is not None and torch.compiler.is_compiling():
             # dynamo's own message ("failed to convert args/kwargs to proxy") names no remedy
             raise ValueError(

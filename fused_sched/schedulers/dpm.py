@@ -406,7 +406,8 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         if variance_noise is None or self._philox_seed is not None:  # in-kernel noise refuses variance_noise
             return self._draw_noise(model_output.shape, generator, model_output.device, torch.float32,
                                     variance_noise)
-        return variance_noise.to(device=model_output.device, dtype=torch.float32)
+        return self._noise_of_shape(variance_noise.to(device=model_output.device, dtype=torch.float32),
+                                    model_output.shape)
 
     def _clip_options(self) -> dict:
         c = self.config
