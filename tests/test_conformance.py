@@ -466,6 +466,36 @@ def test_an_infinite_model_output_gives_diffusers_values_at_every_timestep(backe
     assert relative_error(fused[finite], reference[finite]) <= FP32_TOLERANCE
 
 
+@pytest.mark.parametrize("config, options", [
+    (dict(clip_sample=True), dict(use_clipped_model_output=True)),
+    (dict(clip_sample=True), dict(eta=0.5)),
+    (dict(clip_sample=True), dict(eta=0.5, use_clipped_model_output=True)),
+    (dict(clip_sample=True, prediction_type="sample"), dict(use_clipped_model_output=True)),
+    (dict(clip_sample=True, prediction_type="sample"), dict(eta=0.5)),
+    # (use_clipped_model_output without clipping: diffusers' eps from an infinite x0 is
+    # inf - inf, see README "Accuracy")
+    (dict(clip_sample=False), dict(eta=0.5)),
+], ids=str)
+def test_an_infinite_input_to_a_ddim_step_with_eta_or_clipped_model_output_gives_diffusers_values(
+        backend, device, config, options):
+    """The tables those step options select are built at the step: their own constant columns
+    leave out the terms diffusers' formula lacks (the clipped update has no sample term, and
+    with use_clipped_model_output no model output term), where 0*inf was NaN."""
+    x = torch.tensor([[math.inf, -0.25, 0.75, -1.0]], device=device)
+    m = torch.tensor([[0.1, -math.inf, 0.5, math.inf]], device=device)
+    results = []
+    for cls in PAIRS["ddim"]:
+        scheduler = cls(**config)
+        scheduler.set_timesteps(10, device=device)
+        outputs = [scheduler.step(m, t, x, variance_noise=torch.zeros_like(x), **options) for t in scheduler.timesteps]
+        results.append(torch.stack([torch.cat([out.prev_sample, out.pred_original_sample]) for out in outputs]))
+    reference, fused = results
+    assert torch.equal(fused.isnan(), reference.isnan()) and torch.equal(fused.isinf(), reference.isinf())
+    finite = torch.isfinite(reference)
+    torch.testing.assert_close(fused[~finite], reference[~finite], rtol=0.0, atol=0.0, equal_nan=True)
+    assert relative_error(fused[finite], reference[finite]) <= FP32_TOLERANCE
+
+
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 @pytest.mark.parametrize("zero_snr", [True, False], ids=["zero-snr", "snr"])
 @pytest.mark.parametrize("skip", [1, 2], ids=["scheduled-pair", "unscheduled-pair"])

@@ -71,11 +71,16 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         if table is None:
             table = self._table_rows(eta, use_clipped_model_output)
         key = (eta, use_clipped_model_output)
+        # The table's constant columns are read off its host rows, so that the terms its rows
+        # never have are left out (multiplied by 0, an infinite input there would give NaN).
+        # A step that torch.compile traces cannot branch on values: a table it builds inherits
+        # what the base table knows about the columns eta cannot change, and keeps that hint
+        # when set_timesteps refills it, so that the compiled step's guards on it still hold.
         base = self._tables.get(_BASE_KEY)
-        # Built inside a step, a table must not be read on the host: it inherits what the
-        # schedule's base table knows about the columns eta cannot change.
-        known = None if base is None else base.constant_columns.only(L.ESTIMATE_COLUMNS)
-        self._install_table(key, table, self._schedule_device, known=known)
+        retired = self._retired_tables.get(key)
+        inherit = base is not None and (torch.compiler.is_compiling() or getattr(retired, "hint_inherited", False))
+        known = base.constant_columns.only(L.ESTIMATE_COLUMNS) if inherit else None
+        self._install_table(key, table, self._schedule_device, known=known).hint_inherited = inherit
 
     def _check_eta_bound(self, key, timestep) -> None:
         """Refuse an |eta| > 1 at a host-known timestep where the direction term has no real
