@@ -515,6 +515,32 @@ def test_dpm_repeated_timesteps_warn_and_raise_where_diffusers_gives_nan(kind, s
         fused.step(0.1 * x, fused.timesteps[bad_step], x)
 
 
+@pytest.mark.parametrize("config, schedule, bad_step", [
+    (dict(algorithm_type="sde-dpmsolver++", final_sigmas_type="sigma_min"), dict(timesteps=[200, 400, 600]), 0),
+    (dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), dict(timesteps=[200, 400, 600]), 0),
+    # flow sigmas end below the VP sigma_min that final_sigmas_type="sigma_min" appends
+    (dict(algorithm_type="sde-dpmsolver++", use_flow_sigmas=True, flow_shift=0.5, prediction_type="flow_prediction",
+          final_sigmas_type="sigma_min"), dict(num_inference_steps=60), 59),
+], ids=["ascending-timesteps-sde-dpmsolver++", "ascending-timesteps-sde-dpmsolver", "flow-sigmas-then-sigma-min"])
+def test_sde_dpm_step_where_sigma_rises_warns_and_raises_where_diffusers_gives_nan(config, schedule, bad_step):
+    """The SDE noise scale is the square root of 1 - exp(-2h) (or exp(2h) - 1), negative where
+    sigma rises (h < 0): diffusers' step is NaN there; the fused row was a finite step that
+    silently dropped the noise (the variance clamped at 0)."""
+    reference_cls, fused_cls = PAIRS["dpm"]
+    reference = reference_cls(**config)
+    reference.set_timesteps(**schedule)
+    x = torch.randn(1, 2, 4, 4)
+    assert _first_non_finite_step(reference, x) == bad_step  # the refusal is justified
+    fused = fused_cls(**config)
+    rises = rf"\(step, timestep, order\) \[\({bad_step}, \d+, \d\).* are not finite: sigma rises across step {bad_step}"
+    with pytest.warns(UserWarning, match=rises):
+        fused.set_timesteps(**schedule)
+    for t in fused.timesteps[:bad_step]:
+        x = fused.step(0.1 * x, t, x).prev_sample
+    assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match=rises):
+        fused.step(0.1 * x, fused.timesteps[bad_step], x)
+
 def test_dpm_flat_last_step_stores_diffusers_history_value():
     """karras sigmas ending at sigma_min: the last step is between equal sigmas, prev = x,
     and the data prediction diffusers stores in model_outputs is kept (it was stored as 0)."""

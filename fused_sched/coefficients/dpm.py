@@ -65,9 +65,11 @@ def _conversion_columns(config, sigmas, alpha, sigma, steps):
 def _update_multipliers(algorithm: str, solver_type: str, order: int, alpha_t, sigma_t, alpha_s0, sigma_s0, h):
     """(ox, k0, k1, k2, on) with prev = ox*x + k0*D0 + k1*D1 + k2*D2 + on*z (diffusers' scalars).
 
-    The SDE noise variances 1 - exp(-2h) and exp(2h) - 1 are clamped at 0: they are negative
-    only by rounding, where two consecutive sigmas are equal (lu / karras schedules ending at
-    sigma_min with final_sigmas_type="sigma_min"), and diffusers' sqrt returns NaN there.
+    The SDE noise variances 1 - exp(-2h) and exp(2h) - 1 are negative where sigma rises
+    across the step (h < 0: custom ascending timesteps, or flow sigmas followed by a larger
+    VP sigma_min): their square root is NaN there, as diffusers' is, and the scheduler refuses
+    such a row at its step (a noise scale clamped at 0 dropped the noise silently). Equal
+    sigmas give h = 0 exactly in float64, and a variance of 0.
     """
     zero = torch.zeros_like(h)
     k1 = k2 = on = zero
@@ -92,7 +94,7 @@ def _update_multipliers(algorithm: str, solver_type: str, order: int, alpha_t, s
     elif algorithm == "sde-dpmsolver++":
         ox = sigma_t / sigma_s0 * torch.exp(-h)
         k0 = alpha_t * (1 - torch.exp(-2.0 * h))
-        on = sigma_t * torch.sqrt((1.0 - torch.exp(-2 * h)).clamp(min=0))
+        on = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
         if order == 2 and solver_type == "midpoint":
             k1 = 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h)))
         elif order >= 2:
@@ -102,7 +104,7 @@ def _update_multipliers(algorithm: str, solver_type: str, order: int, alpha_t, s
     elif algorithm == "sde-dpmsolver":
         ox = alpha_t / alpha_s0
         k0 = -2.0 * (sigma_t * (torch.exp(h) - 1.0))
-        on = sigma_t * torch.sqrt((torch.exp(2 * h) - 1.0).clamp(min=0))
+        on = sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0)
         if order == 2 and solver_type == "midpoint":
             k1 = -(sigma_t * (torch.exp(h) - 1.0))
         elif order == 2:

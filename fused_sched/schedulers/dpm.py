@@ -193,6 +193,17 @@ class DPMFamilyMixin(FusedSchedulerMixin):
 
     def _non_finite_message(self, steps) -> str:
         named = [(i, self._host_timesteps[i], order) for i, order in steps[:4]]
+        sigmas = self.sigmas.detach().cpu().double()
+        rising = [i for i, _ in steps if self.config.algorithm_type in SDE_ALGORITHMS and sigmas[i + 1] > sigmas[i]]
+        if rising:
+            i = rising[0]
+            return (
+                f"{type(self).__name__}: the coefficients of (step, timestep, order) {named} are not finite: sigma "
+                f"rises across step {i} (from {float(sigmas[i]):.6g} to {float(sigmas[i + 1]):.6g}), where the "
+                f"{self.config.algorithm_type} noise scale, the square root of a variance that is negative when "
+                "sigma rises, has no real value (diffusers returns NaN there, and this scheduler raises at that "
+                "step). Use timesteps that descend, final_sigmas_type='zero', or an ODE algorithm_type"
+            )
         return (
             f"{type(self).__name__}: the coefficients of (step, timestep, order) {named} are not finite: where two "
             "consecutive sigmas are equal (a repeated timestep), the multistep update after them divides by their "
