@@ -473,7 +473,9 @@ def checked_num_inference_steps(value) -> int:
     negative or fractional count that fails only later."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point \
             and value.dtype != torch.bool:
-        value = int(value)  # diffusers computes with a one-element integer tensor as with its value
+        # its value, as an int gives it: diffusers' spacing arithmetic with the tensor runs in
+        # float32 and, for some counts, puts a timestep one off the int's schedule
+        value = int(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
