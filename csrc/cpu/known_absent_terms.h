@@ -53,13 +53,13 @@ inline constexpr KnownAbsentTerms kKnownAbsentTerms[] = {
     {Clip::kNone, 0, false, false, columns<kPX, kPM>},
     {Clip::kNone, 0, false, false, columns<kPX, kPM, kOX>},
     {Clip::kNone, 0, false, false, columns<kPX, kPM, kOM>},
-    {Clip::kNone, 0, true, false, columns<kPX, kPM>},
+    {Clip::kNone, 0, true, false, columns<kPX, kPM, kOX>},
     {Clip::kClamp, 0, false, false, columns<kPX, kPM, kOX, kOC>},
     {Clip::kClamp, 0, false, false, columns<kAX, kPX, kPM, kOC, kAL>},
-    {Clip::kClamp, 0, true, false, columns<kPX, kPM>},
-    {Clip::kClamp, 0, true, false, columns<kAX, kPX, kPM, kAL>},
+    {Clip::kClamp, 0, true, false, columns<kPX, kPM, kOX, kOC>},
+    {Clip::kClamp, 0, true, false, columns<kAX, kPX, kPM, kOC, kAL>},
     {Clip::kThreshold, 0, false, false, columns<kPX, kPM, kOX, kOC>},
-    {Clip::kThreshold, 0, true, false, columns<kPX, kPM>},
+    {Clip::kThreshold, 0, true, false, columns<kPX, kPM, kOX, kOC>},
     // DPM-Solver multistep and its inverse, CogVideoX DPM: dpmsolver++ and sde-dpmsolver++
     // (epsilon, v, sample and flow prediction; orders 1-3; thresholding), dpmsolver.
     {Clip::kNone, 0, false, false, columns<kPX, kP0, kO0>},
