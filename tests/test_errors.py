@@ -497,21 +497,27 @@ def test_dpm_repeated_timesteps_warn_and_raise_where_diffusers_gives_nan(kind, s
     divides by h0 = 0: diffusers returns inf/NaN from that step on. set_timesteps builds
     diffusers' schedule (its own tests check such schedules) and warns, naming that step;
     the step raises there instead of returning NaN."""
-    reference_cls, fused_cls = PAIRS[kind]
     config = dict(final_sigmas_type="sigma_min") if "timesteps" in schedule else {}
+    _assert_warned_and_refused_where_diffusers_is_first_nan(
+        kind, config, schedule, bad_step, rf"\(step, timestep, order\) \[\({bad_step}, \d+, 2\).* are not finite")
+
+
+def _assert_warned_and_refused_where_diffusers_is_first_nan(kind, config, schedule, bad_step, message):
+    """diffusers' schedule, whose step ``bad_step`` is its first non-finite one: set_timesteps
+    warns with ``message``, the steps before it are finite, and that step raises it."""
+    reference_cls, fused_cls = PAIRS[kind]
     reference = reference_cls(**config)
     reference.set_timesteps(**schedule)
     x = torch.randn(1, 2, 4, 4)
     assert _first_non_finite_step(reference, x) == bad_step  # the refusal is justified
     fused = fused_cls(**config)
-    step_named = rf"\(step, timestep, order\) \[\({bad_step}, \d+, 2\).* are not finite"
-    with pytest.warns(UserWarning, match=step_named):
+    with pytest.warns(UserWarning, match=message):
         fused.set_timesteps(**schedule)
     assert torch.equal(fused.timesteps, reference.timesteps) and torch.equal(fused.sigmas, reference.sigmas)
     for t in fused.timesteps[:bad_step]:
         x = fused.step(0.1 * x, t, x).prev_sample
     assert torch.isfinite(x).all()
-    with pytest.raises(ValueError, match=step_named):
+    with pytest.raises(ValueError, match=message):
         fused.step(0.1 * x, fused.timesteps[bad_step], x)
 
 
@@ -526,20 +532,10 @@ def test_sde_dpm_step_where_sigma_rises_warns_and_raises_where_diffusers_gives_n
     """The SDE noise scale is the square root of 1 - exp(-2h) (or exp(2h) - 1), negative where
     sigma rises (h < 0): diffusers' step is NaN there; the fused row was a finite step that
     silently dropped the noise (the variance clamped at 0)."""
-    reference_cls, fused_cls = PAIRS["dpm"]
-    reference = reference_cls(**config)
-    reference.set_timesteps(**schedule)
-    x = torch.randn(1, 2, 4, 4)
-    assert _first_non_finite_step(reference, x) == bad_step  # the refusal is justified
-    fused = fused_cls(**config)
-    rises = rf"\(step, timestep, order\) \[\({bad_step}, \d+, \d\).* are not finite: sigma rises across step {bad_step}"
-    with pytest.warns(UserWarning, match=rises):
-        fused.set_timesteps(**schedule)
-    for t in fused.timesteps[:bad_step]:
-        x = fused.step(0.1 * x, t, x).prev_sample
-    assert torch.isfinite(x).all()
-    with pytest.raises(ValueError, match=rises):
-        fused.step(0.1 * x, fused.timesteps[bad_step], x)
+    _assert_warned_and_refused_where_diffusers_is_first_nan(
+        "dpm", config, schedule, bad_step,
+        rf"\(step, timestep, order\) \[\({bad_step}, \d+, \d\).* are not finite: sigma rises across step {bad_step}")
+
 
 def test_dpm_flat_last_step_stores_diffusers_history_value():
     """karras sigmas ending at sigma_min: the last step is between equal sigmas, prev = x,
