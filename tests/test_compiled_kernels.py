@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import platform
+import math
 import re
 import subprocess
 import sys
@@ -663,6 +664,16 @@ def test_kernel_entry_points_reject_bad_arguments(kernels):
         kernels._threshold_scale(torch.empty(2, 0), torch.empty(2, 0), c, 0.5, 1.0, 0)
     with pytest.raises(RuntimeError, match=r"absent_terms=-1 has bits outside the term columns"):
         kernels._threshold_scale(x, x, c, 0.5, 1.0, -1)
+    with pytest.raises(RuntimeError, match=r"threshold ratio must be in \[0, 1\], got nan"):
+        kernels._threshold_scale(x, x, c, math.nan, 1.0, 0)
+    # A bound that is not a normal float32 would zero x0, make x0 / s NaN, or round to inf.
+    for bad in (math.nan, 0.0, -1.0, -math.inf, 1e-40, 1e39):
+        with pytest.raises(RuntimeError, match=r"threshold max_value must be inf or a normal float32 value > 0"):
+            kernels._threshold_scale(x, x, c, 0.5, bad, 0)
+        with pytest.raises(RuntimeError, match=r"clip_range must be inf or a normal float32 value > 0"):
+            step(clip=1, clip_range=bad)
+    assert torch.isfinite(kernels._threshold_scale(x, x, c, 0.5, math.inf, 0)).all()
+    step(clip=1, clip_range=math.inf)  # accepted: clamping to +-inf is no clamp
 
 
 def test_importing_fused_sched_builds_nothing():

@@ -8,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -49,6 +51,24 @@ inline uint32_t checked_absent_terms(const char* backend, int64_t absent_terms) 
   TORCH_CHECK((absent_terms & ~kAllTerms) == 0, "fused_sched ", backend, " backend: absent_terms=", absent_terms,
               " has bits outside the term columns (mask ", kAllTerms, ")");
   return static_cast<uint32_t>(absent_terms);
+}
+
+// A bound on x0 (clip_range, the thresholding scale's maximum) reaches the kernels as a
+// float32: one that rounds to 0 or a subnormal would clamp every x0 to (nearly) 0 or make
+// x0 / s NaN, and a finite one beyond float32's range would round to inf.
+inline void check_x0_bound(const char* backend, const char* name, double bound) {
+  TORCH_CHECK(std::isinf(bound) ? bound > 0 : (bound >= FLT_MIN && bound <= FLT_MAX), "fused_sched ", backend,
+              " backend: ", name, " must be inf or a normal float32 value > 0 (", FLT_MIN, " to ", FLT_MAX, "), got ",
+              bound);
+}
+
+inline void check_threshold_arguments(const char* backend, int64_t row_size, at::IntArrayRef shape, double ratio,
+                                      double max_value) {
+  TORCH_CHECK(row_size > 0, "fused_sched ", backend, " backend: dynamic thresholding needs at least one element per "
+              "batch row, got shape ", shape);
+  TORCH_CHECK(ratio >= 0.0 && ratio <= 1.0, "fused_sched ", backend, " backend: threshold ratio must be in [0, 1], got ",
+              ratio);
+  check_x0_bound(backend, "threshold max_value", max_value);
 }
 
 // Checks what both ops read; returns the batch size B and the row size (elements per row).
@@ -126,9 +146,7 @@ inline void check_fused_step(const char* backend, const at::Tensor& sample,
                 " backend: PhiloxNoise offset ", philox_offset, " + ", sample.numel(),
                 " elements must stay in [0, 2**63)");
   }
-  if (clip == 1) {
-    TORCH_CHECK(clip_range > 0, "fused_sched ", backend, " backend: clip_range must be > 0, got ", clip_range);
-  }
+  if (clip == 1) check_x0_bound(backend, "clip_range", clip_range);
   if (clip == 2) {
     TORCH_CHECK(scale.has_value(), "fused_sched ", backend,
                 " backend: clip='threshold' needs the per-row scale from threshold_scale()");

@@ -808,9 +808,7 @@ at::Tensor threshold_scale(const at::Tensor& sample, const at::Tensor& model_out
                            double ratio, double max_value, int64_t absent_terms) {
   const auto [batch, row_size] = check_step_inputs("cpu", c10::DeviceType::CPU, sample, model_output, coefficients);
   const uint32_t absent = checked_absent_terms("cpu", absent_terms);
-  TORCH_CHECK(row_size > 0, "fused_sched cpu backend: dynamic thresholding needs at least one element per batch row, "
-              "got shape ", sample.sizes());
-  TORCH_CHECK(ratio >= 0.0 && ratio <= 1.0, "fused_sched cpu backend: threshold ratio must be in [0, 1], got ", ratio);
+  check_threshold_arguments("cpu", row_size, sample.sizes(), ratio, max_value);
 
   const QuantileRank rank = quantile_rank(static_cast<float>(ratio), row_size);
   const Reader x = reader_of(sample);

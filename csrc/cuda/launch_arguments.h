@@ -100,10 +100,7 @@ inline ThresholdScaleLaunch threshold_scale_launch(const char* backend, c10::Dev
                                                    const at::Tensor& coefficients, double ratio, double max_value,
                                                    int64_t absent_terms) {
   const auto [batch, row_size] = check_step_inputs(backend, device, sample, model_output, coefficients);
-  TORCH_CHECK(row_size > 0, "fused_sched ", backend, " backend: dynamic thresholding needs at least one element per "
-              "batch row, got shape ", sample.sizes());
-  TORCH_CHECK(ratio >= 0.0 && ratio <= 1.0, "fused_sched ", backend, " backend: threshold ratio must be in [0, 1], got ",
-              ratio);
+  check_threshold_arguments(backend, row_size, sample.sizes(), ratio, max_value);
   TORCH_CHECK(batch <= 0x7fffffff, "fused_sched ", backend, " backend: dynamic thresholding supports at most 2**31 - 1 "
               "batch rows, got ", batch);
   ThresholdScaleLaunch launch;
