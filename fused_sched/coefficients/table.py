@@ -130,6 +130,10 @@ class PlacedTable:
         self.constant_columns = constant_columns(table) if known is None else known
         self._placed: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._rows: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+        # Set by the owner when ``known`` came from another table rather than from reading
+        # this one (a table built while torch.compile traces): its refills then pass the
+        # same hint, so that guards a compiled step took on the columns still hold.
+        self.hint_inherited = False
         if device is not None:
             self.on(torch.device(device), torch.float32)
 

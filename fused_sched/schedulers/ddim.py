@@ -78,7 +78,7 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         # when set_timesteps refills it, so that the compiled step's guards on it still hold.
         base = self._tables.get(_BASE_KEY)
         retired = self._retired_tables.get(key)
-        inherit = base is not None and (torch.compiler.is_compiling() or getattr(retired, "hint_inherited", False))
+        inherit = base is not None and (torch.compiler.is_compiling() or (retired is not None and retired.hint_inherited))
         known = base.constant_columns.only(L.ESTIMATE_COLUMNS) if inherit else None
         self._install_table(key, table, self._schedule_device, known=known).hint_inherited = inherit
 

@@ -154,7 +154,10 @@ class DPMFamilyMixin(FusedSchedulerMixin):
                 f"{type(self).__name__}: sigmas is {got}; the schedule of {n} timesteps needs a 1-D tensor of at "
                 f"least {n + 1} sigmas (one per timestep and the final one)"
             )
-        table = dpm_table(self.config, sigmas.cpu().double())  # float64 scalars: see dpm_table
+        # float64 scalars: see dpm_table. Kept for the messages about the table's rows, which
+        # a step must be able to give without reading self.sigmas off the device.
+        self._table_sigmas = sigmas.cpu().double()
+        table = dpm_table(self.config, self._table_sigmas)
         self._note_non_finite_rows(table, n)
         return table
 
@@ -193,7 +196,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
 
     def _non_finite_message(self, steps) -> str:
         named = [(i, self._host_timesteps[i], order) for i, order in steps[:4]]
-        sigmas = self.sigmas.detach().cpu().double()
+        sigmas = self._table_sigmas
         rising = [i for i, _ in steps if self.config.algorithm_type in SDE_ALGORITHMS and sigmas[i + 1] > sigmas[i]]
         if rising:
             i = rising[0]
