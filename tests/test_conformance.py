@@ -524,3 +524,37 @@ def test_cogvideox_dpm_second_order_step_keeps_an_infinite_model_output_infinite
     # one step's rounding (STEP_TOLERANCE) where finite; relative_error cannot judge the infinities
     torch.testing.assert_close(fused, reference, rtol=STEP_TOLERANCE, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(fused_x0, reference_x0, rtol=STEP_TOLERANCE, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", ["weightless-infinite-history", "backwards-pair-infinite-x0"])
+def test_cogvideox_dpm_second_order_differences_at_infinities(backend, device, case):
+    """The two second-order cases README's Accuracy lists where the fused step and diffusers
+    differ at an infinity, pinned so that a change to either is seen. The fused row weighs
+    the history as O1*(x0 - old) (layout.py: differences), diffusers as M3*x0 - M4*old:
+    - a zero-SNR step back from T-1 has M4 = 0: diffusers' 0*old is NaN at an infinite old,
+      the fused step leaves the weightless term out and stays finite;
+    - a pair whose timestep_back is less noisy than the timestep (r < 0, M4 < 0): at an
+      infinite x0 diffusers' M3*x0 is +-inf, the fused x0 + M4*(x0 - old) is inf - inf.
+    Every other element agrees within one step's rounding."""
+    results = []
+    for cls in PAIRS["cogvideox_dpm"]:
+        scheduler = cls(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+        scheduler.set_timesteps(12, device=device)
+        timesteps = scheduler.timesteps
+        x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1)).to(device)
+        m, old = 0.3 * x + 0.1, 0.5 * x
+        if case == "weightless-infinite-history":
+            t, back = timesteps[1], timesteps[0]
+            old[0, 0, 0, 0], old[0, 1, 0, 0] = math.inf, -math.inf
+        else:
+            t, back = timesteps[4], timesteps[6]
+            m[0, 0, 0, 0], m[0, 1, 0, 0] = math.inf, -math.inf
+        results.append(scheduler.step(m, old, t, back, x, generator=torch.Generator(device).manual_seed(0))[0])
+    reference, fused = results
+    special = torch.zeros_like(reference, dtype=torch.bool)
+    special[0, :2, 0, 0] = True
+    if case == "weightless-infinite-history":
+        assert bool(reference[special].isnan().all()) and bool(fused[special].isfinite().all())
+    else:
+        assert bool(reference[special].isinf().all()) and bool(fused[special].isnan().all())
+    torch.testing.assert_close(fused[~special], reference[~special], rtol=STEP_TOLERANCE, atol=1e-6)
