@@ -426,10 +426,17 @@ def test_inverse_flow_sigmas_are_refused():
         fused_sched.FusedDPMSolverMultistepInverseScheduler(use_flow_sigmas=True)
 
 
-def test_flow_prediction_needs_data_prediction_solver():
-    with pytest.raises(ValueError, match="flow_prediction"):
-        fused_sched.FusedDPMSolverMultistepScheduler(prediction_type="flow_prediction", algorithm_type="dpmsolver",
-                                                     final_sigmas_type="sigma_min")
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver", "sde-dpmsolver"])
+def test_flow_prediction_needs_data_prediction_solver(algorithm_type):
+    """Refused when made, where diffusers' first step raises."""
+    config = dict(prediction_type="flow_prediction", algorithm_type=algorithm_type, final_sigmas_type="sigma_min")
+    reference = PAIRS["dpm"][0](**config)
+    reference.set_timesteps(4)
+    x = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="prediction_type given as flow_prediction must be one of"):
+        reference.step(x, reference.timesteps[0], x)
+    with pytest.raises(ValueError, match=rf"flow_prediction' needs algorithm_type .* got '{algorithm_type}'"):
+        fused_sched.FusedDPMSolverMultistepScheduler(**config)
 
 
 @pytest.mark.parametrize("kind", ["ddim", "cogvideox_ddim", "cogvideox_dpm"])
