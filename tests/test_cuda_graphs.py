@@ -19,8 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drivers import PAIRS
+from drivers import PAIRS, STEP_TOLERANCE
 from fused_sched import ops
+from fused_sched.schedulers import ddim as ddim_module
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -129,7 +130,7 @@ def test_a_step_after_the_schedule_state_changed_refills_the_storage_steps_read(
             torch.testing.assert_close(copy, placed.host.to(copy.dtype), rtol=0, atol=0, equal_nan=True)
 
 
-def test_ddim_rebuilds_every_eta_table_in_set_timesteps():
+def test_ddim_rebuilds_a_used_eta_table_in_set_timesteps():
     """A graph captured over an eta > 0 step reads that eta's table: set_timesteps refills it
     too, before any eager step with that eta would."""
     scheduler = PAIRS["ddim"][1]()
@@ -144,6 +145,40 @@ def test_ddim_rebuilds_every_eta_table_in_set_timesteps():
     fresh.set_timesteps(7)
     fresh._build_table(1.0, False)
     assert torch.equal(placed, fresh._tables[(1.0, False)].on(torch.device("cpu"), torch.float32))
+
+
+def test_ddim_keeps_the_tables_of_recently_used_and_captured_etas(monkeypatch):
+    """A caller passing a new eta per generation (a server) does not make set_timesteps
+    rebuild, or the scheduler hold, one table per eta it has ever seen: it keeps the
+    OPTION_TABLES_KEPT most recently used, and every table a CUDA graph captured (which reads
+    its memory, refilled in place). An eta whose table was dropped is rebuilt at its next step
+    and steps as diffusers' does."""
+    kept = ddim_module.OPTION_TABLES_KEPT
+    reference, scheduler = PAIRS["ddim"][0](), PAIRS["ddim"][1]()
+    for s in (reference, scheduler):
+        s.set_timesteps(10)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = scheduler.timesteps[2]
+
+    def step(s, eta):
+        return s.step(torch.tanh(x), t, x, eta=eta, variance_noise=z).prev_sample
+
+    with monkeypatch.context() as capturing:  # as a step inside torch.cuda.graph() sees it
+        capturing.setattr(ddim_module, "stream_capturing", lambda device: True)
+        step(scheduler, 0.01)
+    captured = scheduler._tables[(0.01, False)]
+    etas = [i / (kept + 6) for i in range(1, kept + 6)]  # within (0, 1)
+    for eta in etas:
+        step(scheduler, eta)
+    step(scheduler, etas[0])  # used again: among the most recent now
+    scheduler.set_timesteps(10)
+    recent = [etas[0]] + etas[-(kept - 1):]
+    assert set(scheduler._tables) == {(0.0, False), (0.01, False)} | {(eta, False) for eta in recent}
+    assert scheduler._tables[(0.01, False)] is captured
+    dropped = etas[1]
+    assert (dropped, False) not in scheduler._tables
+    torch.testing.assert_close(step(scheduler, dropped), step(reference, dropped), rtol=STEP_TOLERANCE, atol=1e-6)
 
 
 def _capture(fn, *static_inputs):

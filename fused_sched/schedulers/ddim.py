@@ -11,12 +11,16 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from ..ops import layout as L
 from ..coefficients.ddim import ddim_table
-from .base import check_clipping_config, validated_init
+from .base import check_clipping_config, stream_capturing, validated_init
 from .ddim_family import AddNoiseMixin, DDIMFamilyMixin
 from .step_output import step_output
 
 
 _BASE_KEY = (0.0, False)  # (eta, use_clipped_model_output) of the table set_timesteps builds
+# Step-option tables set_timesteps rebuilds beyond the base one: those of the pairs most
+# recently used. A caller that passes a new eta per request (a server) keeps this many, not
+# one per eta it has ever seen, each rebuilt (host math and an upload) at every schedule.
+OPTION_TABLES_KEPT = 8
 
 
 def _check_config(scheduler) -> None:
@@ -51,14 +55,23 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
     def _build_tables(self, device) -> None:
         self._clip = clip_options(self.config)  # made with the tables: steps read no config
         self._eta_beyond_bound = {}
+        if "_option_use" not in self.__dict__:  # the first schedule (see _note_option_use)
+            self._option_use, self._captured_options = {}, set()
         table = self._table_rows(*_BASE_KEY)
         # checked before anything is installed: installing refills the old tables in place
         self._check_schedule_rows(table, self._host_timesteps, clips=self._clip["clip"] != "none")
         self._build_table(*_BASE_KEY, table)
         # Tables of the step options used before are rebuilt now, in place: a captured graph
-        # may read them before any eager step would have rebuilt them.
+        # may read them before any eager step would have rebuilt them. Those a graph has
+        # captured or torch.compile has traced are always kept (a graph reads their memory; a
+        # compiled step does not record its use), the rest only when recently used.
+        recent = list(self._option_use)[-OPTION_TABLES_KEPT:]
         for key in list(self._retired_tables):
-            self._build_table(*key)
+            if key in recent or key in self._captured_options or self._retired_tables[key].hint_inherited:
+                self._build_table(*key)
+            else:
+                del self._retired_tables[key]
+                self._option_use.pop(key, None)
 
     def _table_rows(self, eta: float, use_clipped_model_output: bool) -> torch.Tensor:
         alphas, final = self._host_alphas
@@ -81,6 +94,15 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
         inherit = base is not None and (torch.compiler.is_compiling() or (retired is not None and retired.hint_inherited))
         known = base.constant_columns.only(L.ESTIMATE_COLUMNS) if inherit else None
         self._install_table(key, table, self._schedule_device, known=known).hint_inherited = inherit
+
+    def _note_option_use(self, key, sample) -> None:
+        """Record a step's use of a step-option table (most recent last), and whether a CUDA
+        graph captures it (see ``_build_tables``)."""
+        use = self._option_use
+        use.pop(key, None)
+        use[key] = None
+        if isinstance(sample, torch.Tensor) and stream_capturing(sample.device):
+            self._captured_options.add(key)
 
     def _check_eta_bound(self, key, timestep) -> None:
         """Refuse an |eta| > 1 at a host-known timestep where the direction term has no real
@@ -125,6 +147,8 @@ class FusedDDIMScheduler(AddNoiseMixin, DDIMFamilyMixin, DDIMScheduler):
                 " `variance_noise` stays `None`."
             )
         key = (float(eta), bool(use_clipped_model_output))
+        if key != _BASE_KEY and not torch.compiler.is_compiling():
+            self._note_option_use(key, sample)
         if key not in self._tables:
             self._build_table(*key)
         if abs(eta) > 1 and not torch.compiler.is_compiling():
