@@ -87,9 +87,10 @@ def backend(available_backend):
 def no_backend_selection_left_behind():
     """A test that does not ask for a backend runs on what the environment selects, not on
     one an earlier test selected and left behind."""
-    before = backends._selected
+    before = backends._selected, backends._thread_selection.name
     yield
-    assert backends._selected == before, f"the test left backend {backends._selected!r} selected"
+    after = backends._selected, backends._thread_selection.name
+    assert after == before, f"the test left backend selection (process, thread) {after!r}"
 
 
 @pytest.fixture(autouse=True)

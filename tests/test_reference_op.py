@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
 import torch
+import torch._dynamo.testing
 
 from conftest import BACKENDS, backend_device, require_backend
 from drivers import bit_pattern, quantile_rows
@@ -239,6 +241,58 @@ def test_selection_order(monkeypatch):
         assert backends.requested_backend() == "cpu"
         assert backends.requested_backend("torch") == "torch"  # an explicit argument wins
     assert backends.requested_backend() == "torch"
+
+
+def test_use_backend_selects_for_its_own_thread_only():
+    """use_backend is this thread's (before set_backend's process-wide selection): a block
+    in another thread neither changes this thread's backend nor, leaving out of order with
+    this one's, leaves its own selection behind."""
+    entered, leave = threading.Event(), threading.Event()
+    seen = {}
+
+    def other_thread():
+        with ops.use_backend("cpu"):
+            seen["inside"] = backends.requested_backend()
+            entered.set()
+            leave.wait()
+        seen["after"] = backends.requested_backend()
+
+    with ops.use_backend("torch"):
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        entered.wait()
+        assert backends.requested_backend() == "torch"  # while the other thread's block is open
+    leave.set()  # the other block ends after this one
+    worker.join()
+    assert seen == {"inside": "cpu", "after": backends.requested_backend()}
+    assert backends._thread_selection.name is None
+    previous = backends._selected
+    try:
+        ops.set_backend("torch")
+        with ops.use_backend("auto"):  # 'auto' is a selection of its own
+            assert backends.requested_backend() == "auto"
+        worker = threading.Thread(target=lambda: seen.update(set_elsewhere=backends.requested_backend()))
+        worker.start()
+        worker.join()
+        assert seen["set_elsewhere"] == "torch"  # set_backend is every thread's
+    finally:
+        backends._selected = previous
+
+
+def test_a_traced_step_runs_the_backend_selected_when_it_runs():
+    """The traced op is one opaque node that selects its backend at each call: a step traced
+    under one use_backend runs under another's selection, in the thread that calls it, and
+    is not traced again (a backend that cannot run the case refuses it there, loudly)."""
+    torch._dynamo.reset()
+    frames = torch._dynamo.testing.CompileCounter()
+    x = torch.randn(1, 8)
+    c = torch.randn(1, L.NUM_COEFFICIENTS)
+    step = torch.compile(fullgraph=True, backend=frames)(lambda x: ops.fused_step(x, x, c)[0])
+    with ops.use_backend("torch"):
+        torch.testing.assert_close(step(x), ops.fused_step(x, x, c, backend="torch")[0], rtol=1e-6, atol=1e-6)
+    with ops.use_backend("cuda"), pytest.raises(ops.BackendUnavailableError, match="backend 'cuda' cannot run on cpu"):
+        step(x)
+    assert frames.frame_count == 1
 
 
 def test_explicit_backend_that_cannot_run_is_an_error_not_a_substitute():

@@ -8,8 +8,9 @@ that also has ``step_program`` and ``threshold_program`` (the torch backend) is 
 once per call signature and the op keeps the programs (``ops.StepPlan``). Backends register lazily so that importing
 fused_sched never imports Triton or builds the C++ extension.
 
-Selection: an explicit ``backend=`` argument, else :func:`set_backend` / :func:`use_backend`,
-else the ``FUSED_SCHED_BACKEND`` environment variable, else ``auto``. ``auto`` takes the
+Selection: an explicit ``backend=`` argument, else :func:`use_backend` (this thread's),
+else :func:`set_backend` (the process's), else the ``FUSED_SCHED_BACKEND`` environment
+variable, else ``auto``. ``auto`` takes the
 first backend of the device's preference list that can run the case, and says so once
 (a RuntimeWarning) where it passes over one that failed to load: a build or import that
 failed leaves every step on a slower backend. A backend named explicitly that cannot run
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
 import warnings
 from typing import Iterable
 
@@ -48,7 +50,19 @@ _loaded: dict[str, object] = {}
 _choices: dict[tuple, object] = {}
 _load_errors: dict[str, str] = {}
 _load_errors_reported: set[str] = set()
-_selected: str | None = None
+_selected: str | None = None  # set_backend's, for every thread
+
+
+class _ThreadSelection(threading.local):
+    """use_backend's selection, per thread: one thread's ``with`` block neither changes the
+    backend of steps other threads run meanwhile nor, leaving out of order with them,
+    restores a selection that was theirs. A traced step reads it when it runs: the fused op
+    is one opaque node that selects its backend at each call."""
+
+    name: str | None = None
+
+
+_thread_selection = _ThreadSelection()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -73,19 +87,22 @@ def set_backend(name: str | None) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager form of :func:`set_backend`."""
-    global _selected
-    previous = _selected
-    set_backend(name)
+    """Select the backend for the fused ops this thread runs inside the ``with`` block
+    (before :func:`set_backend`'s selection; 'auto' is a selection too)."""
+    previous = _thread_selection.name
+    _thread_selection.name = _check_name(name, "backend")
     try:
         yield
     finally:
-        _selected = previous
+        _thread_selection.name = previous
 
 
 def requested_backend(explicit: str | None = None) -> str:
     if explicit is not None:
         return _check_name(explicit, "backend")
+    scoped = _thread_selection.name
+    if scoped is not None:
+        return scoped
     if _selected is not None:
         return _selected
     env = os.environ.get(ENV_VAR)
