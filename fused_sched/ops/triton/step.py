@@ -164,6 +164,10 @@ def launcher(configs: list):
     too_large = [config for config in configs if config.kwargs["BLOCK"] > MAX_BLOCK]
     if too_large:
         raise ValueError(f"launch configurations {too_large} have BLOCK > MAX_BLOCK = {MAX_BLOCK}")
+    # The key names what sets the tensors read and written. ABSENT, WIDE_INDEX and
+    # OFFSET_IN_MEMORY change scalar work only (terms left out, index width, one int64 load),
+    # so a variant launches with the configuration tuned for the first of its siblings
+    # rather than timing every configuration again (each tuning compiles them all and syncs).
     return triton.autotune(configs=configs, key=["size_class", "CLIP", "HISTORY", "NOISE", "WRITE_D", "WRITE_X0"])(
         _step_kernel)
 
