@@ -2,7 +2,7 @@
 (fused_sched::fused_step), a traced step has no graph break, and it does not recompile per
 step.
 
-Covered: the DDIM family (timestep passed as an element of scheduler.timesteps) and the
+Covered: the DDIM family (timestep passed as an element of scheduler.timesteps, or an int) and the
 multistep DPM-Solvers, whose traced step keeps its position in a device cursor
 (schedulers/step_cursor.py): at most one graph per history length (None entries of
 model_outputs at the start of a trajectory), never one per step.
@@ -26,8 +26,12 @@ def _initial_sample(device):
     return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
 
 
+@pytest.mark.parametrize("timestep_form", ["tensor", "int"])
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_compiled_trajectory_has_no_graph_breaks_or_per_step_recompiles(backend, device, kind):
+def test_compiled_trajectory_has_no_graph_breaks_or_per_step_recompiles(backend, device, kind, timestep_form):
+    """Timesteps as pipelines pass them (elements of scheduler.timesteps) or as Python ints
+    (dynamo makes an int that changes a symbol; a step that specialised on its value traced
+    a graph per timestep, and fell back to eager at the recompile limit)."""
     torch._dynamo.reset()
     counters.clear()
     fused_cls = PAIRS[kind][1]
@@ -42,7 +46,8 @@ def test_compiled_trajectory_has_no_graph_breaks_or_per_step_recompiles(backend,
     x_eager = x_traced = _initial_sample(device)
     for i in range(10):
         x_eager = eager.step(torch.tanh(x_eager), eager.timesteps[i], x_eager, return_dict=False)[0]
-        x_traced = step(torch.tanh(x_traced), traced.timesteps[i], x_traced)
+        t = traced.timesteps[i] if timestep_form == "tensor" else int(traced.timesteps[i])
+        x_traced = step(torch.tanh(x_traced), t, x_traced)
         # Same op on the same backend: the traced graph computes exactly the eager result.
         assert torch.equal(x_traced, x_eager), f"step {i}"
     # One graph for the first call, at most one more once dynamo makes the timestep dynamic.

@@ -220,6 +220,11 @@ class DDIMFamilyMixin(FusedSchedulerMixin):
         t = self._host_timestep(timestep)
         if t is not None:
             self._check_training_timestep(t)
+            if torch.compiler.is_compiling():
+                # torch.compile makes an int that changes between calls a symbol: a slice keeps
+                # it one, where the views kept per index would specialise on (and retrace for)
+                # every timestep
+                return placed.on(device, dtype)[t : t + 1]
             return placed.row(t, device, dtype)
         check_index_dtype(timestep)
         table = placed.on(device, dtype)
