@@ -263,6 +263,10 @@ def test_a_cogvideox_dpm_step_refusing_its_history_leaves_the_generator_as_it_wa
     ("ddim_inverse", dict(clip_sample=True, clip_sample_range=-1.0), "clip_sample_range=-1.0 with clip_sample=True"),
     ("ddim", dict(thresholding=True, sample_max_value=-1.0), "sample_max_value=-1.0 with thresholding=True"),
     ("dpm", dict(thresholding=True, sample_max_value=0.0), "sample_max_value=0.0 with thresholding=True"),
+    ("ddim", dict(thresholding=True, dynamic_thresholding_ratio=1.5),
+     "dynamic_thresholding_ratio=1.5 with thresholding=True"),
+    ("dpm", dict(thresholding=True, dynamic_thresholding_ratio=math.nan),
+     "dynamic_thresholding_ratio=nan with thresholding=True"),
     ("dpm", dict(use_karras_sigmas=True, use_flow_sigmas=True), "use_flow_sigmas=True with use_karras_sigmas=True"),
     ("dpm", dict(use_lu_lambdas=True, use_flow_sigmas=True), "use_flow_sigmas=True with use_lu_lambdas=True"),
 ], ids=lambda v: v if isinstance(v, str) and " " not in v else None)

@@ -53,6 +53,12 @@ def check_clipping_config(config) -> None:
                 "s = clamp(quantile, 1, sample_max_value) divides x0 and must be > 0 (diffusers' s would be "
                 "sample_max_value, flipping x0 or dividing it by 0)"
             )
+        if not 0 <= config.dynamic_thresholding_ratio <= 1:
+            raise ValueError(
+                f"dynamic_thresholding_ratio={config.dynamic_thresholding_ratio!r} with thresholding=True: the "
+                "quantile of |x0| taken per sample must be in [0, 1] (diffusers' torch.quantile raises at the first "
+                "step)"
+            )
     elif getattr(config, "clip_sample", False) and not config.clip_sample_range > 0:
         raise ValueError(
             f"clip_sample_range={config.clip_sample_range!r} with clip_sample=True: x0 is clamped to "
