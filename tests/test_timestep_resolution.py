@@ -94,18 +94,25 @@ def test_ddim_family_step_passes_the_cached_row(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["dpm", "dpm_inverse"])
-@pytest.mark.parametrize("form", ["clone", "one-element 1-D", "int32", "absent value", "python float",
-                                  "0-d numpy array", "numpy float32"])
+@pytest.mark.parametrize("form", ["clone", "one-element 1-D", "int32", "bfloat16", "float16", "absent value",
+                                  "python float", "python float within float32 rounding", "0-d numpy array",
+                                  "numpy float32"])
 def test_dpm_first_timestep_given_as_another_value_is_looked_up_like_diffusers(kind, form):
     """A first timestep that is not an element of scheduler.timesteps is found by value
-    (second match when repeated, the last step when absent), in both DPM classes."""
+    (second match when repeated, the last step when absent), in both DPM classes, compared
+    in the dtype diffusers' ``timesteps == timestep`` promotes to: at a timestep bfloat16
+    cannot hold (749 is 748 there) the bfloat16 value still matches its own step, and a
+    Python float matches within float32 rounding (compared exactly, both started at the
+    last step)."""
     results = []
     for cls in PAIRS[kind]:
         scheduler = cls()
         scheduler.set_timesteps(8)
-        t = scheduler.timesteps[3]
+        t = next(t for t in scheduler.timesteps if float(t.to(torch.bfloat16)) != int(t))
         t = {"clone": lambda: t.clone(), "one-element 1-D": lambda: t.reshape(1).clone(),
-             "int32": lambda: t.to(torch.int32), "absent value": lambda: t + 1, "python float": lambda: float(t),
+             "int32": lambda: t.to(torch.int32), "bfloat16": lambda: t.to(torch.bfloat16),
+             "float16": lambda: t.to(torch.float16), "absent value": lambda: t + 1, "python float": lambda: float(t),
+             "python float within float32 rounding": lambda: float(t) + 1e-5,
              "0-d numpy array": lambda: np.array(int(t)), "numpy float32": lambda: np.float32(t)}[form]()
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         prev = scheduler.step(0.1 * x, t, x).prev_sample

@@ -287,18 +287,22 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             self._host_current = True
 
     def _index_of_timestep(self, timestep) -> int:
-        """diffusers' rule (second match when repeated, last index when absent), on host values."""
+        """diffusers' rule (second match when repeated, last index when absent), compared as
+        diffusers compares, ``scheduler.timesteps == timestep``: in the dtype that promotes to
+        (a bfloat16 749 is 748 there, and matches the schedule's 749; a Python float is
+        compared in float32), on a host copy of the schedule."""
         if isinstance(timestep, (float, np.number, np.ndarray)):
-            t = np.asarray(timestep).reshape(()).item()  # diffusers compares any one number with the schedule
+            value = timestep  # diffusers compares any one number with the schedule
         else:
-            t = self._host_timestep(timestep)
-        if t is None:
+            value = self._host_timestep(timestep)
+        if value is None:
             # A tensor that is not an element of scheduler.timesteps: its value must be read,
             # one sync on the first step, as diffusers does.
             if timestep.numel() != 1:
                 raise ValueError(f"timestep must hold one value, got a tensor of shape {tuple(timestep.shape)}")
-            t = timestep.detach().reshape(()).item()
-        matches = [i for i, v in enumerate(self._host_timesteps) if v == t]
+            value = timestep.detach().reshape(() if timestep.dim() == 0 else (1,)).cpu()
+        schedule = torch.tensor(self._host_timesteps, dtype=self._schedule_timesteps.dtype)
+        matches = (schedule == value).nonzero().flatten().tolist()
         if not matches:
             return len(self._host_timesteps) - 1
         return matches[1] if len(matches) > 1 else matches[0]
