@@ -118,14 +118,23 @@ def test_set_timesteps_restarts_in_place(case):
     assert [h.data_ptr() for h in scheduler.model_outputs[1:]] == before[: len(scheduler._static_history)][::-1]
 
 
-def test_set_begin_index_moves_the_start():
+@pytest.mark.parametrize("begin", [0, 3])
+def test_set_begin_index_moves_the_start(begin):
+    """The start moves, and the position still reads as diffusers' does: no step yet
+    (step_index None) until the first step, whatever the begin index."""
+    diffusers_scheduler = PAIRS["dpm"][0]()
+    diffusers_scheduler.set_timesteps(N)
+    diffusers_scheduler.set_begin_index(begin)
     reference = _scheduler("2m")
-    reference.set_begin_index(3)
-    expected = _run(reference, _x(), range(3, N))
+    reference.set_begin_index(begin)
+    expected = _run(reference, _x(), range(begin, N))
     scheduler = _scheduler("2m")
     scheduler.prepare_cuda_graph(_x())
-    scheduler.set_begin_index(3)
-    _assert_same(_run(scheduler, _x(), range(3, N)), expected)
+    scheduler.set_begin_index(begin)
+    assert (scheduler.step_index, scheduler.begin_index) == (diffusers_scheduler.step_index, begin) == (None, begin)
+    got = _run(scheduler, _x(), range(begin, N))
+    _assert_same(got, expected)
+    assert scheduler.step_index == N
 
 
 @pytest.mark.parametrize("case", ["2m", "inverse-3m"])
@@ -164,6 +173,7 @@ def test_set_begin_index_after_a_step_is_ignored_as_diffusers_does():
     scheduler.prepare_cuda_graph(_x())
     first = _run(scheduler, _x(), range(4))
     scheduler.set_begin_index(4)  # diffusers reads the begin index only before the first step
+    assert scheduler.step_index == 4
     _assert_same(first + _run(scheduler, first[-1], range(4, N)), expected)
 
 

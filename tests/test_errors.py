@@ -326,6 +326,25 @@ def test_cogvideox_dpm_refuses_a_timestep_back_at_the_timesteps_log_snr():
     assert relative_error(got, want) <= STEP_TOLERANCE
 
 
+@pytest.mark.parametrize("begin_index, error, message", [
+    (-1, ValueError, "begin_index=-1: expected a step position >= 0"),
+    (-2, ValueError, "begin_index=-2: expected a step position >= 0"),
+    (1.0, TypeError, "begin_index must be an int, got float"),
+    (True, TypeError, "begin_index must be an int, got bool"),
+])
+def test_dpm_refuses_a_begin_index_that_is_no_step_position(begin_index, error, message):
+    """diffusers indexes sigmas with a negative begin index from the end: NaN at -1, the
+    noise levels of another step at -2 (both finite-looking trajectories gone wrong)."""
+    reference = PAIRS["dpm"][0]()
+    reference.set_timesteps(10)
+    reference.set_begin_index(-1)
+    assert bool(reference.step(X, reference.timesteps[0], X).prev_sample.isnan().all())
+    scheduler = _ready("dpm")
+    with pytest.raises(error, match=re.escape(message)):
+        scheduler.set_begin_index(begin_index)
+    assert scheduler.begin_index is None
+
+
 def test_dpm_after_its_timesteps_are_sliced_runs_from_that_step_as_set_begin_index():
     """diffusers, given scheduler.timesteps[k:], indexes its sigmas from 0 while the slice's
     length sets the last steps' order; the fused step finds the first timestep's position in

@@ -97,6 +97,10 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     # no position to keep); the first eager step moves it to its timestep's position, as
     # diffusers' first step finds its index from the timestep.
     _start_pending = False
+    # The cursor position that reads as "no step yet" (step_index None, as in diffusers): where
+    # set_timesteps, prepare_cuda_graph or set_begin_index put the cursor before any step. No
+    # step leaves it there: every step counts a lower-order step, so lower_order_nums >= 1.
+    _unstarted_position: tuple[int, int] | None = None
 
     # What the table, the clip options and the cursor's rows are made from (see
     # FusedSchedulerMixin._step_config_options); the step reads the other options it needs itself.
@@ -124,6 +128,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
                 buffer.zero_()
             self._cursor.start_at(0, 0)
             self._start_pending = True
+            self._unstarted_position = (0, 0)
             self._point_model_outputs_at_buffers()
             self._host_current, self._device_current = False, True
         self._note_tables_built()
@@ -248,6 +253,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
         step = self._step_index if self._step_index is not None else (begin or 0)
         self._cursor.start_at(step, self._lower_order_nums)
         self._start_pending = self._step_index is None and begin is None
+        self._unstarted_position = (step, 0) if self._step_index is None else None
         self._point_model_outputs_at_buffers()
         self._host_current, self._device_current = False, True
 
@@ -282,7 +288,7 @@ class DPMFamilyMixin(FusedSchedulerMixin):
     def _make_host_current(self) -> None:
         if not self._host_current:
             self._step_index, self._lower_order_nums = self._cursor.read()
-            if self._start_pending and (self._step_index, self._lower_order_nums) == (0, 0):
+            if (self._step_index, self._lower_order_nums) == self._unstarted_position:
                 self._step_index = None  # no step yet, as diffusers says
             self._host_current = True
 
@@ -301,8 +307,11 @@ class DPMFamilyMixin(FusedSchedulerMixin):
             if timestep.numel() != 1:
                 raise ValueError(f"timestep must hold one value, got a tensor of shape {tuple(timestep.shape)}")
             value = timestep.detach().reshape(() if timestep.dim() == 0 else (1,)).cpu()
-        schedule = torch.tensor(self._host_timesteps, dtype=self._schedule_timesteps.dtype)
-        matches = (schedule == value).nonzero().flatten().tolist()
+        if isinstance(value, int):  # an int64 comparison: exact
+            matches = [i for i, t in enumerate(self._host_timesteps) if t == value]
+        else:
+            schedule = torch.tensor(self._host_timesteps, dtype=self._schedule_timesteps.dtype)
+            matches = (schedule == value).nonzero().flatten().tolist()
         if not matches:
             return len(self._host_timesteps) - 1
         return matches[1] if len(matches) > 1 else matches[0]
@@ -563,11 +572,20 @@ class FusedDPMSolverMultistepScheduler(DPMFamilyMixin, DPMSolverMultistepSchedul
         return self._index_of_timestep(timestep)
 
     def set_begin_index(self, begin_index: int = 0):
+        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)):
+            raise TypeError(f"begin_index must be an int, got {type(begin_index).__name__}")
+        if begin_index < 0:
+            raise ValueError(
+                f"begin_index={begin_index}: expected a step position >= 0 (diffusers indexes sigmas with it from "
+                "the end: NaN at -1, another step's noise levels below)"
+            )
+        begin_index = int(begin_index)
         super().set_begin_index(begin_index)
         if self._static_history is not None:
             # as diffusers: a start set after a step has run (here possibly a replayed one) is ignored
             self._cursor.start_unless_moved(begin_index)
             self._start_pending = False
+            self._unstarted_position = (begin_index, 0)  # what the cursor holds unless a step moved it
             self._host_current, self._device_current = False, True
 
 
